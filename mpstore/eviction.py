@@ -1,0 +1,134 @@
+"""Span byte accounting and memory-threshold eviction policy (REF §4.2, SPEC D8).
+
+This module decides *how much* and *which*; the store does the dropping under its lock.
+
+Sizes are estimates, not ``sys.getsizeof`` walks: REF's recursive walk cost more than the rest
+of ``add_span`` together. The estimate is linear in the number of attributes (one shallow pass)
+and was calibrated against the server's RSS growth per span (see benchmarks/), so thresholds
+given in bytes mean roughly what they say.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from .errors import InvalidArgument
+from .types import Span
+
+__all__ = ["Thresholds", "resolve_thresholds", "span_size"]
+
+logger = logging.getLogger(__name__)
+
+#: Fixed cost of a Span object with its dicts, ids and floats (measured, CPython 3.11).
+_SPAN_BASE = 1200
+#: Cost of one dict entry / list item beyond its own payload.
+_ENTRY = 100
+#: Payload assumed for values that are neither str nor bytes.
+_SCALAR = 32
+#: Default eviction threshold as a ratio of total memory, and safe as a ratio of eviction.
+DEFAULT_EVICTION_RATIO = 0.7
+DEFAULT_SAFE_OF_EVICTION = 0.8
+#: Total memory assumed when psutil cannot tell (REF's fallback).
+FALLBACK_CAPACITY = 8 * 1024**3
+
+
+def _payload(value: Any) -> int:
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return sum(_ENTRY + _payload(v) for v in value[:64]) + max(0, len(value) - 64) * _ENTRY
+    if isinstance(value, dict):
+        return len(value) * (2 * _ENTRY)
+    return _SCALAR
+
+
+def span_size(span: Span) -> int:
+    """Estimated bytes a stored span occupies (one shallow pass over its attributes)."""
+    size = _SPAN_BASE + len(span.name)
+    for key, value in span.attributes.items():
+        size += _ENTRY + len(key) + _payload(value)
+    size += (len(span.events) + len(span.links)) * (4 * _ENTRY)
+    return size
+
+
+class Thresholds:
+    """Resolved thresholds in bytes: evict above ``eviction``, down to ``safe``."""
+
+    __slots__ = ("capacity", "eviction", "safe")
+
+    def __init__(self, eviction: int, safe: int, capacity: int) -> None:
+        self.eviction = eviction
+        self.safe = safe
+        self.capacity = capacity
+
+
+def memory_capacity() -> int:
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is a dependency; REF's fallback anyway
+        logger.error("psutil is not installed. Falling back to 8GB of memory in total.")
+        return FALLBACK_CAPACITY
+    return int(psutil.virtual_memory().total)
+
+
+def _to_bytes(value: float | int, capacity: int, name: str, *, ratio_low: float) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"{name} must be a float ratio or an int byte count, not {value!r}")
+    if isinstance(value, float):
+        if ratio_low == 0 and not 0 <= value <= 1:
+            raise InvalidArgument(f"{name} ratio must be between 0 and 1 inclusive")
+        if ratio_low > 0 and not 0 < value <= 1:
+            raise InvalidArgument(f"{name} ratio must be greater than 0 and at most 1")
+        return int(capacity * value)
+    if value < 0:
+        raise InvalidArgument(f"{name} must be non-negative")
+    return value
+
+
+def resolve_thresholds(
+    eviction: float | int | None, safe: float | int | None, capacity: int | None = None
+) -> Thresholds:
+    """Bytes for both thresholds: a float is a ratio of total RAM, an int a byte count.
+
+    Raises InvalidArgument (a ValueError) with REF's wording for out-of-range values.
+    """
+    capacity = memory_capacity() if capacity is None else capacity
+    if capacity <= 0:
+        raise InvalidArgument("Memory capacity must be positive")
+    if eviction is None:
+        eviction_bytes = int(capacity * DEFAULT_EVICTION_RATIO)
+    else:
+        eviction_bytes = _to_bytes(eviction, capacity, "eviction_threshold", ratio_low=1e-300)
+    if eviction_bytes < 1:
+        raise InvalidArgument("eviction_threshold must be at least 1 bytes")
+    if safe is None:
+        safe_bytes = int(eviction_bytes * DEFAULT_SAFE_OF_EVICTION)
+    else:
+        safe_bytes = _to_bytes(safe, capacity, "safe_threshold", ratio_low=0)
+    if not 0 <= safe_bytes < eviction_bytes:
+        raise InvalidArgument("safe_threshold must be smaller than eviction_threshold")
+    return Thresholds(eviction_bytes, safe_bytes, capacity)
+
+
+def choose_victims(
+    total: int,
+    safe: int,
+    finished_first: Iterable[tuple[str, int]],
+    unfinished: Iterable[tuple[str, int]],
+) -> list[str]:
+    """Rollout ids whose spans to drop, in order, until ``total <= safe`` (D8).
+
+    Both iterables yield ``(rollout_id, bytes)`` oldest first; finished rollouts go first and
+    unfinished ones only when that was not enough. Rollouts holding no bytes are skipped.
+    """
+    victims: list[str] = []
+    for group in (finished_first, unfinished):
+        for rollout_id, size in group:
+            if total <= safe:
+                return victims
+            if size > 0:
+                victims.append(rollout_id)
+                total -= size
+    return victims

@@ -1,0 +1,382 @@
+"""The store's state and the operations on it, without locks, waits or copies.
+
+``StoreState`` holds the records and the indexes that keep every operation's cost independent
+of the store's size:
+
+* the queue is an ``OrderedDict`` (O(1) append, pop-left and removal by id), kept in exact sync
+  with the status: a rollout is queued if and only if it is queuing/requeuing (REF I1), so a
+  dequeue never skips stale heads;
+* ``by_status`` indexes rollout ids per status, for ``query_rollouts(status=...)`` and O(1)
+  ``statistics()``;
+* the watchdog keeps a heap of "earliest time something could happen" per watched rollout,
+  so a pass costs O(rollouts due) instead of O(rollouts running).
+
+Every method takes ``now`` from the caller and returns the store's own objects; the caller
+(``store.InMemoryStore``) holds the lock, reads the clock and decides what to copy. Methods
+validate everything before their first write (D1), so an exception leaves the state as it was.
+Status rules come from ``transitions``; this module only applies them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+from . import transitions as tr
+from .errors import AttemptNotFound, NoAttempts, RolloutNotFound, SpansEvicted
+from .eviction import Thresholds, choose_victims, span_size
+from .types import (
+    Attempt,
+    ResourcesUpdate,
+    Rollout,
+    RolloutStatus,
+    Span,
+    new_attempt_id,
+    new_resources_id,
+    new_rollout_id,
+)
+
+__all__ = ["StoreState"]
+
+logger = logging.getLogger("mpstore.store")
+
+def _span_key(span: Span) -> int:
+    return span.sequence_id
+
+
+class StoreState:
+    """All rollouts, attempts, spans and resources, plus their indexes. Not thread-safe."""
+
+    def __init__(self, thresholds: Thresholds) -> None:
+        self.thresholds = thresholds
+        self.rollouts: dict[str, Rollout] = {}  # creation order
+        self.created: dict[str, int] = {}  # rollout id -> creation number, for sorting
+        self.attempts: dict[str, list[Attempt]] = {}
+        self.by_status: dict[RolloutStatus, dict[str, None]] = {s: {} for s in RolloutStatus}
+        self.queue: OrderedDict[str, None] = OrderedDict()
+        self.spans: dict[str, list[Span]] = {}
+        self.span_index: dict[str, dict[tuple[str, str], Span]] = {}  # D7 duplicate check
+        self.sequence: dict[str, int] = {}
+        self.span_bytes: dict[str, int] = {}
+        self.total_span_bytes = 0
+        self.total_spans = 0
+        self.total_attempts = 0
+        self.evicted: set[str] = set()
+        self.resources: dict[str, ResourcesUpdate] = {}
+        self.latest_resources_id: str | None = None
+        self._heap: list[tuple[float, int, str]] = []
+        self._scheduled: dict[str, float] = {}
+        self._tiebreak = itertools.count()
+        self._creation = itertools.count()
+        # Bumped on every write the waiters care about; the store compares them to notify.
+        self.terminal_writes = 0
+        self.queue_appends = 0
+
+    # ----------------------------------------------------------------- lookups (raise)
+    def rollout(self, rollout_id: str) -> Rollout:
+        try:
+            return self.rollouts[rollout_id]
+        except KeyError:
+            raise RolloutNotFound(rollout_id) from None
+
+    def attempt(self, rollout_id: str, attempt_id: str) -> Attempt:
+        """The attempt ``attempt_id`` (or ``"latest"``), with REF's error order (E6)."""
+        self.rollout(rollout_id)
+        attempts = self.attempts[rollout_id]
+        if not attempts:
+            raise NoAttempts(rollout_id)
+        if attempt_id == "latest":
+            return attempts[-1]
+        for attempt in reversed(attempts):  # the latest ones are the ones updated most
+            if attempt.attempt_id == attempt_id:
+                return attempt
+        raise AttemptNotFound(rollout_id, attempt_id)
+
+    def latest_attempt(self, rollout_id: str) -> Attempt | None:
+        attempts = self.attempts.get(rollout_id)
+        return attempts[-1] if attempts else None
+
+    # ----------------------------------------------------------------- status writes
+    def write_status(self, rollout: Rollout, status: RolloutStatus, now: float) -> None:
+        """The one path every rollout status change takes (REF E5): indexes, queue, end_time,
+        waiters, watchdog schedule."""
+        rid = rollout.rollout_id
+        del self.by_status[rollout.status][rid]
+        self.by_status[status][rid] = None
+        rollout.status = status
+        if status in tr.TERMINAL:
+            rollout.end_time = now
+            self.terminal_writes += 1
+        if status in tr.QUEUED:
+            if rid not in self.queue:
+                self.queue[rid] = None
+                self.queue_appends += 1
+        else:
+            self.queue.pop(rid, None)
+        if status in tr.WATCHED:
+            self.schedule(rid, now)
+
+    def propagate(self, rollout: Rollout, now: float) -> None:
+        """R := P(latest attempt), unless cancelled (D2); an unchanged status writes nothing
+        (D12), so end_time is not re-stamped by a no-op."""
+        latest = self.latest_attempt(rollout.rollout_id)
+        if latest is None or rollout.status is RolloutStatus.CANCELLED:
+            return
+        status = tr.propagate(latest, rollout.config)
+        if status is not rollout.status:
+            self.write_status(rollout, status, now)
+
+    # ----------------------------------------------------------------- watchdog
+    def schedule(self, rollout_id: str, now: float) -> None:
+        """(Re-)arm the watchdog for a watched rollout from its current state."""
+        rollout = self.rollouts[rollout_id]
+        latest = self.latest_attempt(rollout_id)
+        if rollout.status not in tr.WATCHED or latest is None:
+            return
+        when = tr.next_check_time(latest, rollout.config)
+        if when is None:
+            return
+        current = self._scheduled.get(rollout_id)
+        if current is not None and current <= when:
+            return
+        self._scheduled[rollout_id] = when
+        heapq.heappush(self._heap, (when, next(self._tiebreak), rollout_id))
+
+    def watchdog(self, now: float) -> int:
+        """One pass (REF §2.4) over the rollouts due by ``now``; returns how many it checked."""
+        heap, checked = self._heap, 0
+        while heap and heap[0][0] <= now:
+            when, _, rid = heapq.heappop(heap)
+            if self._scheduled.get(rid) != when:
+                continue  # superseded by an earlier entry
+            del self._scheduled[rid]
+            checked += 1
+            self._check(rid, now)
+            self._rearm(rid, now)
+        return checked
+
+    def _check(self, rid: str, now: float) -> None:
+        rollout = self.rollouts[rid]
+        if rollout.status not in tr.WATCHED:
+            return
+        latest = self.latest_attempt(rid)
+        if latest is None:
+            logger.error("Rollout %s is running but has no attempts", rid)
+            return
+        verdict = tr.watchdog_verdict(latest, rollout.config, now)
+        if verdict.attempt_status is not None:
+            latest.status = verdict.attempt_status
+        if verdict.propagate:
+            self.propagate(rollout, now)
+
+    def _rearm(self, rid: str, now: float) -> None:
+        self.schedule(rid, now)
+        # A check that changed nothing at its own deadline (float rounding between
+        # "now - start > t" and "now > start + t") looks again at the next representable time.
+        if self._scheduled.get(rid, math.inf) <= now:
+            self._scheduled[rid] = math.nextafter(now, math.inf)
+            heapq.heappush(self._heap, (self._scheduled[rid], next(self._tiebreak), rid))
+
+    # ----------------------------------------------------------------- creating and claiming
+    def create(self, fields: dict[str, Any], status: RolloutStatus, now: float) -> Rollout:
+        """A new rollout; ``fields`` were validated by the caller."""
+        resources_id = fields["resources_id"] or self.latest_resources_id  # REF Q12
+        rid = new_rollout_id()
+        while rid in self.rollouts:  # 48 random bits: a clash is rare, never fatal
+            rid = new_rollout_id()
+        rollout = Rollout(
+            rid, fields["input"], now, None, fields["mode"], resources_id,
+            RolloutStatus.QUEUING, fields["config"],
+            {} if fields["metadata"] is None else fields["metadata"],
+        )
+        self.rollouts[rid] = rollout
+        self.created[rid] = next(self._creation)
+        self.attempts[rid] = []
+        self.by_status[RolloutStatus.QUEUING][rid] = None
+        self.sequence[rid] = 0
+        if status is RolloutStatus.QUEUING:
+            self.queue[rid] = None
+            self.queue_appends += 1
+        else:
+            self.new_attempt(rollout, None, now)
+        return rollout
+
+    def new_attempt(self, rollout: Rollout, worker_id: str | None, now: float) -> Attempt:
+        """Claim: attempt n+1, rollout preparing and out of the queue (E3/E4)."""
+        attempts = self.attempts[rollout.rollout_id]
+        attempt = Attempt(
+            rollout.rollout_id, new_attempt_id(), len(attempts) + 1, now, worker_id=worker_id
+        )
+        attempts.append(attempt)
+        self.total_attempts += 1
+        self.write_status(rollout, RolloutStatus.PREPARING, now)
+        return attempt
+
+    def dequeue(self, worker_id: str | None, now: float) -> tuple[Rollout, Attempt] | None:
+        if not self.queue:
+            return None
+        rid, _ = self.queue.popitem(last=False)
+        rollout = self.rollouts[rid]
+        return rollout, self.new_attempt(rollout, worker_id, now)
+
+    # ----------------------------------------------------------------- updates
+    def update_attempt(self, attempt: Attempt, changes: dict[str, Any], now: float) -> None:
+        """Apply validated ``changes``; propagate only when a status was set (D3)."""
+        for name, value in changes.items():
+            setattr(attempt, name, value)
+        if "status" in changes and changes["status"] in tr.ATTEMPT_ENDED:
+            attempt.end_time = now
+        rollout = self.rollouts[attempt.rollout_id]
+        if attempt is not self.latest_attempt(attempt.rollout_id):
+            return
+        if "status" in changes:
+            self.propagate(rollout, now)
+        if rollout.status in tr.WATCHED:
+            self.schedule(rollout.rollout_id, now)
+
+    def update_rollout(self, rollout: Rollout, changes: dict[str, Any], now: float) -> None:
+        status = changes.pop("status", None)
+        for name, value in changes.items():
+            setattr(rollout, name, value)
+        if status is not None:
+            self.write_status(rollout, status, now)
+        elif "config" in changes and rollout.status in tr.WATCHED:
+            self.schedule(rollout.rollout_id, now)
+
+    # ----------------------------------------------------------------- spans
+    def next_sequence_id(self, rollout_id: str) -> int:
+        value = self.sequence.get(rollout_id, 0) + 1
+        self.sequence[rollout_id] = value
+        return value
+
+    def check_span(self, span: Span) -> Attempt:
+        """The span's attempt, or RolloutNotFound / AttemptNotFound (nothing is written)."""
+        self.rollout(span.rollout_id)
+        for attempt in reversed(self.attempts[span.rollout_id]):
+            if attempt.attempt_id == span.attempt_id:
+                return attempt
+        raise AttemptNotFound(span.rollout_id, span.attempt_id)
+
+    def add_span(self, span: Span, attempt: Attempt, now: float) -> Span | None:
+        """Store a checked span (E7, D4, D7, D8). Returns the already stored duplicate, if any
+        (then nothing else happens), else None."""
+        rid = span.rollout_id
+        index = self.span_index.setdefault(rid, {})
+        duplicate = index.get((span.attempt_id, span.span_id))
+        if duplicate is not None:
+            return duplicate
+        if span.sequence_id > self.sequence.get(rid, 0):
+            self.sequence[rid] = span.sequence_id
+        self._heartbeat(attempt, now)
+        if rid in self.evicted:
+            return None  # D8: a heartbeat, but no longer kept
+        index[(span.attempt_id, span.span_id)] = span
+        spans = self.spans.setdefault(rid, [])
+        if not spans or spans[-1].sequence_id <= span.sequence_id:
+            spans.append(span)
+        else:
+            # Kept sorted by sequence_id, ties in arrival order (D6): insert after equals.
+            bisect.insort_right(spans, span, key=_span_key)
+        size = span_size(span)
+        self.span_bytes[rid] = self.span_bytes.get(rid, 0) + size
+        self.total_span_bytes += size
+        self.total_spans += 1
+        if self.total_span_bytes > self.thresholds.eviction:
+            self.evict()
+        return None
+
+    def _heartbeat(self, attempt: Attempt, now: float) -> None:
+        rollout = self.rollouts[attempt.rollout_id]
+        latest = attempt is self.latest_attempt(attempt.rollout_id)
+        revive = tr.span_revives_rollout(rollout.status, attempt.status, latest)
+        attempt.last_heartbeat_time = now
+        attempt.status = tr.span_attempt_status(attempt.status)
+        if revive:
+            self.write_status(rollout, RolloutStatus.RUNNING, now)
+
+    def query_spans(self, rollout_id: str, attempt_id: str | None) -> list[Span]:
+        if rollout_id in self.evicted:
+            raise SpansEvicted(rollout_id)
+        spans = self.spans.get(rollout_id, [])
+        if attempt_id is None:
+            return list(spans)
+        if attempt_id == "latest":
+            latest = self.latest_attempt(rollout_id)
+            if latest is None:
+                return []
+            attempt_id = latest.attempt_id
+        return [s for s in spans if s.attempt_id == attempt_id]
+
+    def evict(self) -> None:
+        """Drop whole rollouts' spans, finished ones first, oldest first (D8)."""
+        def holders(finished: bool) -> Iterator[tuple[str, int]]:
+            for rid, rollout in self.rollouts.items():
+                if (rollout.status in tr.TERMINAL) is finished and rid in self.span_bytes:
+                    yield rid, self.span_bytes[rid]
+
+        victims = choose_victims(
+            self.total_span_bytes, self.thresholds.safe, holders(True), holders(False)
+        )
+        logger.info("Evicting spans for %d rollouts to free up memory...", len(victims))
+        freed = 0
+        for rid in victims:
+            size = self.span_bytes.pop(rid)
+            self.total_spans -= len(self.spans.pop(rid, ()))
+            self.span_index.pop(rid, None)
+            self.evicted.add(rid)
+            freed += size
+        self.total_span_bytes -= freed
+        logger.info("Freed up %d bytes of memory", freed)
+
+    # ----------------------------------------------------------------- resources
+    def put_resources(
+        self, resources_id: str | None, resources: dict[str, Any], now: float
+    ) -> ResourcesUpdate:
+        """Add (new id) or upsert (given id); either way it becomes "latest"."""
+        if resources_id is None:
+            resources_id = new_resources_id()
+        old = self.resources.get(resources_id)
+        if old is None:
+            update = ResourcesUpdate(resources_id, resources, now, now, 1)
+        else:
+            update = ResourcesUpdate(resources_id, resources, old.create_time, now, old.version + 1)
+        self.resources[resources_id] = update
+        self.latest_resources_id = resources_id
+        return update
+
+    # ----------------------------------------------------------------- reads
+    def query_rollouts(
+        self, statuses: list[RolloutStatus] | None, rollout_ids: list[str] | None
+    ) -> list[Rollout]:
+        if statuses is None and rollout_ids is None:
+            return list(self.rollouts.values())
+        if rollout_ids is not None:
+            wanted = set(statuses) if statuses is not None else None
+            found = {rid for rid in rollout_ids if rid in self.rollouts}
+            ids = [r for r in found if wanted is None or self.rollouts[r].status in wanted]
+        else:
+            ids = [rid for s in set(statuses or ()) for rid in self.by_status[s]]
+        ids.sort(key=self.created.__getitem__)
+        return [self.rollouts[rid] for rid in ids]
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "total_rollouts": len(self.rollouts),
+            "total_attempts": self.total_attempts,
+            "total_spans": self.total_spans,
+            "total_resources": len(self.resources),
+            "queue_length": len(self.queue),
+            "span_bytes": self.total_span_bytes,
+            "rollouts_by_status": {s.value: len(ids) for s, ids in self.by_status.items()},
+            "evicted_rollouts": len(self.evicted),
+            "eviction_threshold_bytes": self.thresholds.eviction,
+            "safe_threshold_bytes": self.thresholds.safe,
+            "memory_capacity_bytes": self.thresholds.capacity,
+        }
+

@@ -1,0 +1,434 @@
+"""``InMemoryStore``: the public, thread-safe store API.
+
+This layer adds exactly three things to :class:`~mpstore.state.StoreState`:
+
+* **one lock** around every operation, with the watchdog run inside the same critical section
+  as the operation on entry of REF's method set (D12), so a read after a deadline already sees
+  its effect;
+* **waiting** (``wait_for_rollouts``, ``dequeue_rollout(wait=...)``) on two conditions of that
+  lock, woken by the writes that matter, never by polling; a waiter also wakes every
+  ``watchdog_interval`` to run the watchdog, so timeouts fire while everyone waits;
+* **copies** (D10): in process (``copy_records=True``) caller-given payloads are copied on the
+  way in and records on the way out, so no caller aliases the store's state; a server that
+  pickles every reply passes ``copy_records=False`` and gets shallow snapshots taken under the
+  lock instead (pickling outside the lock is the copy).
+
+Atomicity: every method is one critical section; batch methods validate the whole batch first,
+so they apply entirely or not at all. Errors are the ``StoreError`` subclasses of
+:mod:`mpstore.errors`; a raised error means nothing changed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from . import transitions as tr
+from . import validate as v
+from .errors import InvalidArgument
+from .eviction import resolve_thresholds
+from .state import StoreState
+from .types import (
+    UNSET,
+    Attempt,
+    AttemptedRollout,
+    ResourcesUpdate,
+    Rollout,
+    RolloutStatus,
+    Span,
+    private_copy,
+)
+
+__all__ = ["InMemoryStore"]
+
+T = TypeVar("T")
+NOT_GIVEN: Any = UNSET
+_QUEUING = RolloutStatus.QUEUING
+_PREPARING = RolloutStatus.PREPARING
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+class InMemoryStore:
+    """The rollout queue, attempts, spans and resources of one process, safe across threads.
+
+    ``clock`` gives the store's notion of now (tests inject a fake one); ``eviction_threshold``
+    and ``safe_threshold`` bound span memory (float: ratio of RAM, int: bytes; REF §4.2);
+    ``watchdog_interval`` is how often waiters run the watchdog, in real seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        eviction_threshold: float | int | None = None,
+        safe_threshold: float | int | None = None,
+        watchdog_interval: float = 1.0,
+        copy_records: bool = True,
+    ) -> None:
+        if not watchdog_interval > 0:
+            raise InvalidArgument(f"watchdog_interval must be > 0, not {watchdog_interval!r}")
+        self._state = StoreState(resolve_thresholds(eviction_threshold, safe_threshold))
+        self._clock = clock
+        self._interval = float(watchdog_interval)
+        self._lock = threading.Lock()
+        self._finished = threading.Condition(self._lock)  # terminal status written
+        self._queued = threading.Condition(self._lock)  # rollout appended to the queue
+        self._started = time.monotonic()
+        self._copy = copy_records
+        self._out: Callable[[Any], Any] = (
+            (lambda r: r.clone()) if copy_records else (lambda r: r.snapshot())
+        )
+        self._inp: Callable[[Any], Any] = private_copy if copy_records else (lambda x: x)
+
+    # ----------------------------------------------------------------- helpers
+    def _begin(self) -> float:
+        """Called with the lock held on entry of REF's watchdog method set: one watchdog pass,
+        waking whoever its writes concern; returns now."""
+        state = self._state
+        terminal, appended = state.terminal_writes, state.queue_appends
+        now = self._clock()
+        state.watchdog(now)
+        self._notify(terminal, appended)
+        return now
+
+    def _notify(self, terminal: int, appended: int) -> None:
+        """Wake waiters for what changed since the counters were read (lock held)."""
+        state = self._state
+        if state.terminal_writes != terminal:
+            self._finished.notify_all()
+        if state.queue_appends != appended:
+            self._queued.notify(state.queue_appends - appended)
+
+    def _mutate(self, fn: Callable[[float], T], *, watchdog: bool = True) -> T:
+        """Run ``fn(now)`` in one critical section and wake whoever its writes concern."""
+        state = self._state
+        with self._lock:
+            now = self._begin() if watchdog else self._clock()
+            terminal, appended = state.terminal_writes, state.queue_appends
+            try:
+                return fn(now)
+            finally:
+                self._notify(terminal, appended)
+
+    def _attempted(self, pair: tuple[Rollout, Attempt]) -> AttemptedRollout:
+        return AttemptedRollout.of(self._out(pair[0]), self._out(pair[1]))
+
+    def _wait(self, condition: threading.Condition, deadline: float | None) -> bool:
+        """Sleep on ``condition`` (lock held) until notified, the deadline (monotonic) or the
+        next watchdog tick; False once the deadline has passed."""
+        timeout = self._interval
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            timeout = min(timeout, remaining)
+        condition.wait(timeout)
+        return True
+
+    # ----------------------------------------------------------------- create
+    def _fields(self, input: Any, mode: Any, resources_id: Any, config: Any, metadata: Any
+                ) -> dict[str, Any]:
+        return {
+            "input": self._inp(input),
+            "mode": v.mode(mode),
+            "resources_id": v.optional_str(resources_id, "resources_id"),
+            "config": v.config(config),
+            "metadata": self._inp(v.metadata(metadata)),
+        }
+
+    def start_rollout(self, input: Any, mode: str | None = None, resources_id: str | None = None,
+                      config: Any = None, metadata: dict[str, Any] | None = None,
+                      worker_id: str | None = None) -> AttemptedRollout:
+        """Create a rollout already claimed: status preparing, attempt 1; not queued (E2)."""
+        fields = self._fields(input, mode, resources_id, config, metadata)
+        worker = v.optional_str(worker_id, "worker_id")
+
+        def run(now: float) -> AttemptedRollout:
+            rollout = self._state.create(fields, _PREPARING, now)
+            attempt = self._state.latest_attempt(rollout.rollout_id)
+            assert attempt is not None
+            attempt.worker_id = worker
+            return self._attempted((rollout, attempt))
+
+        return self._mutate(run)
+
+    def enqueue_rollout(self, input: Any, mode: str | None = None, resources_id: str | None = None,
+                        config: Any = None, metadata: dict[str, Any] | None = None) -> Rollout:
+        """Create a rollout at the queue's tail, status queuing, no attempt (E1)."""
+        fields = self._fields(input, mode, resources_id, config, metadata)
+        return self._mutate(lambda now: self._out(self._state.create(fields, _QUEUING, now)))
+
+    def enqueue_many_rollouts(self, requests: Sequence[dict[str, Any]]) -> list[Rollout]:
+        """Enqueue several rollouts in order, atomically; each item is a dict of
+        ``enqueue_rollout``'s arguments (``input`` required)."""
+        if isinstance(requests, (str, bytes, dict)) or not isinstance(requests, Sequence):
+            raise InvalidArgument("enqueue_many_rollouts takes a list of dicts")
+        items = [v.enqueue_request(r, i) for i, r in enumerate(requests)]
+        for item in items:
+            item["input"], item["metadata"] = self._inp(item["input"]), self._inp(item["metadata"])
+        return self._mutate(
+            lambda now: [self._out(self._state.create(it, _QUEUING, now)) for it in items]
+        )
+
+    # ----------------------------------------------------------------- claim
+    def dequeue_rollout(self, worker_id: str | None = None, *, wait: float = 0.0
+                        ) -> AttemptedRollout | None:
+        """Claim the rollout at the head of the queue (E3), or None when the queue stays
+        empty for ``wait`` seconds (D13: a long poll; 0 returns at once)."""
+        claimed = self.dequeue_many_rollouts(1, worker_id, wait=wait)
+        return claimed[0] if claimed else None
+
+    def dequeue_many_rollouts(self, limit: int, worker_id: str | None = None, *,
+                              wait: float = 0.0) -> list[AttemptedRollout]:
+        """Claim up to ``limit`` rollouts from the head, in queue order; with ``wait`` > 0,
+        block until at least one is available or the time is up."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise InvalidArgument(f"limit must be an int >= 0, not {limit!r}")
+        worker = v.optional_str(worker_id, "worker_id")
+        wait = v.optional_float(wait, "wait") or 0.0
+        deadline = time.monotonic() + wait
+        state = self._state
+        with self._lock:
+            while True:
+                now = self._begin()
+                terminal, appended = state.terminal_writes, state.queue_appends
+                claimed = []
+                while len(claimed) < limit:
+                    pair = state.dequeue(worker, now)
+                    if pair is None:
+                        break
+                    claimed.append(self._attempted(pair))
+                self._notify(terminal, appended)
+                if claimed or limit == 0 or not self._wait(self._queued, deadline):
+                    return claimed
+
+    def start_attempt(self, rollout_id: str, worker_id: str | None = None) -> AttemptedRollout:
+        """A new attempt from any status; the rollout becomes preparing and leaves the queue
+        (E4; max_attempts is not checked: this is the manual retry)."""
+        v.identifier(rollout_id, "rollout_id")
+        worker = v.optional_str(worker_id, "worker_id")
+
+        def run(now: float) -> AttemptedRollout:
+            rollout = self._state.rollout(rollout_id)
+            return self._attempted((rollout, self._state.new_attempt(rollout, worker, now)))
+
+        return self._mutate(run)
+
+    # ----------------------------------------------------------------- read
+    def query_rollouts(self, *, status: Sequence[str] | None = None,
+                       rollout_ids: Sequence[str] | None = None) -> list[Rollout]:
+        """Rollouts in creation order, filtered by status and ids (AND); an empty list
+        matches nothing (D9)."""
+        statuses = None if status is None else [
+            v.rollout_status(s) for s in v.sequence(status, "status")
+        ]
+        ids = None if rollout_ids is None else v.string_list(rollout_ids, "rollout_ids")
+        with self._lock:
+            self._begin()
+            return [self._out(r) for r in self._state.query_rollouts(statuses, ids)]
+
+    def get_rollout_by_id(self, rollout_id: str) -> Rollout | None:
+        v.identifier(rollout_id, "rollout_id")
+        with self._lock:
+            self._begin()
+            rollout = self._state.rollouts.get(rollout_id)
+            return None if rollout is None else self._out(rollout)
+
+    def query_attempts(self, rollout_id: str) -> list[Attempt]:
+        """The rollout's attempts by sequence_id; [] for an unknown rollout (REF Q11)."""
+        v.identifier(rollout_id, "rollout_id")
+        with self._lock:
+            self._begin()
+            return [self._out(a) for a in self._state.attempts.get(rollout_id, ())]
+
+    def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
+        v.identifier(rollout_id, "rollout_id")
+        with self._lock:
+            self._begin()
+            latest = self._state.latest_attempt(rollout_id)
+            return None if latest is None else self._out(latest)
+
+    # ----------------------------------------------------------------- wait
+    def wait_for_rollouts(self, *, rollout_ids: Sequence[str], timeout: float | None = None
+                          ) -> list[Rollout]:
+        """The given rollouts that are finished, in input order (D11), once all known ones
+        are finished or ``timeout`` seconds passed (None: no limit; <= 0: a snapshot).
+        Unknown ids are omitted and not waited for; duplicates give duplicates."""
+        ids = v.string_list(rollout_ids, "rollout_ids")
+        timeout = v.optional_float(timeout, "timeout")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        rollouts = self._state.rollouts
+        with self._lock:
+            while True:
+                self._begin()
+                pending = any(
+                    rid in rollouts and rollouts[rid].status not in tr.TERMINAL for rid in ids
+                )
+                if not pending or not self._wait(self._finished, deadline):
+                    break
+            return [
+                self._out(rollouts[rid]) for rid in ids
+                if rid in rollouts and rollouts[rid].status in tr.TERMINAL
+            ]
+
+    # ----------------------------------------------------------------- update
+    def update_rollout(self, rollout_id: str, input: Any = NOT_GIVEN, mode: Any = NOT_GIVEN,
+                       resources_id: Any = NOT_GIVEN, status: Any = NOT_GIVEN,
+                       config: Any = NOT_GIVEN, metadata: Any = NOT_GIVEN) -> Rollout:
+        """Replace the given fields (UNSET: keep). A status is written as given, with its side
+        effects (E5): queue membership, end_time for terminal statuses, waiters woken."""
+        v.identifier(rollout_id, "rollout_id")
+        changes: dict[str, Any] = {}
+        for name, value, check in (
+            ("input", input, self._inp),
+            ("mode", mode, v.mode),
+            ("resources_id", resources_id, lambda x: v.optional_str(x, "resources_id")),
+            ("status", status, v.rollout_status),
+            ("config", config, v.config),
+            ("metadata", metadata, lambda x: self._inp(v.metadata(x))),
+        ):
+            if v.is_set(value):
+                changes[name] = check(value)
+
+        def run(now: float) -> Rollout:
+            rollout = self._state.rollout(rollout_id)
+            self._state.update_rollout(rollout, changes, now)
+            return self._out(rollout)
+
+        return self._mutate(run)
+
+    def update_attempt(self, rollout_id: str, attempt_id: str, status: Any = NOT_GIVEN,
+                       worker_id: Any = NOT_GIVEN, last_heartbeat_time: Any = NOT_GIVEN,
+                       metadata: Any = NOT_GIVEN) -> Attempt:
+        """Replace the given fields of an attempt (``"latest"`` allowed). Setting a status on
+        the latest attempt re-derives the rollout with P (E6), except a cancelled one (D2);
+        an update without status never does (D3)."""
+        v.identifier(rollout_id, "rollout_id")
+        v.identifier(attempt_id, "attempt_id")
+        changes: dict[str, Any] = {}
+        for name, value, check in (
+            ("status", status, v.attempt_status),
+            ("worker_id", worker_id, lambda x: v.optional_str(x, "worker_id")),
+            ("last_heartbeat_time", last_heartbeat_time,
+             lambda x: v.optional_float(x, "last_heartbeat_time")),
+            ("metadata", metadata, lambda x: self._inp(v.metadata(x))),
+        ):
+            if v.is_set(value):
+                changes[name] = check(value)
+
+        def run(now: float) -> Attempt:
+            attempt = self._state.attempt(rollout_id, attempt_id)
+            self._state.update_attempt(attempt, changes, now)
+            return self._out(attempt)
+
+        return self._mutate(run)
+
+    # ----------------------------------------------------------------- spans
+    def get_next_span_sequence_id(self, rollout_id: str, attempt_id: str) -> int:
+        """The next number of the rollout's span counter (shared by its attempts; REF §3.5)."""
+        return self.get_many_span_sequence_ids([(rollout_id, attempt_id)])[0]
+
+    def get_many_span_sequence_ids(self, pairs: Sequence[tuple[str, str]]) -> list[int]:
+        """One sequence id per (rollout_id, attempt_id), allocated in order."""
+        checked = v.pairs(pairs)
+        with self._lock:
+            return [self._state.next_sequence_id(rid) for rid, _ in checked]
+
+    def add_span(self, span: Span) -> Span:
+        """Store a span and count it as its attempt's heartbeat (E7, D4). Idempotent (D7): a
+        span already stored under the same (rollout, attempt, span_id) is returned unchanged
+        and nothing else happens. Raises RolloutNotFound / AttemptNotFound."""
+        return self.add_many_spans([span])[0]
+
+    def add_many_spans(self, spans: Sequence[Span]) -> list[Span]:
+        """``add_span`` for each, atomically: every span is checked before any is stored."""
+        if isinstance(spans, (str, bytes, dict)) or not isinstance(spans, Sequence):
+            raise InvalidArgument("add_many_spans takes a list of spans")
+        given = [v.span(s) for s in spans]
+        stored = [self._inp(s) for s in given]
+        state = self._state
+
+        def run(now: float) -> list[Span]:
+            attempts = [state.check_span(s) for s in stored]
+            out = []
+            for span, kept, attempt in zip(given, stored, attempts, strict=False):
+                duplicate = state.add_span(kept, attempt, now)
+                out.append(span if duplicate is None else self._out(duplicate))
+            return out
+
+        return self._mutate(run, watchdog=False)
+
+    def query_spans(self, rollout_id: str, attempt_id: str | None = None) -> list[Span]:
+        """Spans by sequence_id (D6); ``attempt_id="latest"`` means the latest attempt.
+        [] for an unknown rollout; SpansEvicted once its spans were evicted (D8)."""
+        v.identifier(rollout_id, "rollout_id")
+        v.optional_str(attempt_id, "attempt_id")
+        with self._lock:
+            self._begin()
+            spans = self._state.query_spans(rollout_id, attempt_id)
+        # Stored spans are never mutated, so outside the lock is safe; the server returns
+        # them as they are (pickling copies them).
+        return [s.clone() for s in spans] if self._copy else spans
+
+    # ----------------------------------------------------------------- resources
+    def add_resources(self, resources: dict[str, Any]) -> ResourcesUpdate:
+        """Store resources under a new ``rs-`` id; they become the latest."""
+        checked = self._inp(v.resources(resources))
+        return self._mutate(lambda now: self._out(self._state.put_resources(None, checked, now)))
+
+    def update_resources(self, resources_id: str, resources: dict[str, Any]) -> ResourcesUpdate:
+        """Upsert resources under ``resources_id`` (version + 1); they become the latest."""
+        v.identifier(resources_id, "resources_id")
+        checked = self._inp(v.resources(resources))
+        return self._mutate(
+            lambda now: self._out(self._state.put_resources(resources_id, checked, now))
+        )
+
+    def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate | None:
+        v.identifier(resources_id, "resources_id")
+        with self._lock:
+            self._begin()
+            found = self._state.resources.get(resources_id)
+            return None if found is None else self._out(found)
+
+    def get_latest_resources(self) -> ResourcesUpdate | None:
+        with self._lock:
+            self._begin()
+            latest = self._state.latest_resources_id
+            return None if latest is None else self._out(self._state.resources[latest])
+
+    # ----------------------------------------------------------------- ops
+    def ping(self) -> dict[str, Any]:
+        """Who answers: name, version, pid, the store clock's time and uptime."""
+        return {
+            "name": "mpstore",
+            "version": _version(),
+            "pid": os.getpid(),
+            "time": self._clock(),
+            "uptime": time.monotonic() - self._started,
+        }
+
+    def statistics(self) -> dict[str, Any]:
+        """Counts in O(1): totals, queue length, span bytes, rollouts per status, uptime."""
+        with self._lock:
+            self._begin()
+            stats = self._state.statistics()
+        stats["uptime"] = time.monotonic() - self._started
+        return stats
+
+    def run_watchdog(self) -> int:
+        """One watchdog pass now (for a server's ticker); returns how many rollouts were due."""
+        state = self._state
+        with self._lock:
+            terminal, appended = state.terminal_writes, state.queue_appends
+            checked = state.watchdog(self._clock())
+            self._notify(terminal, appended)
+        return checked

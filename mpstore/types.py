@@ -1,0 +1,354 @@
+"""Records, status enums, the UNSET sentinel and id generators.
+
+The records keep agent-lightning's field names so its users recognise them. They are plain
+``@dataclass(slots=True)`` objects; each defines ``__reduce__`` as "constructor + field tuple",
+which pickles two to three times faster than the default slots protocol (records cross the
+wire on every call).
+
+Two kinds of copy exist, because the store hands records out in two situations:
+
+* ``snapshot()``: a new record object sharing its field values. The store never mutates a
+  container in place (it replaces ``metadata``, ``config`` ...), so a snapshot taken under the
+  lock stays consistent while the server pickles it outside the lock.
+* ``clone()``: a snapshot whose mutable containers are copied too, for in-process callers who
+  could otherwise mutate the store's state through a returned object (REF Q10).
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import os
+import secrets
+import uuid
+from dataclasses import dataclass, field, fields
+from hashlib import sha1
+from typing import Any
+
+__all__ = [
+    "LLM",
+    "UNSET",
+    "Attempt",
+    "AttemptStatus",
+    "AttemptedRollout",
+    "PromptTemplate",
+    "ProxyLLM",
+    "ResourcesUpdate",
+    "Rollout",
+    "RolloutConfig",
+    "RolloutMode",
+    "RolloutStatus",
+    "Span",
+    "Unset",
+    "new_attempt_id",
+    "new_resources_id",
+    "new_rollout_id",
+    "private_copy",
+]
+
+
+class Unset:
+    """Type of :data:`UNSET`: "argument not given", as opposed to an explicit ``None``."""
+
+    _instance: Unset | None = None
+
+    def __new__(cls) -> Unset:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __reduce__(self) -> str:
+        # Pickled by reference to the module-level name, so it stays a singleton anywhere.
+        return "UNSET"
+
+
+UNSET = Unset()
+
+
+class RolloutStatus(str, enum.Enum):
+    QUEUING = "queuing"
+    PREPARING = "preparing"
+    RUNNING = "running"
+    FAILED = "failed"
+    SUCCEEDED = "succeeded"
+    CANCELLED = "cancelled"
+    REQUEUING = "requeuing"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_queuing(self) -> bool:
+        return self in _QUEUED
+
+    @property
+    def is_running(self) -> bool:
+        return self in _RUNNING
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED
+
+
+
+class AttemptStatus(str, enum.Enum):
+    PREPARING = "preparing"
+    RUNNING = "running"
+    FAILED = "failed"
+    SUCCEEDED = "succeeded"
+    UNRESPONSIVE = "unresponsive"
+    TIMEOUT = "timeout"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+
+class RolloutMode(str, enum.Enum):
+    TRAIN = "train"
+    VAL = "val"
+    TEST = "test"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+
+_QUEUED = frozenset({RolloutStatus.QUEUING, RolloutStatus.REQUEUING})
+_RUNNING = frozenset({RolloutStatus.PREPARING, RolloutStatus.RUNNING})
+_FINISHED = frozenset({RolloutStatus.FAILED, RolloutStatus.SUCCEEDED, RolloutStatus.CANCELLED})
+
+
+def _rebuild(cls: type, values: tuple[Any, ...]) -> Any:
+    """Unpickle a record without running ``__init__`` (its defaults would be wasted work)."""
+    new = cls.__new__(cls)
+    for name, value in zip(cls._fields, values, strict=False):  # type: ignore[attr-defined]
+        object.__setattr__(new, name, value)
+    return new
+
+
+def _record_reduce(self: Any) -> tuple[Any, tuple[Any, ...]]:
+    return _rebuild, (type(self), tuple([getattr(self, f) for f in self._fields]))
+
+
+def _record_snapshot(self: Any) -> Any:
+    cls = type(self)
+    new = cls.__new__(cls)
+    for name in cls._fields:
+        object.__setattr__(new, name, getattr(self, name))
+    return new
+
+
+def _record(cls: type) -> type:
+    """Give a slots dataclass the fast pickle and the shallow ``snapshot()``."""
+    # __slots__ of a dataclass(slots=True) lists only the class's own fields; keep them all,
+    # in declaration order, so positional reconstruction matches __init__.
+    cls._fields = tuple(f.name for f in fields(cls))  # type: ignore[attr-defined]
+    cls.__reduce__ = _record_reduce  # type: ignore[attr-defined]
+    cls.snapshot = _record_snapshot  # type: ignore[attr-defined]
+    return cls
+
+
+@_record
+@dataclass(slots=True)
+class RolloutConfig:
+    """Retry and timeout policy of a rollout (REF §1.2). Validated by ``mpstore.validate``."""
+
+    timeout_seconds: float | None = None
+    unresponsive_seconds: float | None = None
+    max_attempts: int = 1
+    retry_condition: list[AttemptStatus] = field(default_factory=list)
+
+    def clone(self) -> RolloutConfig:
+        return RolloutConfig(
+            self.timeout_seconds,
+            self.unresponsive_seconds,
+            self.max_attempts,
+            list(self.retry_condition),
+        )
+
+
+def _deep(value: Any) -> Any:
+    # Fast path for the payloads stores mostly hold: None, scalars, and flat str-keyed dicts.
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return copy.deepcopy(value)
+
+
+@_record
+@dataclass(slots=True)
+class Rollout:
+    rollout_id: str
+    input: Any
+    start_time: float
+    end_time: float | None = None
+    mode: str | None = None
+    resources_id: str | None = None
+    status: RolloutStatus = RolloutStatus.QUEUING
+    config: RolloutConfig = field(default_factory=RolloutConfig)
+    metadata: dict[str, Any] | None = None
+
+    def clone(self) -> Rollout:
+        new: Rollout = self.snapshot()  # type: ignore[attr-defined]
+        new.input = _deep(self.input)
+        new.config = self.config.clone()
+        new.metadata = _deep(self.metadata)
+        return new
+
+
+@_record
+@dataclass(slots=True)
+class Attempt:
+    rollout_id: str
+    attempt_id: str
+    sequence_id: int
+    start_time: float
+    end_time: float | None = None
+    status: AttemptStatus = AttemptStatus.PREPARING
+    worker_id: str | None = None
+    last_heartbeat_time: float | None = None
+    metadata: dict[str, Any] | None = None
+
+    def clone(self) -> Attempt:
+        new: Attempt = self.snapshot()  # type: ignore[attr-defined]
+        new.metadata = _deep(self.metadata)
+        return new
+
+
+@_record
+@dataclass(slots=True)
+class AttemptedRollout(Rollout):
+    """A rollout paired with one of its attempts (the one just created, for claims)."""
+
+    attempt: Attempt = field(kw_only=True)
+
+    @classmethod
+    def of(cls, rollout: Rollout, attempt: Attempt) -> AttemptedRollout:
+        new = cls.__new__(cls)
+        for name in Rollout._fields:  # type: ignore[attr-defined]
+            object.__setattr__(new, name, getattr(rollout, name))
+        new.attempt = attempt
+        return new
+
+    def clone(self) -> AttemptedRollout:
+        return AttemptedRollout.of(Rollout.clone(self), self.attempt.clone())
+
+
+def _random_hex(digits: int) -> str:
+    return secrets.token_hex(digits // 2)
+
+
+@_record
+@dataclass(slots=True)
+class Span:
+    """A trace record (REF §1.6). ``status``, ``context``, ``parent`` and ``resource`` are
+    plain dicts (OTel's shapes: ``{"status_code": "OK", "description": None}`` ...), which
+    pickle faster than nested records. Ids default to fresh random hex so that two spans built
+    without ids are never taken for duplicates (D7)."""
+
+    rollout_id: str
+    attempt_id: str
+    sequence_id: int
+    name: str
+    trace_id: str = field(default_factory=lambda: _random_hex(32))
+    span_id: str = field(default_factory=lambda: _random_hex(16))
+    parent_id: str | None = None
+    status: dict[str, Any] = field(default_factory=lambda: {"status_code": "UNSET"})
+    attributes: dict[str, Any] = field(default_factory=dict)
+    events: list[Any] = field(default_factory=list)
+    links: list[Any] = field(default_factory=list)
+    start_time: float | None = None
+    end_time: float | None = None
+    context: dict[str, Any] | None = None
+    parent: dict[str, Any] | None = None
+    resource: dict[str, Any] = field(default_factory=dict)
+
+    def clone(self) -> Span:
+        new: Span = self.snapshot()  # type: ignore[attr-defined]
+        for name in ("status", "attributes", "events", "links", "context", "parent", "resource"):
+            setattr(new, name, _deep(getattr(self, name)))
+        return new
+
+
+@_record
+@dataclass(slots=True)
+class LLM:
+    endpoint: str
+    model: str
+    api_key: str | None = None
+    sampling_parameters: dict[str, Any] = field(default_factory=dict)
+    resource_type: str = "llm"
+
+
+@_record
+@dataclass(slots=True)
+class ProxyLLM(LLM):
+    resource_type: str = "proxy_llm"
+
+    def with_rollout(self, rollout_id: str, attempt_id: str) -> str:
+        """The endpoint with ``/rollout/{rid}/attempt/{aid}`` spliced in before a ``/v1``."""
+        base = self.endpoint.rstrip("/")
+        suffix = f"/rollout/{rollout_id}/attempt/{attempt_id}"
+        if base.endswith("/v1"):
+            return base[: -len("/v1")] + suffix + "/v1"
+        return base + suffix
+
+
+@_record
+@dataclass(slots=True)
+class PromptTemplate:
+    template: str
+    engine: str = "f-string"
+    resource_type: str = "prompt_template"
+
+    def format(self, **kwargs: Any) -> str:
+        if self.engine != "f-string":
+            raise NotImplementedError(f"Only the f-string engine formats, not {self.engine}")
+        return self.template.format(**kwargs)
+
+
+#: Resource classes by their ``resource_type``, for building resources from plain dicts.
+RESOURCE_TYPES: dict[str, type] = {
+    "llm": LLM, "proxy_llm": ProxyLLM, "prompt_template": PromptTemplate
+}
+
+
+@_record
+@dataclass(slots=True)
+class ResourcesUpdate:
+    resources_id: str
+    resources: dict[str, Any]
+    create_time: float
+    update_time: float
+    version: int = 1
+
+    def clone(self) -> ResourcesUpdate:
+        new: ResourcesUpdate = self.snapshot()  # type: ignore[attr-defined]
+        new.resources = copy.deepcopy(self.resources)
+        return new
+
+
+def private_copy(value: Any) -> Any:
+    """A copy the caller cannot reach into: records clone their containers, the rest is
+    deep-copied (scalars and None as they are)."""
+    clone = getattr(value, "clone", None)
+    return clone() if clone is not None else _deep(value)
+
+
+def new_rollout_id() -> str:
+    return "ro-" + sha1(uuid.uuid4().bytes).hexdigest()[:12]
+
+
+def new_attempt_id() -> str:
+    return "at-" + os.urandom(4).hex()
+
+
+def new_resources_id() -> str:
+    return "rs-" + sha1(uuid.uuid4().bytes).hexdigest()[:12]
+
