@@ -46,6 +46,10 @@ __all__ = ["StoreState"]
 
 logger = logging.getLogger("mpstore.store")
 
+#: How much earlier than its exact deadline a rollout is looked at (clock units, seconds).
+_EARLY = 1e-6
+
+
 def _span_key(span: Span) -> int:
     return span.sequence_id
 
@@ -142,6 +146,9 @@ class StoreState:
         when = tr.next_check_time(latest, rollout.config)
         if when is None:
             return
+        # A little early, never late: "now - start > t" and "now > start + t" can disagree in
+        # the last bit; a check that finds nothing due is re-armed (see _rearm).
+        when -= _EARLY
         current = self._scheduled.get(rollout_id)
         if current is not None and current <= when:
             return
@@ -149,17 +156,24 @@ class StoreState:
         heapq.heappush(self._heap, (when, next(self._tiebreak), rollout_id))
 
     def watchdog(self, now: float) -> int:
-        """One pass (REF §2.4) over the rollouts due by ``now``; returns how many it checked."""
-        heap, checked = self._heap, 0
+        """One pass (REF §2.4) over the rollouts due by ``now``; returns how many it checked.
+
+        Due rollouts are checked in creation order, as REF's full scan does, so rollouts that
+        requeue in the same pass enter the queue in a predictable order.
+        """
+        heap, due = self._heap, []
         while heap and heap[0][0] <= now:
             when, _, rid = heapq.heappop(heap)
             if self._scheduled.get(rid) != when:
                 continue  # superseded by an earlier entry
             del self._scheduled[rid]
-            checked += 1
+            due.append(rid)
+        if len(due) > 1:
+            due.sort(key=self.created.__getitem__)
+        for rid in due:
             self._check(rid, now)
             self._rearm(rid, now)
-        return checked
+        return len(due)
 
     def _check(self, rid: str, now: float) -> None:
         rollout = self.rollouts[rid]
