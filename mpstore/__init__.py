@@ -21,6 +21,7 @@ from .errors import (
     RolloutNotFound,
     ServerStartError,
     SpansEvicted,
+    StorageError,
     StoreError,
     StoreUnavailable,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "ServerStartError",
     "Span",
     "SpansEvicted",
+    "StorageError",
     "StoreError",
     "StoreUnavailable",
     "Unset",

@@ -8,7 +8,9 @@
     │   ├── AttemptNotFound        (also ValueError)   "Attempt A not found for rollout X"
     │   ├── NoAttempts             (also ValueError)   "No attempts found for rollout X"
     │   ├── InvalidArgument        (also ValueError)   bad status, config, type or id
-    │   └── SpansEvicted           (also RuntimeError) "Spans for rollout X have been evicted"
+    │   ├── SpansEvicted           (also RuntimeError) "Spans for rollout X have been evicted"
+    │   └── StorageError           (also RuntimeError) the data directory cannot be used or
+    │                              written (locked, foreign, damaged, disk full)
     ├── StoreUnavailable           (also ConnectionError) server unreachable after retries, or a
     │                              write whose request may have reached a server that then died
     ├── AuthenticationFailed       (also multiprocessing.AuthenticationError) wrong authkey
@@ -32,6 +34,7 @@ __all__ = [
     "RolloutNotFound",
     "ServerStartError",
     "SpansEvicted",
+    "StorageError",
     "StoreError",
     "StoreUnavailable",
 ]
@@ -84,6 +87,10 @@ class SpansEvicted(StoreError, RuntimeError):
 
     def __reduce__(self) -> tuple[type, tuple[str]]:
         return type(self), (self.rollout_id,)
+
+
+class StorageError(StoreError, RuntimeError):
+    """The durable store's data directory cannot be opened, read or written."""
 
 
 class StoreUnavailable(MpstoreError, ConnectionError):

@@ -42,7 +42,7 @@ from .types import (
     new_rollout_id,
 )
 
-__all__ = ["StoreState"]
+__all__ = ["Changes", "Saved", "StoreState"]
 
 logger = logging.getLogger("mpstore.store")
 
@@ -54,6 +54,41 @@ def _span_key(span: Span) -> int:
     return span.sequence_id
 
 
+class Changes:
+    """What changed since the last time a journal took the changes (durable stores only).
+
+    A rollout id in ``rollouts`` means "its record, attempts, queue position or span counter
+    changed": the journal rewrites all of those, which is simpler than tracking each field and
+    costs little (a rollout has a handful of attempts).
+    """
+
+    __slots__ = ("evicted", "resources", "rollouts", "spans")
+
+    def __init__(self) -> None:
+        self.rollouts: set[str] = set()
+        self.spans: list[Span] = []
+        self.evicted: list[str] = []
+        self.resources: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.rollouts or self.spans or self.evicted or self.resources)
+
+
+class Saved:
+    """Everything a journal restores, in the order it must be applied."""
+
+    __slots__ = ("counters", "evicted", "latest_resources_id", "resources", "rollouts", "spans")
+
+    def __init__(self) -> None:
+        #: (creation number, queue position or None, rollout, its attempts), creation order
+        self.rollouts: list[tuple[int, int | None, Rollout, list[Attempt]]] = []
+        self.counters: dict[str, int] = {}
+        self.spans: list[Span] = []  # arrival order
+        self.evicted: list[str] = []
+        self.resources: list[ResourcesUpdate] = []
+        self.latest_resources_id: str | None = None
+
+
 class StoreState:
     """All rollouts, attempts, spans and resources, plus their indexes. Not thread-safe."""
 
@@ -63,7 +98,7 @@ class StoreState:
         self.created: dict[str, int] = {}  # rollout id -> creation number, for sorting
         self.attempts: dict[str, list[Attempt]] = {}
         self.by_status: dict[RolloutStatus, dict[str, None]] = {s: {} for s in RolloutStatus}
-        self.queue: OrderedDict[str, None] = OrderedDict()
+        self.queue: OrderedDict[str, int] = OrderedDict()  # rollout id -> queue position
         self.spans: dict[str, list[Span]] = {}
         self.span_index: dict[str, dict[tuple[str, str], Span]] = {}  # D7 duplicate check
         self.sequence: dict[str, int] = {}
@@ -78,6 +113,9 @@ class StoreState:
         self._scheduled: dict[str, float] = {}
         self._tiebreak = itertools.count()
         self._creation = itertools.count()
+        self._queue_position = itertools.count()
+        #: Set by a durable store; None keeps the in-memory store free of the bookkeeping.
+        self.changes: Changes | None = None
         # Bumped on every write the waiters care about; the store compares them to notify.
         self.terminal_writes = 0
         self.queue_appends = 0
@@ -106,11 +144,20 @@ class StoreState:
         attempts = self.attempts.get(rollout_id)
         return attempts[-1] if attempts else None
 
+    def touch(self, rollout_id: str) -> None:
+        if self.changes is not None:
+            self.changes.rollouts.add(rollout_id)
+
+    def _enqueue(self, rollout_id: str) -> None:
+        self.queue[rollout_id] = next(self._queue_position)
+        self.queue_appends += 1
+
     # ----------------------------------------------------------------- status writes
     def write_status(self, rollout: Rollout, status: RolloutStatus, now: float) -> None:
         """The one path every rollout status change takes (REF E5): indexes, queue, end_time,
         waiters, watchdog schedule."""
         rid = rollout.rollout_id
+        self.touch(rid)
         del self.by_status[rollout.status][rid]
         self.by_status[status][rid] = None
         rollout.status = status
@@ -119,8 +166,7 @@ class StoreState:
             self.terminal_writes += 1
         if status in tr.QUEUED:
             if rid not in self.queue:
-                self.queue[rid] = None
-                self.queue_appends += 1
+                self._enqueue(rid)
         else:
             self.queue.pop(rid, None)
         if status in tr.WATCHED:
@@ -185,6 +231,7 @@ class StoreState:
             return
         verdict = tr.watchdog_verdict(latest, rollout.config, now)
         if verdict.attempt_status is not None:
+            self.touch(rid)
             latest.status = verdict.attempt_status
         if verdict.propagate:
             self.propagate(rollout, now)
@@ -214,9 +261,9 @@ class StoreState:
         self.attempts[rid] = []
         self.by_status[RolloutStatus.QUEUING][rid] = None
         self.sequence[rid] = 0
+        self.touch(rid)
         if status is RolloutStatus.QUEUING:
-            self.queue[rid] = None
-            self.queue_appends += 1
+            self._enqueue(rid)
         else:
             self.new_attempt(rollout, None, now)
         return rollout
@@ -242,6 +289,7 @@ class StoreState:
     # ----------------------------------------------------------------- updates
     def update_attempt(self, attempt: Attempt, changes: dict[str, Any], now: float) -> None:
         """Apply validated ``changes``; propagate only when a status was set (D3)."""
+        self.touch(attempt.rollout_id)
         for name, value in changes.items():
             setattr(attempt, name, value)
         if "status" in changes and changes["status"] in tr.ATTEMPT_ENDED:
@@ -255,6 +303,7 @@ class StoreState:
             self.schedule(rollout.rollout_id, now)
 
     def update_rollout(self, rollout: Rollout, changes: dict[str, Any], now: float) -> None:
+        self.touch(rollout.rollout_id)
         status = changes.pop("status", None)
         for name, value in changes.items():
             setattr(rollout, name, value)
@@ -267,6 +316,7 @@ class StoreState:
     def next_sequence_id(self, rollout_id: str) -> int:
         value = self.sequence.get(rollout_id, 0) + 1
         self.sequence[rollout_id] = value
+        self.touch(rollout_id)
         return value
 
     def check_span(self, span: Span) -> Attempt:
@@ -281,16 +331,26 @@ class StoreState:
         """Store a checked span (E7, D4, D7, D8). Returns the already stored duplicate, if any
         (then nothing else happens), else None."""
         rid = span.rollout_id
-        index = self.span_index.setdefault(rid, {})
-        duplicate = index.get((span.attempt_id, span.span_id))
+        index = self.span_index.get(rid)
+        duplicate = None if index is None else index.get((span.attempt_id, span.span_id))
         if duplicate is not None:
             return duplicate
         if span.sequence_id > self.sequence.get(rid, 0):
             self.sequence[rid] = span.sequence_id
+        self.touch(rid)
         self._heartbeat(attempt, now)
         if rid in self.evicted:
             return None  # D8: a heartbeat, but no longer kept
-        index[(span.attempt_id, span.span_id)] = span
+        if self.changes is not None:
+            self.changes.spans.append(span)
+        self._keep_span(span)
+        if self.total_span_bytes > self.thresholds.eviction:
+            self.evict()
+        return None
+
+    def _keep_span(self, span: Span) -> None:
+        rid = span.rollout_id
+        self.span_index.setdefault(rid, {})[(span.attempt_id, span.span_id)] = span
         spans = self.spans.setdefault(rid, [])
         if not spans or spans[-1].sequence_id <= span.sequence_id:
             spans.append(span)
@@ -301,9 +361,6 @@ class StoreState:
         self.span_bytes[rid] = self.span_bytes.get(rid, 0) + size
         self.total_span_bytes += size
         self.total_spans += 1
-        if self.total_span_bytes > self.thresholds.eviction:
-            self.evict()
-        return None
 
     def _heartbeat(self, attempt: Attempt, now: float) -> None:
         rollout = self.rollouts[attempt.rollout_id]
@@ -344,6 +401,8 @@ class StoreState:
             self.total_spans -= len(self.spans.pop(rid, ()))
             self.span_index.pop(rid, None)
             self.evicted.add(rid)
+            if self.changes is not None:
+                self.changes.evicted.append(rid)
             freed += size
         self.total_span_bytes -= freed
         logger.info("Freed up %d bytes of memory", freed)
@@ -362,7 +421,34 @@ class StoreState:
             update = ResourcesUpdate(resources_id, resources, old.create_time, now, old.version + 1)
         self.resources[resources_id] = update
         self.latest_resources_id = resources_id
+        if self.changes is not None:
+            self.changes.resources.add(resources_id)
         return update
+
+    # ----------------------------------------------------------------- restore
+    def restore(self, saved: Saved, now: float) -> None:
+        """Rebuild an empty state, indexes included, from what a journal saved."""
+        for created, position, rollout, attempts in saved.rollouts:
+            rid = rollout.rollout_id
+            self.rollouts[rid] = rollout
+            self.created[rid] = created
+            self.attempts[rid] = attempts
+            self.by_status[rollout.status][rid] = None
+            self.total_attempts += len(attempts)
+            if position is not None:
+                self.queue[rid] = position
+        self.queue = OrderedDict(sorted(self.queue.items(), key=lambda item: item[1]))
+        self._creation = itertools.count(max(self.created.values(), default=-1) + 1)
+        self._queue_position = itertools.count(max(self.queue.values(), default=-1) + 1)
+        self.sequence.update(saved.counters)
+        self.evicted.update(saved.evicted)
+        for span in saved.spans:
+            self._keep_span(span)
+        for update in saved.resources:
+            self.resources[update.resources_id] = update
+        self.latest_resources_id = saved.latest_resources_id
+        for rid in self.by_status[RolloutStatus.PREPARING] | self.by_status[RolloutStatus.RUNNING]:
+            self.schedule(rid, now)  # running attempts keep their clocks: times are absolute
 
     # ----------------------------------------------------------------- reads
     def query_rollouts(

@@ -28,9 +28,10 @@ from typing import Any, TypeVar
 
 from . import transitions as tr
 from . import validate as v
+from .durable import Journal
 from .errors import InvalidArgument
 from .eviction import resolve_thresholds
-from .state import StoreState
+from .state import Changes, StoreState
 from .types import (
     UNSET,
     Attempt,
@@ -62,6 +63,9 @@ class InMemoryStore:
     ``clock`` gives the store's notion of now (tests inject a fake one); ``eviction_threshold``
     and ``safe_threshold`` bound span memory (float: ratio of RAM, int: bytes; REF §4.2);
     ``watchdog_interval`` is how often waiters run the watchdog, in real seconds.
+    With ``data_dir``, every change is committed to SQLite there before the call returns and
+    the state is restored from it on start (see :mod:`mpstore.durable`; ``synchronous`` is
+    ``"normal"`` or ``"full"``); call :meth:`close` when done.
     """
 
     def __init__(
@@ -72,10 +76,21 @@ class InMemoryStore:
         safe_threshold: float | int | None = None,
         watchdog_interval: float = 1.0,
         copy_records: bool = True,
+        data_dir: str | os.PathLike[str] | None = None,
+        synchronous: str = "normal",
     ) -> None:
         if not watchdog_interval > 0:
             raise InvalidArgument(f"watchdog_interval must be > 0, not {watchdog_interval!r}")
         self._state = StoreState(resolve_thresholds(eviction_threshold, safe_threshold))
+        self._journal: Journal | None = None
+        if data_dir is not None:
+            self._journal = Journal(data_dir, synchronous)
+            try:
+                self._state.restore(self._journal.load(), clock())
+            except BaseException:
+                self._journal.close()
+                raise
+            self._state.changes = Changes()
         self._clock = clock
         self._interval = float(watchdog_interval)
         self._lock = threading.Lock()
@@ -89,34 +104,40 @@ class InMemoryStore:
         self._inp: Callable[[Any], Any] = private_copy if copy_records else (lambda x: x)
 
     # ----------------------------------------------------------------- helpers
-    def _begin(self) -> float:
-        """Called with the lock held on entry of REF's watchdog method set: one watchdog pass,
-        waking whoever its writes concern; returns now."""
+    def _step(self, fn: Callable[[float], T], watchdog: bool) -> tuple[T, int]:
+        """``fn(now)`` with the lock held, after the watchdog (REF's method set, D12). Wakes
+        whoever the writes concern and stages them for the journal; returns the result and
+        the journal ticket to wait for (0: nothing to wait for)."""
         state = self._state
         terminal, appended = state.terminal_writes, state.queue_appends
         now = self._clock()
-        state.watchdog(now)
-        self._notify(terminal, appended)
-        return now
+        try:
+            if watchdog:
+                state.watchdog(now)
+            result = fn(now)
+        finally:
+            if state.terminal_writes != terminal:
+                self._finished.notify_all()
+            if state.queue_appends != appended:
+                self._queued.notify(state.queue_appends - appended)
+            ticket = self._journal.stage(state) if self._journal is not None else 0
+        return result, ticket
 
-    def _notify(self, terminal: int, appended: int) -> None:
-        """Wake waiters for what changed since the counters were read (lock held)."""
-        state = self._state
-        if state.terminal_writes != terminal:
-            self._finished.notify_all()
-        if state.queue_appends != appended:
-            self._queued.notify(state.queue_appends - appended)
+    def _persisted(self, ticket: int) -> None:
+        """Return only once the change is on disk (lock released: others go on meanwhile)."""
+        if ticket:
+            assert self._journal is not None
+            self._journal.wait(ticket)
 
-    def _mutate(self, fn: Callable[[float], T], *, watchdog: bool = True) -> T:
-        """Run ``fn(now)`` in one critical section and wake whoever its writes concern."""
-        state = self._state
+    def _section(self, fn: Callable[[float], T], *, watchdog: bool = True) -> T:
+        """Run ``fn(now)`` as one critical section; see :meth:`_step`."""
         with self._lock:
-            now = self._begin() if watchdog else self._clock()
-            terminal, appended = state.terminal_writes, state.queue_appends
-            try:
-                return fn(now)
-            finally:
-                self._notify(terminal, appended)
+            result, ticket = self._step(fn, watchdog)
+        self._persisted(ticket)
+        return result
+
+    def _maybe(self, record: Any) -> Any:
+        return None if record is None else self._out(record)
 
     def _attempted(self, pair: tuple[Rollout, Attempt]) -> AttemptedRollout:
         return AttemptedRollout.of(self._out(pair[0]), self._out(pair[1]))
@@ -158,13 +179,13 @@ class InMemoryStore:
             attempt.worker_id = worker
             return self._attempted((rollout, attempt))
 
-        return self._mutate(run)
+        return self._section(run)
 
     def enqueue_rollout(self, input: Any, mode: str | None = None, resources_id: str | None = None,
                         config: Any = None, metadata: dict[str, Any] | None = None) -> Rollout:
         """Create a rollout at the queue's tail, status queuing, no attempt (E1)."""
         fields = self._fields(input, mode, resources_id, config, metadata)
-        return self._mutate(lambda now: self._out(self._state.create(fields, _QUEUING, now)))
+        return self._section(lambda now: self._out(self._state.create(fields, _QUEUING, now)))
 
     def enqueue_many_rollouts(self, requests: Sequence[dict[str, Any]]) -> list[Rollout]:
         """Enqueue several rollouts in order, atomically; each item is a dict of
@@ -174,7 +195,7 @@ class InMemoryStore:
         items = [v.enqueue_request(r, i) for i, r in enumerate(requests)]
         for item in items:
             item["input"], item["metadata"] = self._inp(item["input"]), self._inp(item["metadata"])
-        return self._mutate(
+        return self._section(
             lambda now: [self._out(self._state.create(it, _QUEUING, now)) for it in items]
         )
 
@@ -196,19 +217,23 @@ class InMemoryStore:
         wait = v.optional_float(wait, "wait") or 0.0
         deadline = time.monotonic() + wait
         state = self._state
+
+        def claim(now: float) -> list[AttemptedRollout]:
+            claimed = []
+            while len(claimed) < limit:
+                pair = state.dequeue(worker, now)
+                if pair is None:
+                    break
+                claimed.append(self._attempted(pair))
+            return claimed
+
         with self._lock:
             while True:
-                now = self._begin()
-                terminal, appended = state.terminal_writes, state.queue_appends
-                claimed = []
-                while len(claimed) < limit:
-                    pair = state.dequeue(worker, now)
-                    if pair is None:
-                        break
-                    claimed.append(self._attempted(pair))
-                self._notify(terminal, appended)
+                claimed, ticket = self._step(claim, True)
                 if claimed or limit == 0 or not self._wait(self._queued, deadline):
-                    return claimed
+                    break
+        self._persisted(ticket)
+        return claimed
 
     def start_attempt(self, rollout_id: str, worker_id: str | None = None) -> AttemptedRollout:
         """A new attempt from any status; the rollout becomes preparing and leaves the queue
@@ -220,7 +245,7 @@ class InMemoryStore:
             rollout = self._state.rollout(rollout_id)
             return self._attempted((rollout, self._state.new_attempt(rollout, worker, now)))
 
-        return self._mutate(run)
+        return self._section(run)
 
     # ----------------------------------------------------------------- read
     def query_rollouts(self, *, status: Sequence[str] | None = None,
@@ -231,30 +256,24 @@ class InMemoryStore:
             v.rollout_status(s) for s in v.sequence(status, "status")
         ]
         ids = None if rollout_ids is None else v.string_list(rollout_ids, "rollout_ids")
-        with self._lock:
-            self._begin()
-            return [self._out(r) for r in self._state.query_rollouts(statuses, ids)]
+        return self._section(
+            lambda now: [self._out(r) for r in self._state.query_rollouts(statuses, ids)]
+        )
 
     def get_rollout_by_id(self, rollout_id: str) -> Rollout | None:
         v.identifier(rollout_id, "rollout_id")
-        with self._lock:
-            self._begin()
-            rollout = self._state.rollouts.get(rollout_id)
-            return None if rollout is None else self._out(rollout)
+        return self._section(lambda now: self._maybe(self._state.rollouts.get(rollout_id)))
 
     def query_attempts(self, rollout_id: str) -> list[Attempt]:
         """The rollout's attempts by sequence_id; [] for an unknown rollout (REF Q11)."""
         v.identifier(rollout_id, "rollout_id")
-        with self._lock:
-            self._begin()
-            return [self._out(a) for a in self._state.attempts.get(rollout_id, ())]
+        return self._section(
+            lambda now: [self._out(a) for a in self._state.attempts.get(rollout_id, ())]
+        )
 
     def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
         v.identifier(rollout_id, "rollout_id")
-        with self._lock:
-            self._begin()
-            latest = self._state.latest_attempt(rollout_id)
-            return None if latest is None else self._out(latest)
+        return self._section(lambda now: self._maybe(self._state.latest_attempt(rollout_id)))
 
     # ----------------------------------------------------------------- wait
     def wait_for_rollouts(self, *, rollout_ids: Sequence[str], timeout: float | None = None
@@ -266,18 +285,21 @@ class InMemoryStore:
         timeout = v.optional_float(timeout, "timeout")
         deadline = None if timeout is None else time.monotonic() + timeout
         rollouts = self._state.rollouts
+
+        def pending(now: float) -> bool:
+            return any(rid in rollouts and rollouts[rid].status not in tr.TERMINAL for rid in ids)
+
         with self._lock:
             while True:
-                self._begin()
-                pending = any(
-                    rid in rollouts and rollouts[rid].status not in tr.TERMINAL for rid in ids
-                )
-                if not pending or not self._wait(self._finished, deadline):
+                waiting, ticket = self._step(pending, True)
+                if not waiting or not self._wait(self._finished, deadline):
                     break
-            return [
+            done = [
                 self._out(rollouts[rid]) for rid in ids
                 if rid in rollouts and rollouts[rid].status in tr.TERMINAL
             ]
+        self._persisted(ticket)
+        return done
 
     # ----------------------------------------------------------------- update
     def update_rollout(self, rollout_id: str, input: Any = NOT_GIVEN, mode: Any = NOT_GIVEN,
@@ -303,7 +325,7 @@ class InMemoryStore:
             self._state.update_rollout(rollout, changes, now)
             return self._out(rollout)
 
-        return self._mutate(run)
+        return self._section(run)
 
     def update_attempt(self, rollout_id: str, attempt_id: str, status: Any = NOT_GIVEN,
                        worker_id: Any = NOT_GIVEN, last_heartbeat_time: Any = NOT_GIVEN,
@@ -329,7 +351,7 @@ class InMemoryStore:
             self._state.update_attempt(attempt, changes, now)
             return self._out(attempt)
 
-        return self._mutate(run)
+        return self._section(run)
 
     # ----------------------------------------------------------------- spans
     def get_next_span_sequence_id(self, rollout_id: str, attempt_id: str) -> int:
@@ -364,16 +386,14 @@ class InMemoryStore:
                 out.append(span if duplicate is None else self._out(duplicate))
             return out
 
-        return self._mutate(run, watchdog=False)
+        return self._section(run, watchdog=False)
 
     def query_spans(self, rollout_id: str, attempt_id: str | None = None) -> list[Span]:
         """Spans by sequence_id (D6); ``attempt_id="latest"`` means the latest attempt.
         [] for an unknown rollout; SpansEvicted once its spans were evicted (D8)."""
         v.identifier(rollout_id, "rollout_id")
         v.optional_str(attempt_id, "attempt_id")
-        with self._lock:
-            self._begin()
-            spans = self._state.query_spans(rollout_id, attempt_id)
+        spans = self._section(lambda now: self._state.query_spans(rollout_id, attempt_id))
         # Stored spans are never mutated, so outside the lock is safe; the server returns
         # them as they are (pickling copies them).
         return [s.clone() for s in spans] if self._copy else spans
@@ -382,28 +402,25 @@ class InMemoryStore:
     def add_resources(self, resources: dict[str, Any]) -> ResourcesUpdate:
         """Store resources under a new ``rs-`` id; they become the latest."""
         checked = self._inp(v.resources(resources))
-        return self._mutate(lambda now: self._out(self._state.put_resources(None, checked, now)))
+        return self._section(lambda now: self._out(self._state.put_resources(None, checked, now)))
 
     def update_resources(self, resources_id: str, resources: dict[str, Any]) -> ResourcesUpdate:
         """Upsert resources under ``resources_id`` (version + 1); they become the latest."""
         v.identifier(resources_id, "resources_id")
         checked = self._inp(v.resources(resources))
-        return self._mutate(
+        return self._section(
             lambda now: self._out(self._state.put_resources(resources_id, checked, now))
         )
 
     def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate | None:
         v.identifier(resources_id, "resources_id")
-        with self._lock:
-            self._begin()
-            found = self._state.resources.get(resources_id)
-            return None if found is None else self._out(found)
+        return self._section(lambda now: self._maybe(self._state.resources.get(resources_id)))
 
     def get_latest_resources(self) -> ResourcesUpdate | None:
-        with self._lock:
-            self._begin()
-            latest = self._state.latest_resources_id
-            return None if latest is None else self._out(self._state.resources[latest])
+        state = self._state
+        return self._section(
+            lambda now: self._maybe(state.resources.get(state.latest_resources_id or ""))
+        )
 
     # ----------------------------------------------------------------- ops
     def ping(self) -> dict[str, Any]:
@@ -418,17 +435,18 @@ class InMemoryStore:
 
     def statistics(self) -> dict[str, Any]:
         """Counts in O(1): totals, queue length, span bytes, rollouts per status, uptime."""
-        with self._lock:
-            self._begin()
-            stats = self._state.statistics()
+        stats = self._section(lambda now: self._state.statistics())
         stats["uptime"] = time.monotonic() - self._started
         return stats
 
     def run_watchdog(self) -> int:
         """One watchdog pass now (for a server's ticker); returns how many rollouts were due."""
-        state = self._state
-        with self._lock:
-            terminal, appended = state.terminal_writes, state.queue_appends
-            checked = state.watchdog(self._clock())
-            self._notify(terminal, appended)
-        return checked
+        return self._section(lambda now: self._state.watchdog(now), watchdog=False)
+
+    def close(self) -> None:
+        """Commit what is pending and release the data directory (durable stores; a no-op
+        otherwise). Not part of the remote API: the server closes its store on shutdown."""
+        if self._journal is not None:
+            with self._lock:
+                journal, self._journal = self._journal, None
+            journal.close()

@@ -12,6 +12,8 @@ tests/test_remote_state_machine.py): the machine only uses the public API, plus
 from __future__ import annotations
 
 import itertools
+import shutil
+import tempfile
 from typing import Any
 
 import pytest
@@ -274,3 +276,32 @@ StoreMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestStoreMachine = StoreMachine.TestCase
+
+
+class DurableStoreMachine(StoreMachine):
+    """The same machine on a store with a data directory, plus a rule that restarts it: a
+    restart must leave every observable result unchanged (SPEC §9)."""
+
+    def make_store(self, clock: FakeClock) -> Any:
+        self.data_dir = tempfile.mkdtemp(prefix="mpstore-sm-")
+        return InMemoryStore(clock=clock, data_dir=self.data_dir)
+
+    @rule()
+    def restart(self) -> None:
+        before = self.snapshot()
+        self.store.close()
+        self.store = InMemoryStore(clock=self.clock, data_dir=self.data_dir)
+        assert self.snapshot() == before
+
+    def teardown(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+DurableStoreMachine.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestDurableStoreMachine = DurableStoreMachine.TestCase
