@@ -45,12 +45,13 @@ def _payload(value: Any) -> int:
 
 
 def span_size(span: Span) -> int:
-    """Estimated bytes a stored span occupies (one shallow pass over its attributes)."""
-    size = _SPAN_BASE + len(span.name)
-    for key, value in span.attributes.items():
-        size += _ENTRY + len(key) + _payload(value)
-    size += (len(span.events) + len(span.links)) * (4 * _ENTRY)
-    return size
+    """Estimated bytes a stored span occupies: one shallow pass over its attribute values, so
+    that long strings (prompts, completions) count; keys are short and counted as overhead."""
+    attributes = span.attributes
+    size = _SPAN_BASE + len(span.name) + len(attributes) * _ENTRY
+    for value in attributes.values():
+        size += len(value) if type(value) is str else _payload(value)
+    return size + (len(span.events) + len(span.links)) * (4 * _ENTRY)
 
 
 class Thresholds:

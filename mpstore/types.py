@@ -20,9 +20,7 @@ import copy
 import enum
 import os
 import secrets
-import uuid
 from dataclasses import dataclass, field, fields
-from hashlib import sha1
 from typing import Any
 
 __all__ = [
@@ -127,31 +125,33 @@ _FINISHED = frozenset({RolloutStatus.FAILED, RolloutStatus.SUCCEEDED, RolloutSta
 
 def _rebuild(cls: type, values: tuple[Any, ...]) -> Any:
     """Unpickle a record without running ``__init__`` (its defaults would be wasted work)."""
-    new = cls.__new__(cls)
-    for name, value in zip(cls._fields, values, strict=False):  # type: ignore[attr-defined]
-        object.__setattr__(new, name, value)
-    return new
-
-
-def _record_reduce(self: Any) -> tuple[Any, tuple[Any, ...]]:
-    return _rebuild, (type(self), tuple([getattr(self, f) for f in self._fields]))
-
-
-def _record_snapshot(self: Any) -> Any:
-    cls = type(self)
-    new = cls.__new__(cls)
-    for name in cls._fields:
-        object.__setattr__(new, name, getattr(self, name))
-    return new
+    return cls._from_values(values)  # type: ignore[attr-defined]
 
 
 def _record(cls: type) -> type:
-    """Give a slots dataclass the fast pickle and the shallow ``snapshot()``."""
-    # __slots__ of a dataclass(slots=True) lists only the class's own fields; keep them all,
-    # in declaration order, so positional reconstruction matches __init__.
-    cls._fields = tuple(f.name for f in fields(cls))  # type: ignore[attr-defined]
-    cls.__reduce__ = _record_reduce  # type: ignore[attr-defined]
-    cls.snapshot = _record_snapshot  # type: ignore[attr-defined]
+    """Give a slots dataclass a fast pickle (``__reduce__``) and a shallow ``snapshot()``.
+
+    Both are generated per class, as ``dataclasses`` generates ``__init__``: straight-line
+    attribute copies run several times faster than a loop of getattr/setattr, and records are
+    copied and pickled on every store call.
+    """
+    names = tuple(f.name for f in fields(cls))  # own and inherited fields, in __init__ order
+    targets = ", ".join(f"new.{n}" for n in names)
+    source = (
+        "def snapshot(self):\n"
+        f"    new = _new(_cls)\n    {targets} = {', '.join(f'self.{n}' for n in names)}\n"
+        "    return new\n"
+        "def from_values(values):\n"
+        f"    new = _new(_cls)\n    {targets}, = values\n    return new\n"
+        "def reduce(self):\n"
+        f"    return _rebuild, (_cls, ({', '.join(f'self.{n}' for n in names)},))\n"
+    )
+    scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_rebuild": _rebuild}
+    exec(source, scope)
+    cls._fields = names  # type: ignore[attr-defined]
+    cls.snapshot = scope["snapshot"]  # type: ignore[attr-defined]
+    cls._from_values = staticmethod(scope["from_values"])  # type: ignore[attr-defined]
+    cls.__reduce__ = scope["reduce"]  # type: ignore[attr-defined]
     return cls
 
 
@@ -230,10 +230,8 @@ class AttemptedRollout(Rollout):
 
     @classmethod
     def of(cls, rollout: Rollout, attempt: Attempt) -> AttemptedRollout:
-        new = cls.__new__(cls)
-        for name in Rollout._fields:  # type: ignore[attr-defined]
-            object.__setattr__(new, name, getattr(rollout, name))
-        new.attempt = attempt
+        values = [getattr(rollout, name) for name in Rollout._fields]  # type: ignore[attr-defined]
+        new: AttemptedRollout = cls._from_values((*values, attempt))  # type: ignore[attr-defined]
         return new
 
     def clone(self) -> AttemptedRollout:
@@ -341,8 +339,10 @@ def private_copy(value: Any) -> Any:
     return clone() if clone is not None else _deep(value)
 
 
+# Ids carry 48 (rollouts, resources) or 32 (attempts) random bits, in REF's formats; REF
+# derived them from sha1(uuid4), which costs more and adds no randomness.
 def new_rollout_id() -> str:
-    return "ro-" + sha1(uuid.uuid4().bytes).hexdigest()[:12]
+    return "ro-" + os.urandom(6).hex()
 
 
 def new_attempt_id() -> str:
@@ -350,5 +350,5 @@ def new_attempt_id() -> str:
 
 
 def new_resources_id() -> str:
-    return "rs-" + sha1(uuid.uuid4().bytes).hexdigest()[:12]
+    return "rs-" + os.urandom(6).hex()
 
