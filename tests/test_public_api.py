@@ -1,0 +1,109 @@
+"""The curated public API of ``mpstore`` (SPEC §1: explicit imports + sorted ``__all__``)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+
+import mpstore
+import mpstore.errors
+import mpstore.types
+
+#: Everything a user may import from ``mpstore``. A new public name is added here on purpose.
+EXPECTED = {
+    "LLM",
+    "UNSET",
+    "Attempt",
+    "AttemptNotFound",
+    "AttemptStatus",
+    "AttemptedRollout",
+    "AuthenticationFailed",
+    "InMemoryStore",
+    "InvalidArgument",
+    "MpstoreError",
+    "NoAttempts",
+    "PromptTemplate",
+    "ProxyLLM",
+    "ResourcesUpdate",
+    "Rollout",
+    "RolloutConfig",
+    "RolloutMode",
+    "RolloutNotFound",
+    "RolloutStatus",
+    "ServerStartError",
+    "Span",
+    "SpansEvicted",
+    "StorageError",
+    "StoreError",
+    "StoreUnavailable",
+    "Unset",
+    "__version__",
+}
+#: Names the transport (mpstore.manager, issue 3) adds once it exists.
+TRANSPORT = {"connect"}
+#: Helpers of mpstore.types that are deliberately not re-exported.
+TYPES_INTERNAL = {"new_attempt_id", "new_resources_id", "new_rollout_id", "private_copy"}
+
+
+def transport_built() -> bool:
+    try:
+        client = importlib.util.find_spec("mpstore.manager.client")
+    except ModuleNotFoundError:
+        return False
+    return client is not None
+
+
+def isort_key(name: str) -> tuple[int, list[object]]:
+    """The order ruff's RUF022 (enabled in pyproject.toml) enforces: SCREAMING_CASE, then
+    CamelCase, then the rest; a natural sort within each group."""
+    group = 0 if name.isupper() else 1 if name[:1].isupper() else 2
+    return group, [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def test_all_is_sorted_and_unique() -> None:
+    assert mpstore.__all__ == sorted(mpstore.__all__, key=isort_key)
+    assert isort_key("LLM") < isort_key("Attempt") < isort_key("__version__")
+    assert len(set(mpstore.__all__)) == len(mpstore.__all__)
+
+
+def test_every_name_exists() -> None:
+    for name in mpstore.__all__:
+        assert hasattr(mpstore, name), name
+
+
+def test_expected_names() -> None:
+    names = set(mpstore.__all__)
+    assert EXPECTED <= names, f"missing: {sorted(EXPECTED - names)}"
+    assert names <= EXPECTED | TRANSPORT, f"unexpected: {sorted(names - EXPECTED - TRANSPORT)}"
+    if transport_built():
+        assert TRANSPORT <= names, "mpstore.connect must be public once the transport exists"
+
+
+def test_nothing_public_is_missing() -> None:
+    # Every exception and every public type is reachable from the package itself.
+    assert set(mpstore.errors.__all__) <= set(mpstore.__all__)
+    assert set(mpstore.types.__all__) - TYPES_INTERNAL <= set(mpstore.__all__)
+    for name in set(mpstore.errors.__all__) | (set(mpstore.types.__all__) - TYPES_INTERNAL):
+        module = mpstore.errors if name in mpstore.errors.__all__ else mpstore.types
+        assert getattr(mpstore, name) is getattr(module, name), name
+
+
+def test_star_import() -> None:
+    scope: dict[str, object] = {}
+    exec("from mpstore import *", scope)
+    assert set(mpstore.__all__) <= set(scope)
+
+
+def test_version() -> None:
+    assert isinstance(mpstore.__version__, str)
+    assert mpstore.__version__.count(".") >= 1
+
+
+def test_submodules_declare_all() -> None:
+    for name in ("errors", "types", "transitions", "validate", "state", "store", "eviction",
+                 "log"):
+        module = importlib.import_module(f"mpstore.{name}")
+        assert hasattr(module, "__all__"), name
+        for item in module.__all__:
+            assert hasattr(module, item), f"mpstore.{name}.{item}"
