@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 #: Identifies mpstore's files (PRAGMA application_id; "mpst" in ASCII) and their layout.
 APPLICATION_ID = 0x6D707374
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # bump on any change to _SCHEMA or to what a record holds
 DB_NAME = "mpstore.sqlite3"
 LOCK_NAME = "mpstore.lock"
 #: The accepted ``synchronous`` levels and what SQLite calls them.
@@ -47,18 +47,20 @@ SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 
 _SCHEMA = """
 CREATE TABLE rollouts (rollout_id TEXT PRIMARY KEY, created INTEGER NOT NULL,
-                       queue_position INTEGER, record BLOB NOT NULL);
-CREATE TABLE counters (rollout_id TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE spans (id INTEGER PRIMARY KEY, rollout_id TEXT NOT NULL, record BLOB NOT NULL);
+                       queue_position INTEGER, counter INTEGER NOT NULL,
+                       ticket INTEGER NOT NULL, record BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE counters (rollout_id TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE spans (id INTEGER PRIMARY KEY, rollout_id TEXT NOT NULL, ticket INTEGER NOT NULL,
+                    arrived REAL NOT NULL, record BLOB NOT NULL);
 CREATE INDEX spans_by_rollout ON spans (rollout_id);
 CREATE TABLE evicted (rollout_id TEXT PRIMARY KEY);
 CREATE TABLE resources (resources_id TEXT PRIMARY KEY, record BLOB NOT NULL);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
-_PUT_ROLLOUT = "INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?)"
+_PUT_ROLLOUT = "INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?, ?, ?)"
 _PUT_COUNTER = "INSERT OR REPLACE INTO counters VALUES (?, ?)"
-_ADD_SPAN = "INSERT INTO spans (rollout_id, record) VALUES (?, ?)"
+_ADD_SPAN = "INSERT INTO spans (rollout_id, ticket, arrived, record) VALUES (?, ?, ?, ?)"
 _EVICT = "INSERT OR IGNORE INTO evicted VALUES (?)"
 _DROP_SPANS = "DELETE FROM spans WHERE rollout_id = ?"
 _PUT_RESOURCES = "INSERT OR REPLACE INTO resources VALUES (?, ?)"
@@ -152,14 +154,20 @@ class Journal:
         cannot be read back."""
         saved, db = Saved(), self._db
         try:
-            for _rid, created, position, record in db.execute(
-                "SELECT rollout_id, created, queue_position, record FROM rollouts ORDER BY created"
+            for created, position, counter, ticket, record in db.execute(
+                "SELECT created, queue_position, counter, ticket, record FROM rollouts "
+                "ORDER BY created"
             ):
                 rollout, attempts = pickle.loads(record)
-                saved.rollouts.append((created, position, rollout, attempts))
+                saved.rollouts.append((created, position, counter, ticket, rollout, attempts))
             saved.counters = dict(db.execute("SELECT rollout_id, value FROM counters"))
-            saved.spans = [pickle.loads(r) for (r,) in
-                           db.execute("SELECT record FROM spans ORDER BY id")]
+            saved.spans = [
+                (ticket, arrived, pickle.loads(record)) for ticket, arrived, record in
+                db.execute("SELECT ticket, arrived, record FROM spans ORDER BY id")
+            ]
+            last = db.execute("SELECT MAX(ticket) FROM (SELECT ticket FROM rollouts "
+                              "UNION ALL SELECT ticket FROM spans)").fetchone()[0]
+            self._staged = self._committed = last or 0
             saved.evicted = [rid for (rid,) in db.execute("SELECT rollout_id FROM evicted")]
             saved.resources = [pickle.loads(r) for (r,) in
                                db.execute("SELECT record FROM resources")]
@@ -182,16 +190,20 @@ class Journal:
             return 0
         if self._failure is not None:
             raise StorageError(f"The data directory can no longer be written: {self._failure}")
+        ticket = self._staged + 1  # only stage() moves it, and stage() runs under the lock
         statements: list[Statement] = []
         for rid in changes.rollouts:
             rollout = state.rollouts.get(rid)
-            if rollout is not None:
-                record = _dumps((rollout, state.attempts[rid]))
-                position = state.queue.get(rid)
-                statements.append((_PUT_ROLLOUT, (rid, state.created[rid], position, record)))
-            if rid in state.sequence:
-                statements.append((_PUT_COUNTER, (rid, state.sequence[rid])))
-        statements.extend((_ADD_SPAN, (s.rollout_id, _dumps(s))) for s in changes.spans)
+            counter = state.sequence.get(rid, 0)
+            if rollout is None:  # REF counts sequence ids for any id, known or not
+                statements.append((_PUT_COUNTER, (rid, counter)))
+                continue
+            record = _dumps((rollout, state.attempts[rid]))
+            row = (rid, state.created[rid], state.queue.get(rid), counter, ticket, record)
+            statements.append((_PUT_ROLLOUT, row))
+        statements.extend(
+            (_ADD_SPAN, (s.rollout_id, ticket, arrived, _dumps(s))) for s, arrived in changes.spans
+        )
         for rid in changes.evicted:
             statements.extend(((_EVICT, (rid,)), (_DROP_SPANS, (rid,))))
         for resources_id in changes.resources:
@@ -202,8 +214,8 @@ class Journal:
         state.changes = type(changes)()
         with self._cond:
             self._pending.extend(statements)
-            self._staged += 1
-            return self._staged
+            self._staged = ticket
+        return ticket
 
     def wait(self, ticket: int) -> None:
         """Block until ``ticket`` is committed (call without the store lock).

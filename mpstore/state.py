@@ -66,7 +66,7 @@ class Changes:
 
     def __init__(self) -> None:
         self.rollouts: set[str] = set()
-        self.spans: list[Span] = []
+        self.spans: list[tuple[Span, float]] = []  # with their arrival time
         self.evicted: list[str] = []
         self.resources: set[str] = set()
 
@@ -80,10 +80,11 @@ class Saved:
     __slots__ = ("counters", "evicted", "latest_resources_id", "resources", "rollouts", "spans")
 
     def __init__(self) -> None:
-        #: (creation number, queue position or None, rollout, its attempts), creation order
-        self.rollouts: list[tuple[int, int | None, Rollout, list[Attempt]]] = []
-        self.counters: dict[str, int] = {}
-        self.spans: list[Span] = []  # arrival order
+        #: (creation number, queue position or None, span counter, ticket, rollout, its
+        #: attempts), in creation order; the ticket orders the row against span rows
+        self.rollouts: list[tuple[int, int | None, int, int, Rollout, list[Attempt]]] = []
+        self.counters: dict[str, int] = {}  # span counters of ids that are not rollouts
+        self.spans: list[tuple[int, float, Span]] = []  # (ticket, arrival, span), arrival order
         self.evicted: list[str] = []
         self.resources: list[ResourcesUpdate] = []
         self.latest_resources_id: str | None = None
@@ -337,12 +338,15 @@ class StoreState:
             return duplicate
         if span.sequence_id > self.sequence.get(rid, 0):
             self.sequence[rid] = span.sequence_id
-        self.touch(rid)
-        self._heartbeat(attempt, now)
+        if self._heartbeat(attempt, now) or rid in self.evicted:
+            # A journal rewrites the rollout when a status changed. Otherwise the span's row
+            # alone records the heartbeat and the counter (see ``restore``), which keeps the
+            # hottest write to one row.
+            self.touch(rid)
         if rid in self.evicted:
             return None  # D8: a heartbeat, but no longer kept
         if self.changes is not None:
-            self.changes.spans.append(span)
+            self.changes.spans.append((span, now))
         self._keep_span(span)
         if self.total_span_bytes > self.thresholds.eviction:
             self.evict()
@@ -362,14 +366,16 @@ class StoreState:
         self.total_span_bytes += size
         self.total_spans += 1
 
-    def _heartbeat(self, attempt: Attempt, now: float) -> None:
+    def _heartbeat(self, attempt: Attempt, now: float) -> bool:
+        """A span's effect on its attempt and rollout (E7, D4); True if a status changed."""
         rollout = self.rollouts[attempt.rollout_id]
         latest = attempt is self.latest_attempt(attempt.rollout_id)
         revive = tr.span_revives_rollout(rollout.status, attempt.status, latest)
         attempt.last_heartbeat_time = now
-        attempt.status = tr.span_attempt_status(attempt.status)
+        old, attempt.status = attempt.status, tr.span_attempt_status(attempt.status)
         if revive:
             self.write_status(rollout, RolloutStatus.RUNNING, now)
+        return revive or attempt.status is not old
 
     def query_spans(self, rollout_id: str, attempt_id: str | None) -> list[Span]:
         if rollout_id in self.evicted:
@@ -428,8 +434,11 @@ class StoreState:
     # ----------------------------------------------------------------- restore
     def restore(self, saved: Saved, now: float) -> None:
         """Rebuild an empty state, indexes included, from what a journal saved."""
-        for created, position, rollout, attempts in saved.rollouts:
+        tickets: dict[str, int] = {}
+        for created, position, counter, ticket, rollout, attempts in saved.rollouts:
             rid = rollout.rollout_id
+            tickets[rid] = ticket
+            self.sequence[rid] = counter
             self.rollouts[rid] = rollout
             self.created[rid] = created
             self.attempts[rid] = attempts
@@ -442,8 +451,12 @@ class StoreState:
         self._queue_position = itertools.count(max(self.queue.values(), default=-1) + 1)
         self.sequence.update(saved.counters)
         self.evicted.update(saved.evicted)
-        for span in saved.spans:
+        for ticket, arrived, span in saved.spans:
             self._keep_span(span)
+            rid = span.rollout_id
+            self.sequence[rid] = max(self.sequence.get(rid, 0), span.sequence_id)
+            if ticket > tickets[rid]:  # newer than its rollout's row: its heartbeat is newer
+                self.check_span(span).last_heartbeat_time = arrived
         for update in saved.resources:
             self.resources[update.resources_id] = update
         self.latest_resources_id = saved.latest_resources_id

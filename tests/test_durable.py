@@ -132,3 +132,20 @@ def test_without_data_dir_nothing_is_written(tmp_path: Path, monkeypatch: pytest
     store.enqueue_rollout("a")
     store.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_heartbeat_of_a_span_that_changed_no_status_survives(tmp_path: Path,
+                                                             clock: FakeClock) -> None:
+    store = InMemoryStore(clock=clock, data_dir=tmp_path)
+    claimed = store.start_rollout("a", config={"unresponsive_seconds": 5.0})
+    aid = claimed.attempt.attempt_id
+    store.add_span(Span(claimed.rollout_id, aid, 1, "first"))  # preparing -> running
+    clock.advance(4.0)
+    store.add_span(Span(claimed.rollout_id, aid, 2, "second"))  # a heartbeat only
+    store = reopen(store, clock, tmp_path)
+    attempt = store.get_latest_attempt(claimed.rollout_id)
+    assert attempt is not None and attempt.last_heartbeat_time == clock.now
+    clock.advance(4.0)  # 8 s after the first span, 4 s after the second: still responsive
+    assert store.get_rollout_by_id(claimed.rollout_id).status == "running"  # type: ignore[union-attr]
+    assert store.get_next_span_sequence_id(claimed.rollout_id, aid) == 3
+    store.close()

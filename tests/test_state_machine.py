@@ -299,7 +299,7 @@ class DurableStoreMachine(StoreMachine):
 
 
 DurableStoreMachine.TestCase.settings = settings(
-    max_examples=60,
+    max_examples=100,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
