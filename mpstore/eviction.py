@@ -3,9 +3,9 @@
 This module decides *how much* and *which*; the store does the dropping under its lock.
 
 Sizes are estimates, not ``sys.getsizeof`` walks: REF's recursive walk cost more than the rest
-of ``add_span`` together. The estimate is linear in the number of attributes (one shallow pass)
-and was calibrated against the server's RSS growth per span (see benchmarks/), so thresholds
-given in bytes mean roughly what they say.
+of ``add_span`` together. The estimate walks attribute values (strings by length; containers to
+a bounded depth and sample, see ``_payload``) and was calibrated against the server's RSS
+growth per span (see benchmarks/), so thresholds given in bytes mean roughly what they say.
 """
 
 from __future__ import annotations
@@ -34,24 +34,45 @@ DEFAULT_SAFE_OF_EVICTION = 0.8
 FALLBACK_CAPACITY = 8 * 1024**3
 
 
-def _payload(value: Any) -> int:
+#: Items of a list or dict walked; a longer container is extrapolated from them.
+_SAMPLE = 64
+#: Nesting walked; deeper values count as scalars (bounds the cost and the recursion).
+_DEPTH = 8
+
+
+def _payload(value: Any, depth: int = 0) -> int:
+    """Bytes of a value: strings by length, containers by their items, walked to ``_DEPTH``
+    and ``_SAMPLE`` items per level (more items: the sample's average times their number), so
+    that text nested in messages, events or dicts counts as much as a top-level prompt."""
     if isinstance(value, (str, bytes)):
         return len(value)
-    if isinstance(value, (list, tuple)):
-        return sum(_ENTRY + _payload(v) for v in value[:64]) + max(0, len(value) - 64) * _ENTRY
-    if isinstance(value, dict):
-        return len(value) * (2 * _ENTRY)
-    return _SCALAR
+    if depth >= _DEPTH or not isinstance(value, (list, tuple, dict)):
+        return _SCALAR
+    n = len(value)
+    if not n:
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    entry = 2 * _ENTRY if isinstance(value, dict) else _ENTRY
+    walked = total = 0
+    for item in items:
+        if walked == _SAMPLE:
+            break
+        total += entry + _payload(item, depth + 1)
+        walked += 1
+    return total if walked == n else total * n // walked
 
 
 def span_size(span: Span) -> int:
-    """Estimated bytes a stored span occupies: one shallow pass over its attribute values, so
-    that long strings (prompts, completions) count; keys are short and counted as overhead."""
+    """Estimated bytes a stored span occupies: one pass over its attribute values (and events
+    and links, when any), so that long strings (prompts, completions) count wherever they are
+    nested; keys are short and counted as overhead."""
     attributes = span.attributes
     size = _SPAN_BASE + len(span.name) + len(attributes) * _ENTRY
     for value in attributes.values():
         size += len(value) if type(value) is str else _payload(value)
-    return size + (len(span.events) + len(span.links)) * (4 * _ENTRY)
+    if span.events or span.links:  # usually empty; exception events carry stack traces
+        size += _payload(span.events) + _payload(span.links)
+    return size
 
 
 class Thresholds:

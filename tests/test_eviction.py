@@ -128,6 +128,31 @@ def test_span_size_grows_with_payload() -> None:
     assert listed > small
 
 
+BIG = "x" * 100_000
+
+
+@pytest.mark.parametrize("shape", [
+    {"attributes": {"prompt": BIG}},
+    {"attributes": {"raw": BIG.encode()}},
+    {"attributes": {"messages": [{"role": "user", "content": BIG}]}},  # chat messages
+    {"attributes": {"nested": {"deeper": {"content": BIG}}}},
+    {"attributes": {"chunks": ["y" * 1000] * 100}},  # long lists count past their head
+    {"attributes": {"table": {f"k{i}": "y" * 1000 for i in range(100)}}},
+    {"events": [{"name": "exception", "attributes": {"exception.stacktrace": BIG}}]},
+    {"links": [{"context": {}, "attributes": {"note": BIG}}]},
+])
+def test_span_size_counts_nested_payload(shape: dict[str, Any]) -> None:
+    # Eviction thresholds only mean something if large payloads count wherever they sit.
+    assert span_size(Span("r", "a", 1, "s", **shape)) >= 100_000
+
+
+def test_span_size_of_deep_nesting_is_bounded() -> None:
+    deep: Any = "leaf"
+    for _ in range(5000):
+        deep = [deep]
+    assert 0 < span_size(Span("r", "a", 1, "s", attributes={"deep": deep})) < 100_000
+
+
 # =========================================================================== eviction
 class TestEviction:
     def test_ref_worked_example(self, clock: FakeClock) -> None:
