@@ -8,6 +8,7 @@ accepted, and due on the next watchdog pass), which needs no clock at all.
 
 from __future__ import annotations
 
+import inspect
 import re
 import time
 from typing import Any
@@ -1311,3 +1312,77 @@ class TestNoAliasing:
     def test_statistics_copies(self, store: Any) -> None:
         store.statistics()["total_rollouts"] = 99
         assert store.statistics()["total_rollouts"] == 0
+
+
+# =========================================================================== signatures
+P = "positional"
+K = "keyword"
+#: SPEC §3: in process and remote expose the same methods with the same signatures.
+#: (name, kind, default) per parameter; ``...`` marks a required one.
+SIGNATURES: dict[str, list[tuple[str, str, Any]]] = {
+    "start_rollout": [("input", P, ...), ("mode", P, None), ("resources_id", P, None),
+                      ("config", P, None), ("metadata", P, None), ("worker_id", P, None)],
+    "enqueue_rollout": [("input", P, ...), ("mode", P, None), ("resources_id", P, None),
+                        ("config", P, None), ("metadata", P, None)],
+    "enqueue_many_rollouts": [(None, P, ...)],
+    "dequeue_rollout": [("worker_id", P, None), ("wait", K, 0.0)],
+    "dequeue_many_rollouts": [("limit", P, ...), ("worker_id", P, None)],
+    "start_attempt": [("rollout_id", P, ...), ("worker_id", P, None)],
+    "query_rollouts": [("status", K, None), ("rollout_ids", K, None)],
+    "get_rollout_by_id": [("rollout_id", P, ...)],
+    "query_attempts": [("rollout_id", P, ...)],
+    "get_latest_attempt": [("rollout_id", P, ...)],
+    "wait_for_rollouts": [("rollout_ids", K, ...), ("timeout", K, None)],
+    "update_rollout": [("rollout_id", P, ...), ("input", P, UNSET), ("mode", P, UNSET),
+                       ("resources_id", P, UNSET), ("status", P, UNSET), ("config", P, UNSET),
+                       ("metadata", P, UNSET)],
+    "update_attempt": [("rollout_id", P, ...), ("attempt_id", P, ...), ("status", P, UNSET),
+                       ("worker_id", P, UNSET), ("last_heartbeat_time", P, UNSET),
+                       ("metadata", P, UNSET)],
+    "get_next_span_sequence_id": [("rollout_id", P, ...), ("attempt_id", P, ...)],
+    "get_many_span_sequence_ids": [(None, P, ...)],
+    "add_span": [("span", P, ...)],
+    "add_many_spans": [(None, P, ...)],
+    "query_spans": [("rollout_id", P, ...), ("attempt_id", P, None)],
+    "add_resources": [("resources", P, ...)],
+    "update_resources": [("resources_id", P, ...), ("resources", P, ...)],
+    "get_resources_by_id": [("resources_id", P, ...)],
+    "get_latest_resources": [],
+    "ping": [],
+    "statistics": [],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_signature(store: Any, name: str) -> None:
+    params = list(inspect.signature(getattr(store, name)).parameters.values())
+    expected = SIGNATURES[name]
+    # Extra keyword-only parameters with defaults are allowed (e.g. dequeue_many's wait).
+    extra = params[len(expected):]
+    assert all(p.kind is p.KEYWORD_ONLY and p.default is not p.empty for p in extra), extra
+    assert len(params) >= len(expected)
+    for param, (pname, kind, default) in zip(params, expected, strict=False):
+        if pname is not None:
+            assert param.name == pname, (name, param)
+        if kind == P:
+            assert param.kind is param.POSITIONAL_OR_KEYWORD, (name, param)
+        else:
+            assert param.kind is param.KEYWORD_ONLY, (name, param)
+        if default is ...:
+            assert param.default is param.empty, (name, param)
+        elif default is UNSET:
+            assert param.default is UNSET, (name, param)
+        else:
+            assert param.default == default, (name, param)
+
+
+def test_positional_calls(store: Any) -> None:
+    ar = store.start_rollout({"x": 1}, "train", "rs-a", {"max_attempts": 2}, {"m": 1}, "w")
+    rid = ar.rollout_id
+    assert (ar.mode, ar.resources_id, ar.config.max_attempts, ar.metadata,
+            ar.attempt.worker_id) == ("train", "rs-a", 2, {"m": 1}, "w")
+    r = store.update_rollout(rid, UNSET, UNSET, UNSET, "running")
+    assert r.status == "running" and r.input == {"x": 1}
+    a = store.update_attempt(rid, "latest", "succeeded", "w2")
+    assert (a.status, a.worker_id) == ("succeeded", "w2")
+    assert store.query_spans(rid, "latest") == []
