@@ -1386,3 +1386,32 @@ def test_positional_calls(store: Any) -> None:
     a = store.update_attempt(rid, "latest", "succeeded", "w2")
     assert (a.status, a.worker_id) == ("succeeded", "w2")
     assert store.query_spans(rid, "latest") == []
+
+
+# =========================================================================== D1 on creates/claims
+@pytest.mark.parametrize("call", [
+    lambda s: s.enqueue_rollout("x", mode="prod"),
+    lambda s: s.enqueue_rollout("x", config={"max_attempts": 0}),
+    lambda s: s.enqueue_rollout("x", config=RolloutConfig(max_attempts=0)),
+    lambda s: s.enqueue_rollout("x", config={"retry_condition": "failed"}),
+    lambda s: s.enqueue_rollout("x", config={"timeout_seconds": float("nan")}),
+    lambda s: s.enqueue_rollout("x", metadata=["not", "a", "dict"]),
+    lambda s: s.enqueue_rollout("x", resources_id=12),
+    lambda s: s.start_rollout("x", worker_id=7),
+    lambda s: s.start_rollout("x", config={"max_attempts": True}),
+    lambda s: s.dequeue_rollout(worker_id=7),
+    lambda s: s.dequeue_rollout(wait="long"),
+    lambda s: s.dequeue_many_rollouts(1, worker_id=["w"]),
+    lambda s: s.start_attempt(s.query_rollouts()[0].rollout_id, worker_id=3.5),
+    lambda s: s.start_attempt(None),
+])
+def test_invalid_create_or_claim_changes_nothing(store: Any, call: Any) -> None:
+    rid = store.enqueue_rollout("existing").rollout_id
+    before = store.statistics()
+    with pytest.raises(InvalidArgument):
+        call(store)
+    after = store.statistics()
+    for key in ("total_rollouts", "total_attempts", "queue_length"):
+        assert after[key] == before[key], key
+    assert store.query_attempts(rid) == []
+    assert drain(store) == [rid]
