@@ -25,6 +25,7 @@ from .errors import (
     StoreError,
     StoreUnavailable,
 )
+from .manager.client import StoreClient, connect
 from .store import InMemoryStore
 from .types import (
     LLM,
@@ -69,8 +70,10 @@ __all__ = [
     "Span",
     "SpansEvicted",
     "StorageError",
+    "StoreClient",
     "StoreError",
     "StoreUnavailable",
     "Unset",
     "__version__",
+    "connect",
 ]

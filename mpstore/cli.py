@@ -1,0 +1,146 @@
+"""The ``agl`` command (also ``mpstore`` and ``python -m mpstore``): ``store``, ``health``,
+``stats`` (SPEC §6).
+
+This module only parses options and hands over: ``agl store`` to
+:func:`mpstore.manager.server.run`, the others to :func:`mpstore.connect`. Exit codes: 0
+success, 1 failure (server could not start, server unhealthy), 2 usage error (click's).
+Every option can also come from an environment variable, named in ``--help``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import InvalidArgument, MpstoreError
+from .log import configure_logging
+
+__all__ = ["Threshold", "main"]
+
+_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class Threshold(click.ParamType):
+    """A memory threshold: ``0.7`` (with a decimal point) is a ratio of RAM; ``1073741824``
+    or ``512MiB`` (an integer, optionally with KiB/MiB/GiB) is a number of bytes."""
+
+    name = "threshold"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float | int:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        text = str(value).strip()
+        if re.fullmatch(r"\d*\.\d+|\d+\.\d*", text):
+            return float(text)
+        match = re.fullmatch(r"(\d+)\s*([A-Za-z]*)", text)
+        if match and match.group(2).lower() in _UNITS:
+            return int(match.group(1)) * _UNITS[match.group(2).lower()]
+        self.fail(f"{value!r} is neither a ratio like 0.7 nor bytes like 1073741824 or 512MiB",
+                  param, ctx)
+
+
+def _address_options(func: Any) -> Any:
+    """--host, --port and --authkey-file, shared by every command."""
+    for option in reversed((
+        click.option("--host", default="127.0.0.1", show_default=True, envvar="MPSTORE_HOST",
+                     show_envvar=True, help="Address of the server."),
+        click.option("--port", type=click.IntRange(1, 65535), default=4747, show_default=True,
+                     envvar="MPSTORE_PORT", show_envvar=True, help="TCP port of the server."),
+        click.option("--authkey-file", type=click.Path(dir_okay=False), default=None,
+                     envvar="MPSTORE_AUTHKEY_FILE", show_envvar=True,
+                     help="File holding the authkey. Default: MPSTORE_AUTHKEY, else the key "
+                          "file of this host and port under $XDG_RUNTIME_DIR/mpstore or "
+                          "~/.mpstore (the server creates it, mode 0600)."),
+    )):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mpstore")
+def main() -> None:
+    """mpstore: a shared store of rollouts, attempts, spans and resources for multi-process
+    agent-RL workloads. `agl store` serves it; Python processes reach it with
+    mpstore.connect("HOST:PORT")."""
+
+
+@main.command("store")
+@_address_options
+@click.option("--log-level", type=click.Choice(_LEVELS, case_sensitive=False), default="INFO",
+              show_default=True, envvar="MPSTORE_LOG_LEVEL", show_envvar=True,
+              help="Log level (log lines go to stderr).")
+@click.option("--watchdog-interval", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True, envvar="MPSTORE_WATCHDOG_INTERVAL", show_envvar=True,
+              help="Seconds between background watchdog passes (timeouts, unresponsive "
+                   "runners).")
+@click.option("--eviction-threshold", type=Threshold(), default=None,
+              envvar="MPSTORE_EVICTION_THRESHOLD", show_envvar=True,
+              help="Span memory above which spans are evicted: a ratio of RAM (0.7, the "
+                   "default) or bytes (1073741824, 512MiB).")
+@click.option("--safe-threshold", type=Threshold(), default=None,
+              envvar="MPSTORE_SAFE_THRESHOLD", show_envvar=True,
+              help="Eviction stops below this: ratio or bytes (default 0.8 x eviction).")
+@click.option("--handshake-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              show_default=True, envvar="MPSTORE_HANDSHAKE_TIMEOUT", show_envvar=True,
+              help="Seconds a new connection has to authenticate before it is dropped.")
+def store_command(host: str, port: int, authkey_file: str | None, log_level: str,
+                  watchdog_interval: float, eviction_threshold: float | int | None,
+                  safe_threshold: float | int | None, handshake_timeout: float) -> None:
+    """Run the store server in the foreground until SIGINT or SIGTERM.
+
+    It listens on 127.0.0.1 unless --host says otherwise. Clients need its authkey: anyone
+    holding it can run code in this process, so keep it secret. Exits 0 after a graceful
+    stop, 1 if the server cannot start (e.g. the port is taken: the holder is named)."""
+    configure_logging(log_level)
+    from .manager.server import run
+
+    try:
+        code = run(host, port, authkey_file=authkey_file, watchdog_interval=watchdog_interval,
+                   eviction_threshold=eviction_threshold, safe_threshold=safe_threshold,
+                   handshake_timeout=handshake_timeout)
+    except InvalidArgument as exc:
+        raise click.UsageError(str(exc)) from None
+    sys.exit(code)
+
+
+def _connect(host: str, port: int, authkey_file: str | None, timeout: float) -> Any:
+    from .manager.client import connect
+
+    return connect((host, port), authkey_file=authkey_file, timeout=timeout, retry_for=0)
+
+
+@main.command("health")
+@_address_options
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              show_default=True, help="Seconds to wait for the answer.")
+def health_command(host: str, port: int, authkey_file: str | None, timeout: float) -> None:
+    """Exit 0 if a server answers ping with the right key, else 1 (the reason on stderr)."""
+    try:
+        with _connect(host, port, authkey_file, timeout) as client:
+            info = client.ping()
+    except (MpstoreError, OSError) as exc:
+        click.echo(f"unhealthy: {host}:{port}: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: mpstore {info.get('version')} at {host}:{port} (pid {info.get('pid')})")
+
+
+@main.command("stats")
+@_address_options
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              show_default=True, help="Seconds to wait for the answer.")
+def stats_command(host: str, port: int, authkey_file: str | None, timeout: float) -> None:
+    """Print the server's statistics() as JSON; exit 1 if it does not answer."""
+    try:
+        with _connect(host, port, authkey_file, timeout) as client:
+            stats = client.statistics()
+    except (MpstoreError, OSError) as exc:
+        click.echo(f"error: {host}:{port}: {exc}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(stats, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,317 @@
+"""``connect()`` and ``StoreClient``: the store API of a server in another process.
+
+``StoreClient`` has exactly ``InMemoryStore``'s public methods, generated from the class so
+they cannot drift: each forwards its arguments as given (defaults, ``UNSET`` and keyword-only
+arguments are applied by the server's real method) and ``inspect.signature`` shows the store's
+signature. One request is one server-side method call (SPEC §5).
+
+Connections (see :class:`~mpstore.manager.proxy.Channel`): one per thread, opened on the
+thread's first call and closed when the thread ends; a forked child never uses its parent's
+(it opens its own); a pickled client (e.g. a ``spawn`` child's argument) reconnects lazily.
+
+Failures, per call:
+
+* The connection was found dead before the request was sent (the server restarted), or it
+  could not be opened: reconnect and send, retrying for up to ``retry_for`` seconds.
+* The connection broke after the request was sent: the server may have run it. Reads,
+  ``wait_for_rollouts``, ``ping``, ``statistics`` and the idempotent ``add_span`` /
+  ``add_many_spans`` (D7) are sent again, within ``retry_for`` seconds of the failure; any other
+  write raises ``StoreUnavailable`` at once rather than risk applying twice.
+* No reply within ``timeout`` seconds (beyond a blocking call's own wait) counts as broken:
+  a stopped or unreachable server cannot hold a call forever.
+
+So after a server dies, no call lasts longer than ``retry_for`` (a ``wait_for_rollouts`` with a
+shorter remaining ``timeout``: that), then raises ``StoreUnavailable``. A wrong key raises
+``AuthenticationFailed`` at once; errors raised by the store arrive as themselves, with the
+server-side frames in their traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from multiprocessing.managers import RemoteError
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidArgument, StoreUnavailable
+from ..store import InMemoryStore
+from .auth import resolve_authkey
+from .proxy import Channel, TransportError, fork_epoch
+from .wire import ERROR, PROTOCOL, RETURN, STORE_IDENT, remote_methods
+
+if TYPE_CHECKING:  # type checkers see the store's methods on the client
+    _Base = InMemoryStore
+else:
+    _Base = object
+
+__all__ = [
+    "BLOCKING",
+    "DEFAULT_ADDRESS",
+    "DEFAULT_PORT",
+    "REMOTE_METHODS",
+    "RETRIED",
+    "StoreClient",
+    "connect",
+    "parse_address",
+]
+
+DEFAULT_PORT = 4747
+DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
+
+#: Calls that are safe to send again after the connection broke mid-call: they change nothing
+#: (reads run the time-driven watchdog, which is idempotent) or are idempotent by D7.
+RETRIED = frozenset({
+    "add_many_spans", "add_span", "get_latest_attempt", "get_latest_resources",
+    "get_resources_by_id", "get_rollout_by_id", "ping", "query_attempts", "query_rollouts",
+    "query_spans", "statistics", "wait_for_rollouts",
+})
+#: Calls that may block on the server, and the keyword argument that bounds how long.
+BLOCKING = {"dequeue_many_rollouts": "wait", "dequeue_rollout": "wait",
+            "wait_for_rollouts": "timeout"}
+#: The store's methods served remotely (``close`` is the client's own: it must not close the
+#: server's store).
+REMOTE_METHODS = remote_methods(InMemoryStore)
+
+_dumps, _loads = pickle.dumps, pickle.loads
+
+
+def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
+    """``"host:port"``, ``"host"`` (port 4747), ``"[::1]:4747"`` or ``(host, port)``.
+
+    Raises InvalidArgument for anything else."""
+    if isinstance(address, tuple) and len(address) == 2:
+        host, port = address
+    elif isinstance(address, str) and address.strip():
+        text = address.strip()
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            port = rest.lstrip(":") or DEFAULT_PORT
+        elif text.count(":") == 1:
+            host, port = text.split(":")
+        else:  # a bare host name or IPv6 literal
+            host, port = text, DEFAULT_PORT
+    else:
+        raise InvalidArgument(f"address must be 'host:port' or (host, port), not {address!r}")
+    try:
+        number = int(port)
+    except (TypeError, ValueError):
+        number = -1
+    if not host or not 0 < number < 65536:
+        raise InvalidArgument(f"address must be 'host:port' with a port 1-65535, not {address!r}")
+    return str(host), number
+
+
+def _unpack(data: bytes) -> Any:
+    """The result of a reply, or raise what the server raised (with its traceback)."""
+    kind, result = _loads(data)
+    if kind == RETURN:
+        return result
+    if kind == ERROR:
+        raise result
+    raise RemoteError(result)  # #TRACEBACK / #UNSERIALIZABLE: text only, as BaseProxy does
+
+
+class StoreClient(_Base):
+    """The store API over the wire; build it with :func:`connect`. Thread-safe and fork-safe;
+    see the module docstring for connections, retries and timeouts."""
+
+    def __init__(self, host: str, port: int, authkey: bytes, *, timeout: float = 30.0,
+                 retry_for: float = 5.0) -> None:
+        if not timeout > 0 or not retry_for >= 0:
+            raise InvalidArgument(
+                f"timeout must be > 0 and retry_for >= 0, not {timeout!r}, {retry_for!r}")
+        self._host, self._port, self._authkey = host, int(port), bytes(authkey)
+        self._timeout, self._retry_for = float(timeout), float(retry_for)
+        self._local = threading.local()
+        self._channels: weakref.WeakSet[Channel] = weakref.WeakSet()
+
+    @property
+    def address(self) -> str:
+        return f"{self._host}:{self._port}"
+
+    def __repr__(self) -> str:
+        return f"<StoreClient {self.address}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The key travels with the client (to a spawned child, say), like the address: the
+        # child needs both to connect. Connections do not travel; the copy opens its own.
+        return (StoreClient, (self._host, self._port, self._authkey),
+                {"timeout": self._timeout, "retry_for": self._retry_for})
+
+    def __setstate__(self, state: dict[str, float]) -> None:
+        self._timeout, self._retry_for = state["timeout"], state["retry_for"]
+
+    def __enter__(self) -> StoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close this client's connections in this process (every thread's). A later call
+        opens a new one, so closing is about releasing sockets, not about validity."""
+        for channel in list(self._channels):
+            channel.close()
+        self._local.channel = None
+
+    # ------------------------------------------------------------------ calls
+    def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run ``name(*args, **kwargs)`` on the server: the fast path, one round trip on this
+        thread's connection; anything unusual goes to :meth:`_recover`."""
+        started = time.monotonic()
+        timeout = self._timeout if name not in BLOCKING else self._reply_timeout(name, kwargs)
+        payload = _dumps((STORE_IDENT, name, args, kwargs), PROTOCOL)
+        channel = getattr(self._local, "channel", None)
+        if channel is None or channel.epoch != fork_epoch():
+            return self._recover(name, args, kwargs, started, None)
+        try:
+            data = channel.request(payload, timeout)
+        except TransportError as failure:
+            self._discard(channel)
+            return self._recover(name, args, kwargs, started, failure)
+        return _unpack(data)
+
+    def _reply_timeout(self, name: str, kwargs: dict[str, Any]) -> float | None:
+        """How long a blocking call may take: its own wait plus ``timeout`` (None: unbounded,
+        for ``wait_for_rollouts(timeout=None)``)."""
+        wait = kwargs.get(BLOCKING[name], None if name == "wait_for_rollouts" else 0.0)
+        if wait is None:
+            return None
+        try:
+            return max(float(wait), 0.0) + self._timeout
+        except (TypeError, ValueError):
+            return self._timeout  # not a number: the server rejects it at once
+
+    def _recover(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 started: float, failure: TransportError | None) -> Any:
+        """Reconnect and (re)send as the policy allows, until ``retry_for`` seconds after the
+        first failure, or the end of a wait that began at ``started``. Raises
+        StoreUnavailable, or what the server raised."""
+        if failure is not None and failure.delivered and name not in RETRIED:
+            raise self._unsafe(name, failure)
+        deadline, own_end = time.monotonic() + self._retry_for, None
+        if name == "wait_for_rollouts" and isinstance(kwargs.get("timeout"), (int, float)):
+            own_end = started + max(float(kwargs["timeout"]), 0.0)
+            deadline = min(deadline, own_end)
+        delay, first = 0.01, True
+        while True:
+            channel = self._open(deadline, first, failure)
+            first = False
+            if own_end is not None:  # a re-sent wait only waits for what is left of it
+                kwargs = {**kwargs, "timeout": max(own_end - time.monotonic(), 0.0)}
+            timeout = self._timeout if name not in BLOCKING else self._reply_timeout(name, kwargs)
+            try:
+                data = channel.request(_dumps((STORE_IDENT, name, args, kwargs), PROTOCOL),
+                                       timeout)
+            except TransportError as exc:
+                self._discard(channel)
+                if exc.delivered and name not in RETRIED:
+                    raise self._unsafe(name, exc) from None
+                failure = exc
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._unavailable(failure) from None
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 0.25)
+                continue
+            return _unpack(data)
+
+    def _open(self, deadline: float, first: bool, failure: TransportError | None) -> Channel:
+        """This thread's new connection, retried until ``deadline``. Raises
+        AuthenticationFailed at once, StoreUnavailable when the deadline passes."""
+        delay = 0.01
+        last: BaseException | None = failure.cause if failure is not None else None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and not first:
+                raise self._unavailable(last) from None
+            # The first attempt gets the full timeout even with retry_for=0 (one try).
+            step = self._timeout if first else min(self._timeout, max(remaining, 0.05))
+            first = False
+            try:
+                channel = Channel(self._host, self._port, self._authkey, step, fork_epoch())
+            except (OSError, EOFError) as exc:
+                last = exc
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    time.sleep(min(delay, remaining))
+                    delay = min(delay * 2, 0.25)
+                continue
+            self._local.channel = channel
+            self._channels.add(channel)
+            return channel
+
+    def _discard(self, channel: Channel) -> None:
+        channel.close()
+        if getattr(self._local, "channel", None) is channel:
+            self._local.channel = None
+
+    def _unavailable(self, cause: BaseException | TransportError | None) -> StoreUnavailable:
+        if isinstance(cause, TransportError):
+            cause = cause.cause
+        reason = f"{type(cause).__name__}: {cause}" if cause is not None else "no answer"
+        return StoreUnavailable(
+            f"mpstore server at {self.address} is unavailable ({reason}; "
+            f"retried for {self._retry_for:g} s)"
+        )
+
+    def _unsafe(self, name: str, failure: TransportError) -> StoreUnavailable:
+        cause = failure.cause
+        return StoreUnavailable(
+            f"{name}: the connection to the mpstore server at {self.address} broke after the "
+            f"request was sent ({type(cause).__name__}: {cause}); it may or may not have been "
+            "applied, so it was not repeated"
+        )
+
+    def _connect_now(self) -> None:
+        """Open this thread's connection now (connect() is eager so that a wrong address or
+        key shows at once). Raises StoreUnavailable or AuthenticationFailed."""
+        channel = getattr(self._local, "channel", None)
+        if channel is None or channel.epoch != fork_epoch():
+            self._open(time.monotonic() + self._retry_for, True, None)
+
+
+def _remote_method(name: str, template: Callable[..., Any]) -> Callable[..., Any]:
+    """A method forwarding to the server's ``name``, looking like ``template`` to
+    ``inspect``/``help()`` and named ``name`` in tracebacks."""
+
+    def method(self: StoreClient, *args: Any, **kwargs: Any) -> Any:
+        return self._call(name, args, kwargs)
+
+    code = method.__code__.replace(co_name=name)
+    if hasattr(code, "co_qualname"):  # 3.11+: tracebacks print the qualified name
+        code = code.replace(co_qualname=f"StoreClient.{name}")
+    method.__code__ = code
+    functools.update_wrapper(method, template)  # __wrapped__: inspect.signature follows it
+    method.__module__, method.__qualname__ = __name__, f"StoreClient.{name}"
+    return method
+
+
+for _name in REMOTE_METHODS:
+    setattr(StoreClient, _name, _remote_method(_name, getattr(InMemoryStore, _name)))
+del _name
+
+
+def connect(address: str | tuple[str, int] = DEFAULT_ADDRESS, authkey: bytes | str | None = None,
+            *, timeout: float = 30.0, retry_for: float = 5.0,
+            authkey_file: str | None = None) -> StoreClient:
+    """A client of the ``agl store`` server at ``address`` (``"host:port"``).
+
+    ``authkey``: explicit key; else ``MPSTORE_AUTHKEY``, ``authkey_file``, or the key file a
+    server on this machine wrote for that host and port (see :mod:`mpstore.manager.auth`).
+    ``timeout``: seconds for connecting and for each reply (beyond a blocking call's own
+    wait). ``retry_for``: seconds to keep retrying when the server cannot be reached.
+
+    The connection is opened now: raises StoreUnavailable if no server answers within
+    ``retry_for`` seconds, AuthenticationFailed for a wrong or missing key, InvalidArgument
+    for a malformed address.
+    """
+    host, port = parse_address(address)
+    key = resolve_authkey(host, port, authkey, authkey_file).key
+    client = StoreClient(host, port, key, timeout=timeout, retry_for=retry_for)
+    client._connect_now()
+    return client

@@ -1,0 +1,148 @@
+"""Run ``agl store`` in a subprocess and wait until it answers: for examples, notebooks and
+tests, which want a real server without a second terminal.
+
+    with start_server() as server:          # a free port, a fresh key in a temporary dir
+        store = server.connect()
+        ...
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ServerStartError, StoreUnavailable
+from .client import StoreClient, connect
+from .ports import free_port
+
+__all__ = ["ServerProcess", "start_server", "write_key_file"]
+
+_CONFLICT = "Another process may already be using this port"
+
+
+def write_key_file(path: str | os.PathLike[str]) -> Path:
+    """Write a new random authkey into ``path`` with mode 0600 and return the path."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32) + "\n")
+    return path
+
+
+class ServerProcess:
+    """An ``agl store`` subprocess; as a context manager it stops the server on exit."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], host: str, port: int,
+                 authkey_file: Path, log_path: Path,
+                 tempdir: tempfile.TemporaryDirectory[str] | None = None) -> None:
+        self.popen, self.host, self.port = popen, host, port
+        self.authkey_file, self.log_path = authkey_file, log_path
+        self._tempdir = tempdir
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def authkey(self) -> bytes:
+        return self.authkey_file.read_bytes().strip()
+
+    def connect(self, **kwargs: Any) -> StoreClient:
+        """``connect()`` to this server with its key (keyword arguments are connect's)."""
+        return connect(self.address, self.authkey, **kwargs)
+
+    def log(self) -> str:
+        """What the server has logged so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Poll ``ping`` until the server answers. Raises ServerStartError (with its log) if
+        the process exits first or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.popen.poll() is not None:
+                raise ServerStartError(
+                    f"agl store exited with code {self.popen.returncode}:\n{self.log()}")
+            try:
+                with self.connect(retry_for=0, timeout=2.0) as client:
+                    client.ping()
+                return
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise ServerStartError(
+                        f"agl store did not answer within {timeout:g} s:\n{self.log()}"
+                    ) from None
+                time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Send ``sig`` (default SIGTERM: a graceful stop) and wait; SIGKILL after
+        ``timeout`` seconds. Returns the exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def kill(self) -> int:
+        """SIGKILL: the server dies without any cleanup, as in a crash."""
+        return self.stop(signal.SIGKILL)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._tempdir is not None:
+            self._tempdir.cleanup()
+
+
+def start_server(port: int | None = None, *, host: str = "127.0.0.1",
+                 authkey_file: str | os.PathLike[str] | None = None,
+                 args: Sequence[str] = (), log_path: str | os.PathLike[str] | None = None,
+                 env: dict[str, str] | None = None, ready_timeout: float = 20.0
+                 ) -> ServerProcess:
+    """Start ``python -m mpstore store`` and return once it answers ``ping``.
+
+    ``port=None`` picks a free port (retried if another process takes it first); without
+    ``authkey_file`` a fresh key is written into a temporary directory, removed on exit, and
+    so is the log unless ``log_path`` is given. ``args`` are more ``agl store`` options.
+    Raises ServerStartError (with the server's log) if it does not come up."""
+    tempdir = None
+    if authkey_file is None or log_path is None:
+        tempdir = tempfile.TemporaryDirectory(prefix="mpstore-")
+    key = Path(authkey_file) if authkey_file else write_key_file(Path(tempdir.name) / "authkey")
+    log = Path(log_path) if log_path else Path(tempdir.name) / "server.log"
+    for attempt in range(5):
+        chosen = port if port is not None else free_port(host)
+        command = [sys.executable, "-m", "mpstore", "store", "--host", host,
+                   "--port", str(chosen), "--authkey-file", str(key), *args]
+        with open(log, "ab") as sink:
+            popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink,
+                                     stderr=subprocess.STDOUT, env=env)
+        server = ServerProcess(popen, host, chosen, key, log, tempdir)
+        try:
+            server.wait_ready(ready_timeout)
+            return server
+        except ServerStartError as exc:
+            server.stop()
+            if port is None and _CONFLICT in str(exc) and attempt < 4:
+                continue  # someone took the free port between our check and the bind
+            if tempdir is not None:
+                tempdir.cleanup()
+            raise
+    raise AssertionError("unreachable")

@@ -1,0 +1,82 @@
+"""The messages on the wire, shared by the server and the client.
+
+They are ``multiprocessing.managers``' own: a request is ``(ident, methodname, args, kwds)``
+and a reply ``(kind, payload)`` with kind ``#RETURN``, ``#ERROR`` (payload: the exception),
+``#TRACEBACK`` or ``#UNSERIALIZABLE`` (payload: formatted text), each one length-prefixed pickle
+message of ``multiprocessing.connection``. The served store has the fixed ident ``"store"``,
+so a client needs no ``create``/``incref`` round trips before its first call (a stock
+``BaseProxy`` still works, through ``StoreManager.get_store()``).
+
+One addition: a ``#ERROR`` exception is pickled with its traceback (tblib), so the caller's
+formatted traceback shows the server-side frames down to the store function that raised.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from traceback import format_exc, format_exception
+from types import TracebackType
+from typing import Any
+
+from tblib.pickling_support import pickle_exception, pickle_traceback
+
+__all__ = [
+    "ERROR",
+    "PROTOCOL",
+    "RETURN",
+    "STORE_IDENT",
+    "TRACEBACK",
+    "UNSERIALIZABLE",
+    "dump_error",
+    "dump_reply",
+    "remote_methods",
+]
+
+STORE_IDENT = "store"
+RETURN, ERROR, TRACEBACK, UNSERIALIZABLE = "#RETURN", "#ERROR", "#TRACEBACK", "#UNSERIALIZABLE"
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+class _ErrorPickler(pickle.Pickler):
+    """Pickles exceptions with their traceback, cause and context (tblib), without installing
+    tblib's reducers process-wide (``copyreg``): only error replies pay for it."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, BaseException):
+            return pickle_exception(obj)
+        if isinstance(obj, TracebackType):
+            return pickle_traceback(obj)
+        return NotImplemented
+
+
+def dump_error(exc: BaseException) -> bytes:
+    """``(#ERROR, exc)`` with ``exc``'s traceback; ``#UNSERIALIZABLE`` with the formatted
+    traceback if the exception (or something it holds) cannot be pickled. Never raises."""
+    buffer = io.BytesIO()
+    try:
+        _ErrorPickler(buffer, PROTOCOL).dump((ERROR, exc))
+        return buffer.getvalue()
+    except Exception:
+        pass
+    try:  # the exception pickles, but something on its chain does not: drop the traceback
+        return pickle.dumps((ERROR, exc.with_traceback(None)), PROTOCOL)
+    except Exception:
+        return pickle.dumps((UNSERIALIZABLE, "".join(format_exception(exc))), PROTOCOL)
+
+
+def remote_methods(cls: type) -> tuple[str, ...]:
+    """The methods of a store class that are served: its public methods except ``close``
+    (which releases the server's own store and is the server's to call)."""
+    return tuple(sorted(
+        name for name in dir(cls)
+        if not name.startswith("_") and name != "close" and callable(getattr(cls, name))
+    ))
+
+
+def dump_reply(result: Any) -> bytes:
+    """``(#RETURN, result)``; ``#UNSERIALIZABLE`` if the result cannot be pickled."""
+    try:
+        return pickle.dumps((RETURN, result), PROTOCOL)
+    except Exception:
+        return pickle.dumps((UNSERIALIZABLE, format_exc()), PROTOCOL)
