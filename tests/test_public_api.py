@@ -40,8 +40,8 @@ EXPECTED = {
     "Unset",
     "__version__",
 }
-#: Names the transport (mpstore.manager, issue 3) adds once it exists.
-TRANSPORT = {"connect"}
+#: Names the transport (mpstore.manager, issue 3) adds: connect() and the type it returns.
+TRANSPORT = {"StoreClient", "connect"}
 #: Helpers of mpstore.types that are deliberately not re-exported.
 TYPES_INTERNAL = {"new_attempt_id", "new_resources_id", "new_rollout_id", "private_copy"}
 
@@ -77,7 +77,8 @@ def test_expected_names() -> None:
     assert EXPECTED <= names, f"missing: {sorted(EXPECTED - names)}"
     assert names <= EXPECTED | TRANSPORT, f"unexpected: {sorted(names - EXPECTED - TRANSPORT)}"
     if transport_built():
-        assert TRANSPORT <= names, "mpstore.connect must be public once the transport exists"
+        assert TRANSPORT <= names, "connect/StoreClient must be public once the transport exists"
+        assert callable(mpstore.connect)  # type: ignore[attr-defined]
 
 
 def test_nothing_public_is_missing() -> None:
