@@ -1,0 +1,143 @@
+"""The printed summary of a run (the JSON file has everything; this is what a human reads)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .report import _get, _per_k
+
+
+def _fmt(value: Any, spec: str = ",.0f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value != value:
+        return "nan"
+    return format(value, spec)
+
+
+def _throughput_rows(results: dict[str, Any], ratios: dict[str, Any]) -> list[str]:
+    ks = sorted({k for s in ("raw_echo", "manager_echo", "cycle", "batched")
+                 for k in _per_k(results, s)} | set(_get(results, "agl", "cycle", "per_k")
+                                                    or {}), key=int)
+    if not ks:
+        return []
+    head = f"{'throughput (median of windows)':<44}" + "".join(f"{'K=' + k:>11}" for k in ks)
+    rows = [head, "-" * len(head)]
+    spec = [
+        ("raw echo round trips/s", "raw_echo", "ops_per_s", ",.0f"),
+        ("BaseManager echo round trips/s", "manager_echo", "ops_per_s", ",.0f"),
+        ("cycle cycles/s", "cycle", "ops_per_s", ",.0f"),
+        ("cycle store calls/s", "cycle", "calls_per_s", ",.0f"),
+        ("batched cycles/s", "batched", "ops_per_s", ",.0f"),
+        ("batched store calls/s", "batched", "calls_per_s", ",.0f"),
+        ("server CPU us/call: BaseManager echo", "manager_echo", "server_us_per_call", ".1f"),
+        ("server CPU us/call: cycle", "cycle", "server_us_per_call", ".1f"),
+        ("server CPU us/cycle: cycle", "cycle", "server_us_per_op", ".0f"),
+        ("server CPU us/cycle: batched", "batched", "server_us_per_op", ".0f"),
+        ("server CPU (cores): cycle", "cycle", "server_cpu", ".2f"),
+    ]
+    for label, scenario, key, fmt in spec:
+        per = _per_k(results, scenario)
+        if per:
+            rows.append(f"{label:<44}" + "".join(f"{_fmt(_get(per, k, key), fmt):>11}"
+                                                 for k in ks))
+    agl = _get(results, "agl", "cycle", "per_k") or {}
+    if agl:
+        rows.append(f"{'agl 0.2.2 cycle cycles/s':<44}" + "".join(
+            f"{_fmt(_get(agl, k, 'ops_per_s'), ',.1f'):>11}" for k in ks))
+    for label, key in (("ratio cycle calls / BaseManager echo", "cycle_calls_to_manager_echo"),
+                       ("ratio cycle calls / raw echo", "cycle_calls_to_raw_echo"),
+                       ("ratio batched calls / BaseManager echo",
+                        "batched_calls_to_manager_echo"),
+                       ("ratio BaseManager echo / raw echo", "manager_echo_to_raw_echo"),
+                       ("ratio cycle / agl cycle", "cycle_to_agl"),
+                       ("ratio batched / agl cycle", "batched_to_agl")):
+        values = [_get(ratios, "per_k", k, key) for k in ks]
+        if any(v is not None for v in values):
+            rows.append(f"{label:<44}" + "".join(f"{_fmt(v, '.3f'):>11}" for v in values))
+    return rows
+
+
+def _latency_rows(results: dict[str, Any], ratios: dict[str, Any]) -> list[str]:
+    lat = results.get("latency") or {}
+    agl = _get(results, "agl", "latency") or {}
+    if not lat and not agl:
+        return []
+    head = (f"{'single-client latency':<32}{'p50 us':>10}{'p99 us':>10}"
+            f"{'p50/echo p50':>14}{'p99/own p50':>13}")
+    rows = [head, "-" * len(head)]
+    for op, data in [*lat.items(), *((f"agl 0.2.2 {k}", v) for k, v in agl.items())]:
+        rat = _get(ratios, "latency", op) or {}
+        rows.append(f"{op:<32}{_fmt(data.get('p50_us'), ',.1f'):>10}"
+                    f"{_fmt(data.get('p99_us'), ',.1f'):>10}"
+                    f"{_fmt(rat.get('p50_to_manager_echo_p50'), '.2f'):>14}"
+                    f"{_fmt(rat.get('p99_to_own_p50'), '.2f'):>13}")
+    return rows
+
+
+def _other_rows(results: dict[str, Any]) -> list[str]:
+    rows: list[str] = []
+    con = results.get("connect") or {}
+    if con:
+        parts = [f"{k} {_fmt(v.get('median_ms'), '.2f')} ms" for k, v in con.items()]
+        agl = _get(results, "agl", "connect", "median_ms")
+        if agl is not None:
+            parts.append(f"agl 0.2.2 {agl:.2f} ms")
+        rows.append("connect -> first answered call (median): " + ", ".join(parts))
+    scale = results.get("scale") or {}
+    if scale:
+        rows.append(
+            f"scale K={scale['k']}: {scale.get('stored_rollouts') or 0:,} rollouts / "
+            f"{scale.get('stored_spans') or 0:,} spans stored (fill "
+            f"{scale['fill']['seconds']:.1f}s, {scale['fill_rollouts_per_s']:,.0f} rollouts/s); "
+            f"cycle {_fmt(_get(scale, 'empty', 'ops_per_s'))} -> "
+            f"{_fmt(_get(scale, 'loaded', 'ops_per_s'))} cycles/s "
+            f"(x{_fmt(scale.get('ratio_loaded_to_empty'), '.3f')}); RSS "
+            f"{_fmt(scale.get('rss_bytes_per_span'))} B/span "
+            f"(store's estimate {_fmt(scale.get('store_span_bytes_per_span'))} B)")
+    run = results.get("runners") or {}
+    for mode, data in (run.get("modes") or {}).items():
+        rows.append(
+            f"runners K={run['k']}: {data.get('connected', 0):,} idle ({mode}) "
+            f"connected in {data['seconds_to_connect']:.1f}s; cycle "
+            f"{_fmt(_get(run, 'without', 'ops_per_s'))} -> "
+            f"{_fmt(_get(data, 'with', 'ops_per_s'))} cycles/s "
+            f"(x{_fmt(data.get('ratio_with_to_without'), '.3f')}); server idle CPU "
+            f"{_fmt(data.get('server_idle_cpu'), '.2f')} cores; "
+            f"{_fmt(data.get('rss_kb_per_connection'), '.1f')} KiB and "
+            f"{_fmt(data.get('threads_per_connection'), '.2f')} threads per connection; "
+            f"threads {data['threads_before']} -> {data['threads_with']} -> "
+            f"{data['threads_after_stop']} after")
+    dur = results.get("durable") or {}
+    if dur.get("skipped"):
+        rows.append(f"durable: skipped ({dur['skipped']})")
+    elif dur:
+        rows.append(f"durable K={dur['k']}: {_fmt(_get(dur, 'durable', 'ops_per_s'))} vs "
+                    f"in-memory {_fmt(_get(dur, 'memory', 'ops_per_s'))} cycles/s "
+                    f"(x{_fmt(dur.get('ratio_durable_to_memory'), '.3f')})")
+    return rows
+
+
+def _target_rows(targets: list[dict[str, Any]]) -> list[str]:
+    rows = ["issue-4 targets", "-" * 15]
+    for t in targets:
+        mark = {True: "met   ", False: "MISSED", None: "n/a   "}[t["met"]]
+        rows.append(f"[{mark}] {t['target']}: {_fmt(t['value'], '.3f')} "
+                    f"(threshold {t['threshold']}; {t['basis']})")
+    return rows
+
+
+def render(results: dict[str, Any]) -> str:
+    """The whole table as text."""
+    ratios, targets = results.get("ratios", {}), results.get("targets", [])
+    meta = results.get("meta", {})
+    blocks = [[f"mpstore benchmark ({meta.get('mode', '?')} mode, {meta.get('cpus', '?')} CPUs,"
+               f" {meta.get('duration_s', 0):.0f}s, windows of {meta.get('window_s')}s x "
+               f"{meta.get('repeats')})"],
+              _throughput_rows(results, ratios), _latency_rows(results, ratios),
+              _other_rows(results), _target_rows(targets)]
+    errors = results.get("errors") or {}
+    if errors:
+        blocks.append([f"ERROR in {name}: {msg.splitlines()[-1] if msg else ''}"
+                       for name, msg in errors.items()])
+    return "\n\n".join("\n".join(b) for b in blocks if b)
