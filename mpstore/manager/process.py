@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ServerStartError, StoreUnavailable
+from ..errors import AuthenticationFailed, ServerStartError, StoreUnavailable
+from .auth import resolve_authkey
 from .client import StoreClient, connect
 from .ports import free_port
 
@@ -41,8 +42,10 @@ class ServerProcess:
     """An ``agl store`` subprocess; as a context manager it stops the server on exit."""
 
     def __init__(self, popen: subprocess.Popen[bytes], host: str, port: int,
-                 authkey_file: Path, log_path: Path,
+                 authkey_file: Path | None, log_path: Path,
                  tempdir: tempfile.TemporaryDirectory[str] | None = None) -> None:
+        """``authkey_file=None``: the server resolves its own key; the client side reads it
+        from ``MPSTORE_AUTHKEY`` or the default key file, as ``connect()`` does."""
         self.popen, self.host, self.port = popen, host, port
         self.authkey_file, self.log_path = authkey_file, log_path
         self._tempdir = tempdir
@@ -57,7 +60,16 @@ class ServerProcess:
 
     @property
     def authkey(self) -> bytes:
-        return self.authkey_file.read_bytes().strip()
+        """The server's key. Raises FileNotFoundError while its key file does not exist yet,
+        AuthenticationFailed if there is none to find."""
+        if self.authkey_file is not None:
+            return self.authkey_file.read_bytes().strip()
+        try:
+            return resolve_authkey(self.host, self.port).key
+        except AuthenticationFailed:
+            if self.popen.poll() is None:
+                raise FileNotFoundError("the server has not written its key file yet") from None
+            raise
 
     def connect(self, **kwargs: Any) -> StoreClient:
         """``connect()`` to this server with its key (keyword arguments are connect's)."""
@@ -79,7 +91,7 @@ class ServerProcess:
                 with self.connect(retry_for=0, timeout=2.0) as client:
                     client.ping()
                 return
-            except StoreUnavailable:
+            except (StoreUnavailable, FileNotFoundError):  # no answer, or no key file yet
                 if time.monotonic() > deadline:
                     raise ServerStartError(
                         f"agl store did not answer within {timeout:g} s:\n{self.log()}"
@@ -112,25 +124,32 @@ class ServerProcess:
 
 
 def start_server(port: int | None = None, *, host: str = "127.0.0.1",
-                 authkey_file: str | os.PathLike[str] | None = None,
+                 authkey_file: str | os.PathLike[str] | None = None, default_key: bool = False,
                  args: Sequence[str] = (), log_path: str | os.PathLike[str] | None = None,
                  env: dict[str, str] | None = None, ready_timeout: float = 20.0
                  ) -> ServerProcess:
     """Start ``python -m mpstore store`` and return once it answers ``ping``.
 
-    ``port=None`` picks a free port (retried if another process takes it first); without
+    ``port=None`` picks a free port (retried if another process takes it first). Without
     ``authkey_file`` a fresh key is written into a temporary directory, removed on exit, and
-    so is the log unless ``log_path`` is given. ``args`` are more ``agl store`` options.
-    Raises ServerStartError (with the server's log) if it does not come up."""
+    so is the log unless ``log_path`` is given; ``default_key=True`` lets the server resolve
+    its key itself (MPSTORE_AUTHKEY or its per-host-and-port key file). ``args`` are more
+    ``agl store`` options. Raises ServerStartError (with the server's log) if it does not
+    come up."""
     tempdir = None
-    if authkey_file is None or log_path is None:
+    if (authkey_file is None and not default_key) or log_path is None:
         tempdir = tempfile.TemporaryDirectory(prefix="mpstore-")
-    key = Path(authkey_file) if authkey_file else write_key_file(Path(tempdir.name) / "authkey")
+    key = None
+    if not default_key:
+        key = Path(authkey_file) if authkey_file else write_key_file(
+            Path(tempdir.name) / "authkey")
     log = Path(log_path) if log_path else Path(tempdir.name) / "server.log"
     for attempt in range(5):
         chosen = port if port is not None else free_port(host)
-        command = [sys.executable, "-m", "mpstore", "store", "--host", host,
-                   "--port", str(chosen), "--authkey-file", str(key), *args]
+        key_args = ["--authkey-file", str(key)] if key is not None else []
+        host_args = ["--host", host] if host != "127.0.0.1" else []  # else: the default
+        command = [sys.executable, "-m", "mpstore", "store", *host_args,
+                   "--port", str(chosen), *key_args, *args]
         with open(log, "ab") as sink:
             popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink,
                                      stderr=subprocess.STDOUT, env=env)
