@@ -7,16 +7,18 @@ with that environment's interpreter; by hand::
 
     /tmp/agl-venv/bin/python benchmarks/agl_workload.py serve --port 4848 &
     /tmp/agl-venv/bin/python benchmarks/agl_workload.py run --url http://127.0.0.1:4848 \\
-        --mode cycle --k 4 --duration 3
+        --plan cycle:1,cycle:4,gather:4 --repeats 3 --duration 3
 
 ``serve`` is ``agl store`` (``agentlightning.cli.store.main``: an ``InMemoryLightningStore``
 behind ``LightningStoreServer``, agent-lightning's logger set-up) with one change: it binds
 127.0.0.1 instead of the hard-coded 0.0.0.0.
 
-Modes of ``run``: ``cycle`` (enqueue_rollout -> dequeue_rollout -> 10 x add_span ->
-update_attempt, 13 calls), ``gather`` (0.2.2 has no batch methods: each stage issues ``batch``
-concurrent calls with ``asyncio.gather``), ``latency`` (one client: p50/p99 of
-get_rollout_by_id and add_span), ``first_call`` (new client to first answered call).
+``run --plan`` windows, each ``MODE:K`` run by the first K of ``max(K)`` client processes
+started once: ``cycle`` (enqueue_rollout -> dequeue_rollout -> 10 x add_span ->
+update_attempt, 13 calls) or ``gather`` (0.2.2 has no batch methods: each stage issues
+``batch`` concurrent calls with ``asyncio.gather``); then (unless ``--n 0``) one client's
+p50/p99 of get_rollout_by_id and add_span, and new client to first answered call. Those two
+alone: ``--mode latency`` / ``--mode first_call``.
 """
 
 from __future__ import annotations
@@ -108,74 +110,99 @@ async def _gather(client: Any, worker: int, n: int, batch: int) -> tuple[int, in
     return len(claimed), 2 * batch + len(claimed) * (SPANS + 1)
 
 
-async def _window(url: str, mode: str, worker: int, sync: tuple[Any, Any, Any],
-                  batch: int, warmup: int) -> dict[str, Any]:
-    from agentlightning.store.client_server import LightningStoreClient
+class _Worker:
+    """One client process's state: an event loop kept for the whole plan (aiohttp sessions
+    belong to a loop) and one LightningStoreClient."""
 
-    client = LightningStoreClient(url)
-    n = 0
+    def __init__(self, url: str, index: int) -> None:
+        from agentlightning.store.client_server import LightningStoreClient
 
-    async def step() -> tuple[int, int]:
-        nonlocal n
-        n += 1
+        self.loop = asyncio.new_event_loop()
+        self.client = LightningStoreClient(url)
+        self.index = index
+        self.n = 0
+
+    async def step(self, mode: str, batch: int) -> tuple[int, int]:
+        self.n += 1
         if mode == "gather":
-            return await _gather(client, worker, n, batch)
-        return await _cycle(client, worker, n)
+            return await _gather(self.client, self.index, self.n, batch)
+        return await _cycle(self.client, self.index, self.n)
 
-    for _ in range(warmup):
-        await step()
-    ready, go, window = sync
-    ready.put(worker)
-    if not go.wait(READY_TIMEOUT):
-        raise TimeoutError("no start signal")
-    start_at, end_at = window[0], window[1]
-    await asyncio.sleep(max(0.0, start_at - time.time()))
-    ops = calls = 0
-    began = time.perf_counter()
-    while time.time() < end_at:
-        done, made = await step()
-        ops, calls = ops + done, calls + made
-    elapsed = time.perf_counter() - began
-    await client.close()
-    return {"worker": worker, "ops": ops, "calls": calls, "elapsed": elapsed,
-            "ops_per_s": ops / elapsed, "calls_per_s": calls / elapsed}
+    async def window(self, mode: str, batch: int, warmup: int, start_at: float,
+                     end_at: float) -> dict[str, Any]:
+        for _ in range(warmup):
+            await self.step(mode, batch)
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        ops = calls = 0
+        began = time.perf_counter()
+        while time.time() < end_at:
+            done, made = await self.step(mode, batch)
+            ops, calls = ops + done, calls + made
+        elapsed = time.perf_counter() - began
+        return {"worker": self.index, "ops": ops, "calls": calls, "elapsed": elapsed,
+                "ops_per_s": ops / elapsed, "calls_per_s": calls / elapsed}
 
 
-def _worker(queue: Any, url: str, mode: str, worker: int, sync: tuple[Any, Any, Any],
-            batch: int, warmup: int) -> None:
+def _worker_main(conn: Any, url: str, index: int) -> None:
+    """Import agentlightning once, say ready, then run windows until told to stop."""
     try:
-        queue.put(asyncio.run(_window(url, mode, worker, sync, batch, warmup)))
+        worker = _Worker(url, index)
+        conn.send("ready")
+        while True:
+            message = conn.recv()
+            if message is None:
+                break
+            conn.send(worker.loop.run_until_complete(worker.window(*message)))
+        worker.loop.run_until_complete(worker.client.close())
+    except (EOFError, KeyboardInterrupt):
+        return
     except BaseException as exc:  # report, do not hang the parent
-        sync[0].put(worker)
-        queue.put({"worker": worker, "error": repr(exc)})
+        conn.send({"worker": index, "error": repr(exc)})
 
 
-def run_throughput(url: str, mode: str, k: int, duration: float, batch: int,
-                   warmup: int) -> dict[str, Any]:
-    """K processes run ``mode`` in one shared window; the sum of their rates."""
+def _recv(conn: Any, timeout: float) -> Any:
+    if not conn.poll(timeout):
+        raise TimeoutError(f"no answer from an agl worker within {timeout:.0f}s")
+    reply = conn.recv()
+    if isinstance(reply, dict) and "error" in reply:
+        raise RuntimeError(f"agl worker {reply['worker']}: {reply['error']}")
+    return reply
+
+
+def run_plan(url: str, plan: list[tuple[str, int]], repeats: int, duration: float,
+             batch: int, warmup: int) -> dict[str, Any]:
+    """``max(K)`` client processes started once; each window of the plan (mode, K) runs on
+    the first K of them, ``repeats`` times; per window the sum of the workers' rates."""
     ctx = multiprocessing.get_context("spawn")
-    queue, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    window = ctx.Array("d", 2, lock=False)
-    procs = [ctx.Process(target=_worker, daemon=True,
-                         args=(queue, url, mode, i, (ready, go, window), batch, warmup))
-             for i in range(k)]
+    size = max(k for _, k in plan)
+    pipes = [ctx.Pipe() for _ in range(size)]
+    procs = [ctx.Process(target=_worker_main, args=(child, url, i), daemon=True)
+             for i, (_, child) in enumerate(pipes)]
     for proc in procs:
         proc.start()
-    for _ in procs:  # spawned, imported agentlightning, warmed up
-        ready.get(timeout=READY_TIMEOUT)
-    window[0] = start_at = time.time() + 0.2
-    window[1] = end_at = start_at + duration
-    go.set()
-    results = [queue.get(timeout=end_at - time.time() + 120) for _ in procs]
-    for proc in procs:
-        proc.join(10)
-    errors = [r["error"] for r in results if "error" in r]
-    if errors:
-        raise RuntimeError("; ".join(errors))
-    return {"mode": mode, "k": k, "batch": batch, "duration": duration,
-            "ops_per_s": sum(r["ops_per_s"] for r in results),
-            "calls_per_s": sum(r["calls_per_s"] for r in results),
-            "per_worker": results}
+    conns = [parent for parent, _ in pipes]
+    try:
+        for conn in conns:  # spawned and imported agentlightning
+            _recv(conn, READY_TIMEOUT)
+        windows: dict[str, list[dict[str, Any]]] = {}
+        for _ in range(repeats):
+            for mode, k in plan:
+                start_at = time.time() + 0.3 + 0.2 * warmup
+                for conn in conns[:k]:
+                    conn.send((mode, batch, warmup, start_at, start_at + duration))
+                results = [_recv(conn, duration + 120) for conn in conns[:k]]
+                windows.setdefault(f"{mode}:{k}", []).append({
+                    "ops_per_s": sum(r["ops_per_s"] for r in results),
+                    "calls_per_s": sum(r["calls_per_s"] for r in results),
+                    "late_workers": sum(r["elapsed"] < duration * 0.9 for r in results)})
+    finally:
+        for conn in conns:
+            conn.send(None)
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+    return {"duration": duration, "repeats": repeats, "batch": batch, "windows": windows}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -238,13 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--port", type=int, required=True)
     p_run = sub.add_parser("run")
     p_run.add_argument("--url", required=True)
-    p_run.add_argument("--mode", choices=["cycle", "gather", "latency", "first_call"],
-                       default="cycle")
-    p_run.add_argument("--k", type=int, default=1)
+    p_run.add_argument("--mode", choices=["plan", "latency", "first_call"], default="plan")
+    p_run.add_argument("--plan", default="cycle:1,cycle:4",
+                       help="comma list of MODE:K windows, MODE cycle or gather")
+    p_run.add_argument("--repeats", type=int, default=1)
     p_run.add_argument("--duration", type=float, default=3.0)
     p_run.add_argument("--batch", type=int, default=10)
-    p_run.add_argument("--warmup", type=int, default=3)
-    p_run.add_argument("--n", type=int, default=300)
+    p_run.add_argument("--warmup", type=int, default=2)
+    p_run.add_argument("--n", type=int, default=300,
+                       help="latency calls per op (with --mode plan: after the windows, 0 "
+                            "for none)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args.port)
@@ -253,8 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.mode == "first_call":
         result = asyncio.run(_first_call(args.url, 5))
     else:
-        result = run_throughput(args.url, args.mode, args.k, args.duration, args.batch,
-                                args.warmup)
+        plan = [(part.split(":")[0], int(part.split(":")[1])) for part in args.plan.split(",")]
+        result = run_plan(args.url, plan, args.repeats, args.duration, args.batch,
+                          args.warmup)
+        if args.n > 0:  # in the same run: agentlightning is imported once
+            result["latency"] = asyncio.run(_latency(args.url, args.n))
+            result["first_call"] = asyncio.run(_first_call(args.url, 5))
     from importlib.metadata import version
 
     result["agentlightning"] = version("agentlightning")

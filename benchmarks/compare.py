@@ -62,17 +62,27 @@ def agl_run(python: Path, url: str, *args: str) -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def _throughput(bench: Bench, python: Path, url: str, mode: str, k: int) -> dict[str, Any]:
+def _windows(bench: Bench, python: Path, url: str) -> dict[str, Any]:
+    """Every agl throughput window in one run of the workload (its clients import
+    agentlightning once): the cycle at each K, the gather form at K=4."""
     cfg = bench.cfg
-    duration = max(cfg.duration, 2.0)
-    runs = [agl_run(python, url, "--mode", mode, "--k", str(k), "--duration", str(duration),
-                    "--batch", str(cfg.batch)) for _ in range(max(1, cfg.repeats))]
-    for run in runs:
-        bench.log(f"agl {mode} K={k}: {run['ops_per_s']:,.1f} cycles/s, "
-                  f"{run['calls_per_s']:,.0f} calls/s")
-    return {"ops_per_s": median([r["ops_per_s"] for r in runs]),
-            "calls_per_s": median([r["calls_per_s"] for r in runs]),
-            "runs": [r["ops_per_s"] for r in runs]}
+    gather_k = 4 if 4 in cfg.agl_ks else cfg.agl_ks[-1]
+    plan = [f"cycle:{k}" for k in cfg.agl_ks] + [f"gather:{gather_k}"]
+    out = agl_run(python, url, "--plan", ",".join(plan), "--repeats", str(cfg.repeats),
+                  "--duration", str(max(cfg.duration, 2.0)), "--batch", str(cfg.batch),
+                  "--n", "100" if cfg.quick else "300")
+    figures: dict[str, Any] = {"cycle": {}, "gather": {}}
+    for key, runs in out["windows"].items():
+        mode, k = key.split(":")
+        rates = [r["ops_per_s"] for r in runs]
+        figures[mode][k] = {"ops_per_s": median(rates),
+                            "calls_per_s": median([r["calls_per_s"] for r in runs]),
+                            "runs": rates, "late_workers": sum(r["late_workers"] for r in runs)}
+        bench.log(f"agl {mode} K={k}: {median(rates):,.1f} cycles/s (runs {rates})")
+    figures["version"] = out.get("agentlightning")
+    figures["latency"] = out.get("latency", {})
+    figures["connect_ms"] = out["first_call"]["median_s"] * 1e3
+    return figures
 
 
 def run_agl(bench: Bench) -> None:
@@ -88,16 +98,12 @@ def run_agl(bench: Bench) -> None:
     with running(server, timeout=120.0) as srv:
         url = srv.target["url"]
         bench.log(f"agl-store up (pid {srv.pid}) at {url}")
-        cycle = {str(k): _throughput(bench, python, url, "cycle", k) for k in cfg.agl_ks}
-        gather_k = 4 if 4 in cfg.agl_ks else cfg.agl_ks[-1]
-        gather = {str(gather_k): _throughput(bench, python, url, "gather", gather_k)}
-        lat = agl_run(python, url, "--mode", "latency", "--n", "100" if cfg.quick else "300")
-        first = agl_run(python, url, "--mode", "first_call")
+        figures = _windows(bench, python, url)
         rss = srv.rss()
     bench.results["agl"] = {
-        "version": lat.get("agentlightning"), "python": str(python),
-        "cycle": {"per_k": cycle}, "gather": {"per_k": gather, "batch": cfg.batch},
-        "latency": {k: v for k, v in lat.items() if isinstance(v, dict)},
-        "connect": {"median_ms": first["median_s"] * 1e3},
+        "version": figures["version"], "python": str(python),
+        "cycle": {"per_k": figures["cycle"]},
+        "gather": {"per_k": figures["gather"], "batch": cfg.batch},
+        "latency": figures["latency"], "connect": {"median_ms": figures["connect_ms"]},
         "server_rss_mb": rss / 2**20,
     }

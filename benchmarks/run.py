@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "against its agl store")
     p.add_argument("--agl-k", type=_ints, help="K values for the agl comparison")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file to write")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy the server and client 0 during the first window of each K "
+                        "(collapsed stacks in profiles/ next to the JSON, summary printed)")
     p.add_argument("--keep-workdir", action="store_true",
                    help="keep the scratch directory (server logs, key files)")
     return p
@@ -104,6 +107,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg.compare_agl = args.compare_agl
     cfg.output = args.output
     cfg.keep_workdir = args.keep_workdir
+    cfg.profile = args.profile
     cfg.runner_procs = max(1, min(cfg.runner_procs, cfg.runners))
     return cfg
 

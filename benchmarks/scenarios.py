@@ -16,6 +16,7 @@ from typing import Any
 from . import workload
 from .common import latency_summary, median
 from .pool import WorkerPool
+from .profile import profiling
 from .servers import Server, echo_server, running, store_server
 
 #: every scenario ``--only`` accepts, in the order a full run does them
@@ -51,6 +52,7 @@ class Config:
     agl_ks: list[int] = field(default_factory=lambda: [1, 4, 8])
     output: Path = Path("benchmarks/results/latest.json")
     keep_workdir: bool = False
+    profile: bool = False
 
     @classmethod
     def quick_config(cls) -> Config:
@@ -75,6 +77,13 @@ class Bench:
         self.results: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
         self._pool: WorkerPool | None = None
+
+    @property
+    def profile_dir(self) -> Path:
+        """Where py-spy's collapsed stacks go: ``profiles/`` next to the JSON file."""
+        path = self.cfg.output.parent / "profiles"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     @property
     def pool(self) -> WorkerPool:
@@ -121,23 +130,31 @@ class Bench:
 
 
 # ------------------------------------------------------------------ measurements
-def throughput(bench: Bench, server: Server, workload_name: str, k: int) -> dict[str, Any]:
+def throughput(bench: Bench, server: Server, workload_name: str, k: int,
+               profile: str | None = None) -> dict[str, Any]:
     """One window of ``workload_name`` from ``k`` clients: summed rates, and the server's
-    CPU over the window (fraction of one core, microseconds per call)."""
+    CPU over the window (fraction of one core, microseconds per call). With ``profile`` (a
+    label), py-spy samples the server and client 0 during the window."""
     cfg, pool, target = bench.cfg, bench.pool, server.target
     warmup = {"echo": 200, "cycle": 10, "batched": 3}[workload_name]
-    pool.run_same(workload.prepare, k, TASK_TIMEOUT, target=target, workload=workload_name,
-                  batch=cfg.batch, warmup_ops=warmup)
+    prepared = pool.run_same(workload.prepare, k, TASK_TIMEOUT, target=target,
+                             workload=workload_name, batch=cfg.batch, warmup_ops=warmup)
     start_at = time.time() + 0.15
     end_at = start_at + cfg.duration
     pool.submit(workload.measure, [
         {"target": target, "workload": workload_name, "start_at": start_at, "end_at": end_at,
          "worker": i, "batch": cfg.batch} for i in range(k)])
     time.sleep(max(0.0, start_at - time.time()))
-    cpu0 = server.cpu_seconds()
-    time.sleep(max(0.0, end_at - time.time()))
-    cpu1 = server.cpu_seconds()
-    runs = pool.collect(k, cfg.duration + TASK_TIMEOUT, workload_name)
+    sampler: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if profile:
+        sampler = profiling({"server": server.pid, "client0": prepared[0]["pid"]},
+                            cfg.duration, bench.profile_dir, profile,
+                            bench.results.setdefault("profiles", {}))
+    with sampler:
+        cpu0 = server.cpu_seconds()
+        time.sleep(max(0.0, end_at - time.time()))
+        cpu1 = server.cpu_seconds()
+        runs = pool.collect(k, cfg.duration + TASK_TIMEOUT, workload_name)
     calls, ops = sum(r["calls_per_s"] for r in runs), sum(r["ops_per_s"] for r in runs)
     busy = (cpu1 - cpu0) / cfg.duration
     return {"ops_per_s": ops, "calls_per_s": calls, "server_cpu": busy,
@@ -195,7 +212,8 @@ def _k_figures(bench: Bench, servers: dict[str, Server], store: dict[str, Any]) 
     for rep in range(cfg.repeats):
         for k in cfg.ks:
             for name, server, wl in plan:
-                run = throughput(bench, server, wl, k)
+                label = f"{name}:K={k}" if cfg.profile and rep == 0 else None
+                run = throughput(bench, server, wl, k, label)
                 runs.setdefault((name, k), []).append(run)
                 bench.log(f"rep {rep + 1}/{cfg.repeats} K={k} {name}: "
                           f"{run['ops_per_s']:,.0f} ops/s, {run['calls_per_s']:,.0f} calls/s,"

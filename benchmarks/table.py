@@ -41,10 +41,12 @@ def _throughput_rows(results: dict[str, Any], ratios: dict[str, Any]) -> list[st
         if per:
             rows.append(f"{label:<44}" + "".join(f"{_fmt(_get(per, k, key), fmt):>11}"
                                                  for k in ks))
-    agl = _get(results, "agl", "cycle", "per_k") or {}
-    if agl:
-        rows.append(f"{'agl 0.2.2 cycle cycles/s':<44}" + "".join(
-            f"{_fmt(_get(agl, k, 'ops_per_s'), ',.1f'):>11}" for k in ks))
+    for label, key in (("agl 0.2.2 cycle cycles/s", "cycle"),
+                       ("agl 0.2.2 gather cycles/s", "gather")):
+        agl = _get(results, "agl", key, "per_k") or {}
+        if agl:
+            rows.append(f"{label:<44}" + "".join(
+                f"{_fmt(_get(agl, k, 'ops_per_s'), ',.1f'):>11}" for k in ks))
     for label, key in (("ratio cycle calls / BaseManager echo", "cycle_calls_to_manager_echo"),
                        ("ratio cycle calls / raw echo", "cycle_calls_to_raw_echo"),
                        ("ratio batched calls / BaseManager echo",
@@ -78,11 +80,11 @@ def _latency_rows(results: dict[str, Any], ratios: dict[str, Any]) -> list[str]:
 def _other_rows(results: dict[str, Any]) -> list[str]:
     rows: list[str] = []
     con = results.get("connect") or {}
-    if con:
-        parts = [f"{k} {_fmt(v.get('median_ms'), '.2f')} ms" for k, v in con.items()]
-        agl = _get(results, "agl", "connect", "median_ms")
-        if agl is not None:
-            parts.append(f"agl 0.2.2 {agl:.2f} ms")
+    parts = [f"{k} {_fmt(v.get('median_ms'), '.2f')} ms" for k, v in con.items()]
+    agl = _get(results, "agl", "connect", "median_ms")
+    if agl is not None:
+        parts.append(f"agl 0.2.2 {agl:.2f} ms")
+    if parts:
         rows.append("connect -> first answered call (median): " + ", ".join(parts))
     scale = results.get("scale") or {}
     if scale:
@@ -127,6 +129,24 @@ def _target_rows(targets: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
+def _profile_rows(results: dict[str, Any], top: int = 8) -> list[str]:
+    rows: list[str] = []
+    for label, roles in (results.get("profiles") or {}).items():
+        if "skipped" in roles:
+            return [f"profiles: {roles['skipped']}"]
+        for role, data in roles.items():
+            if "error" in data:
+                rows.append(f"profile {label} {role}: py-spy failed: {data['error']}")
+                continue
+            rows.append(f"profile {label} {role}: GIL held {data['gil_held_pct']}% of the window"
+                        f" ({data['samples']} samples, {data['file']})")
+            rows.append("  self:      " + "; ".join(
+                f"{pct}% {frame}" for frame, pct in data["self_pct"][:top]))
+            rows.append("  inclusive: " + "; ".join(
+                f"{pct}% {frame}" for frame, pct in data["inclusive_pct"][:top]))
+    return rows
+
+
 def render(results: dict[str, Any]) -> str:
     """The whole table as text."""
     ratios, targets = results.get("ratios", {}), results.get("targets", [])
@@ -135,7 +155,7 @@ def render(results: dict[str, Any]) -> str:
                f" {meta.get('duration_s', 0):.0f}s, windows of {meta.get('window_s')}s x "
                f"{meta.get('repeats')})"],
               _throughput_rows(results, ratios), _latency_rows(results, ratios),
-              _other_rows(results), _target_rows(targets)]
+              _other_rows(results), _profile_rows(results), _target_rows(targets)]
     errors = results.get("errors") or {}
     if errors:
         blocks.append([f"ERROR in {name}: {msg.splitlines()[-1] if msg else ''}"
