@@ -87,12 +87,22 @@ def main() -> None:
 @click.option("--safe-threshold", type=Threshold(), default=None,
               envvar="MPSTORE_SAFE_THRESHOLD", show_envvar=True,
               help="Eviction stops below this: ratio or bytes (default 0.8 x eviction).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              envvar="MPSTORE_DATA_DIR", show_envvar=True,
+              help="Keep the state in SQLite in this directory and restore it on start "
+                   "(default: in memory only).")
+@click.option("--synchronous", type=click.Choice(["normal", "full"], case_sensitive=False),
+              default="normal", show_default=True, envvar="MPSTORE_SYNCHRONOUS",
+              show_envvar=True,
+              help="With --data-dir: normal survives a killed server, full also a power loss "
+                   "(an fsync per commit).")
 @click.option("--handshake-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
               show_default=True, envvar="MPSTORE_HANDSHAKE_TIMEOUT", show_envvar=True,
               help="Seconds a new connection has to authenticate before it is dropped.")
 def store_command(host: str, port: int, authkey_file: str | None, log_level: str,
                   watchdog_interval: float, eviction_threshold: float | int | None,
-                  safe_threshold: float | int | None, handshake_timeout: float) -> None:
+                  safe_threshold: float | int | None, data_dir: str | None, synchronous: str,
+                  handshake_timeout: float) -> None:
     """Run the store server in the foreground until SIGINT or SIGTERM.
 
     It listens on 127.0.0.1 unless --host says otherwise. Clients need its authkey: anyone
@@ -104,7 +114,8 @@ def store_command(host: str, port: int, authkey_file: str | None, log_level: str
     try:
         code = run(host, port, authkey_file=authkey_file, watchdog_interval=watchdog_interval,
                    eviction_threshold=eviction_threshold, safe_threshold=safe_threshold,
-                   handshake_timeout=handshake_timeout)
+                   handshake_timeout=handshake_timeout, data_dir=data_dir,
+                   synchronous=synchronous.lower())
     except InvalidArgument as exc:
         raise click.UsageError(str(exc)) from None
     sys.exit(code)

@@ -110,6 +110,18 @@ def test_signals_stop_the_server_gracefully(tmp_path: Path, sig: signal.Signals)
     assert "Traceback" not in log
 
 
+def test_durable_server_keeps_its_state_and_locks_its_directory(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    with running_server(tmp_path, "--data-dir", data) as srv:
+        rollout = srv.connect().enqueue_rollout({"q": 1})
+        second = agl("store", "--port", str(free_port()), "--authkey-file",
+                     str(srv.authkey_file), "--data-dir", data)
+        assert second.returncode == 1 and "mpstore server failed to start" in second.stderr
+        assert "Traceback" not in second.stderr
+    with running_server(tmp_path, "--data-dir", data, "--synchronous", "full") as srv:
+        assert srv.connect().get_rollout_by_id(rollout.rollout_id) == rollout
+
+
 def test_health_exit_codes(tmp_path: Path) -> None:
     with running_server(tmp_path) as srv:
         key = str(srv.authkey_file)
@@ -158,7 +170,8 @@ def test_store_defaults_are_handed_over(captured: dict[str, Any]) -> None:
     assert result.exit_code == 0, result.output
     assert captured == {"host": "127.0.0.1", "port": 4747, "authkey_file": None,
                         "watchdog_interval": 1.0, "eviction_threshold": None,
-                        "safe_threshold": None, "handshake_timeout": 5.0}
+                        "safe_threshold": None, "handshake_timeout": 5.0, "data_dir": None,
+                        "synchronous": "normal"}
 
 
 @pytest.mark.parametrize(("text", "value"), [

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,21 @@ def test_store_errors_arrive_as_themselves(client: StoreClient) -> None:
     assert isinstance(info.value, ValueError)
 
 
+def test_arguments_the_server_cannot_unpickle(client: StoreClient,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    module = types.ModuleType("only_in_the_test_process")
+
+    class Payload:
+        pass
+
+    Payload.__module__, Payload.__qualname__ = module.__name__, "Payload"
+    module.Payload = Payload  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    with pytest.raises(InvalidArgument, match="cannot unpickle the request"):
+        client.enqueue_rollout({"payload": Payload()})
+    assert client.statistics()["total_rollouts"] == 0  # and the connection is still in sync
+
+
 def test_remote_traceback_shows_server_and_caller_frames(client: StoreClient) -> None:
     with pytest.raises(RolloutNotFound) as info:
         client.update_rollout("ro-nope", status="failed")
@@ -126,7 +142,7 @@ def test_remote_traceback_shows_server_and_caller_frames(client: StoreClient) ->
     assert str(info.value) == "Rollout ro-nope not found"
     text = "".join(traceback.format_exception(info.value))
     assert "test_remote_traceback_shows_server_and_caller_frames" in text  # the caller
-    assert "serve_client" in text  # the server's request loop ...
+    assert 'mpstore/manager/server.py", line' in text  # the server's request loop ...
     assert 'mpstore/store.py", line' in text and "in update_rollout" in text  # ... the store
     assert text.rstrip().endswith("mpstore.errors.RolloutNotFound: Rollout ro-nope not found")
 

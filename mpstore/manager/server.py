@@ -36,7 +36,7 @@ from multiprocessing.managers import AutoProxy, BaseManager, Server
 from multiprocessing.process import AuthenticationString
 from typing import Any
 
-from ..errors import AuthenticationFailed, ServerStartError
+from ..errors import AuthenticationFailed, InvalidArgument, ServerStartError, StorageError
 from ..store import InMemoryStore
 from .auth import is_loopback, resolve_authkey
 from .ports import bind_failure, check_port_free, start_failure_message
@@ -214,8 +214,7 @@ class StoreServer(Server):
 
     def serve_client(self, conn: Connection, first: bytes | None = None) -> None:
         """The request loop of one connection: one call, one reply, until EOF."""
-        recv, send = conn.recv_bytes, conn.send_bytes
-        methods = self._methods
+        recv, send, answer = conn.recv_bytes, conn.send_bytes, self._answer
         data = first
         while True:
             if data is None:
@@ -223,20 +222,31 @@ class StoreServer(Server):
                     data = recv()
                 except (EOFError, OSError):
                     return
-            try:
-                ident, name, args, kwds = _loads(data)
-                if ident == STORE_IDENT:
-                    func = methods.get(name) or self._missing(name)
-                else:
-                    func = self._lookup(conn, ident, name)
-                reply = dump_reply(func(*args, **kwds))
-            except Exception as exc:
-                reply = dump_error(exc)  # with the server-side traceback (tblib)
+            reply = answer(conn, data)
             data = None
             try:
                 send(reply)
             except OSError:
                 return
+
+    def _answer(self, conn: Connection, data: bytes) -> bytes:
+        """The pickled reply to one pickled request; never raises."""
+        try:
+            request = _loads(data)
+        except Exception as exc:  # e.g. a class the server cannot import
+            return dump_error(InvalidArgument(
+                f"the server cannot unpickle the request ({type(exc).__name__}: {exc}); "
+                "arguments must be built from types it can import (builtins, mpstore's "
+                "records, modules installed on the server)"))
+        try:
+            ident, name, args, kwds = request
+            if ident == STORE_IDENT:
+                func = self._methods.get(name) or self._missing(name)
+            else:
+                func = self._lookup(conn, ident, name)
+            return dump_reply(func(*args, **kwds))
+        except Exception as exc:
+            return dump_error(exc)  # with the server-side traceback (tblib)
 
     @staticmethod
     def _missing(name: str) -> Callable[..., Any]:
@@ -387,13 +397,21 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
 
 def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None = None,
         watchdog_interval: float = 1.0, eviction_threshold: float | int | None = None,
-        safe_threshold: float | int | None = None, handshake_timeout: float = 5.0) -> int:
-    """``agl store``: serve a new in-memory store until SIGINT/SIGTERM. Returns the exit code:
-    0 after a graceful stop, 1 if the server could not start (the reason is logged).
+        safe_threshold: float | int | None = None, handshake_timeout: float = 5.0,
+        data_dir: str | None = None, synchronous: str = "normal") -> int:
+    """``agl store``: serve a store (in memory, or durable in ``data_dir``) until
+    SIGINT/SIGTERM. Returns the exit code: 0 after a graceful stop, 1 if the server could not
+    start (the reason is logged: port taken, key unusable, data directory locked or damaged).
 
     Raises InvalidArgument for option values the store rejects (a usage error)."""
-    store = InMemoryStore(eviction_threshold=eviction_threshold, safe_threshold=safe_threshold,
-                          watchdog_interval=watchdog_interval, copy_records=False)
+    try:
+        store = InMemoryStore(eviction_threshold=eviction_threshold,
+                              safe_threshold=safe_threshold,
+                              watchdog_interval=watchdog_interval, copy_records=False,
+                              data_dir=data_dir, synchronous=synchronous)
+    except StorageError as exc:
+        log.error("%s", start_failure_message(host, port, reason=str(exc)))
+        return 1
     try:
         if not is_loopback(host):
             log.warning("Listening on %s:%s, beyond this machine: anyone who can reach it and "
@@ -406,6 +424,8 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
         except AuthenticationFailed as exc:
             raise ServerStartError(start_failure_message(host, port, reason=str(exc))) from None
         log.info("Authkey from %s", key.source)
+        if data_dir is not None:
+            log.info("Data directory %s (synchronous=%s)", data_dir, synchronous)
         serve(store, host, port, authkey=key.key, watchdog_interval=watchdog_interval,
               handshake_timeout=handshake_timeout)
     except ServerStartError as exc:
