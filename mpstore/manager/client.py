@@ -127,7 +127,9 @@ class StoreClient(_Base):
         self._host, self._port, self._authkey = host, int(port), bytes(authkey)
         self._timeout, self._retry_for = float(timeout), float(retry_for)
         self._local = threading.local()
-        self._channels: weakref.WeakSet[Channel] = weakref.WeakSet()
+        self._channels: weakref.WeakSet[Channel] = weakref.WeakSet()  # for close()
+        self._channels_lock = threading.Lock()
+        self._epoch = fork_epoch()
 
     @property
     def address(self) -> str:
@@ -154,7 +156,9 @@ class StoreClient(_Base):
     def close(self) -> None:
         """Close this client's connections in this process (every thread's). A later call
         opens a new one, so closing is about releasing sockets, not about validity."""
-        for channel in list(self._channels):
+        with self._channels_lock:
+            channels = list(self._channels)
+        for channel in channels:
             channel.close()
         self._local.channel = None
 
@@ -242,7 +246,13 @@ class StoreClient(_Base):
                     delay = min(delay * 2, 0.25)
                 continue
             self._local.channel = channel
-            self._channels.add(channel)
+            if self._epoch != channel.epoch:
+                # The first connection in a forked child: the parent's lock may have been held
+                # by a thread that does not exist here, and its channels are not ours.
+                self._channels_lock, self._channels = threading.Lock(), weakref.WeakSet()
+                self._epoch = channel.epoch
+            with self._channels_lock:
+                self._channels.add(channel)
             return channel
 
     def _discard(self, channel: Channel) -> None:

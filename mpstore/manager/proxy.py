@@ -163,6 +163,11 @@ class Channel:
             return conn.recv_bytes()
         except _IO_ERRORS as exc:
             raise TransportError(exc, delivered=True) from None
+        except BaseException:
+            # KeyboardInterrupt & co. while the reply is on its way: it would be read as the
+            # reply to the next call. This connection is done.
+            self.close()
+            raise
 
     def close(self) -> None:
         """Close the connection (idempotent); the server's thread for it then ends."""
