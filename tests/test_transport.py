@@ -37,7 +37,7 @@ from mpstore import (
     StoreUnavailable,
     connect,
 )
-from mpstore.manager import StoreManager
+from mpstore.manager import StoreManager, serve
 from mpstore.manager.client import REMOTE_METHODS, parse_address
 from mpstore.manager.ports import free_port
 from mpstore.manager.process import ServerProcess, start_server
@@ -380,6 +380,24 @@ def test_burst_of_connections_is_served(server: ServerProcess) -> None:
     for t in threads:
         t.join(60)
     assert answers == ["mpstore"] * count
+
+
+def test_serve_in_a_thread_stops_on_its_event() -> None:
+    # serve() outside the main thread: no signal handlers, the stop event ends it.
+    stop, ready, port = threading.Event(), threading.Event(), free_port()
+    thread = threading.Thread(target=serve, args=(InMemoryStore(copy_records=False),
+                                                  "127.0.0.1", port),
+                              kwargs={"authkey": b"k", "stop": stop,
+                                      "on_ready": lambda address: ready.set()})
+    thread.start()
+    assert ready.wait(10)
+    client = connect(f"127.0.0.1:{port}", b"k", retry_for=0.2)
+    assert client.enqueue_rollout({"q": 1}).status == "queuing"
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    with pytest.raises(StoreUnavailable):  # its connection was ended, nobody listens
+        client.ping()
 
 
 def test_listen_backlog_is_at_least_128(server: ServerProcess) -> None:
