@@ -52,14 +52,14 @@ def run_scale(bench: Bench) -> None:
     cfg = bench.cfg
     with bench.server(store_server(bench.workdir, "scale")) as srv:
         bench.log(f"scale: cycle K={cfg.scale_k} on an empty store")
-        empty = repeated(bench, srv, "cycle", cfg.scale_k)
+        empty = repeated(bench, srv, "cycle", cfg.scale_k, "scale-empty")
         stats0, rss0 = _statistics(srv), srv.rss()
         bench.log(f"scale: filling {cfg.scale_rollouts:,} rollouts x 10 spans")
         filled = _fill(bench, srv)
         stats1, rss1 = _statistics(srv), srv.rss()
         bench.log(f"scale: filled {filled['rollouts']:,} rollouts, {filled['spans']:,} spans"
                   f" in {filled['seconds']:.1f}s; RSS {rss0 / MB:.0f} -> {rss1 / MB:.0f} MB")
-        loaded = repeated(bench, srv, "cycle", cfg.scale_k)
+        loaded = repeated(bench, srv, "cycle", cfg.scale_k, "scale-loaded")
         stats2 = _statistics(srv)
     spans = stats1.get("total_spans", 0) - stats0.get("total_spans", 0)
     bench.results["scale"] = {
@@ -79,10 +79,12 @@ def run_scale(bench: Bench) -> None:
 
 # ------------------------------------------------------------------ runners
 def _idle_thread(client: Any, mode: str, sentinel: str, poll: float, ready: Any,
-                 stop: Any, deadline: float) -> None:
-    """One idle runner: answer once, report, then idle as ``mode`` says until told to stop."""
+                 stop: Any, deadline: float, gate: threading.Semaphore) -> None:
+    """One idle runner: answer once (at most ``gate``'s count of threads of this process
+    connect at a time), report, then idle as ``mode`` says until told to stop."""
     try:
-        client.ping()
+        with gate:
+            client.ping()
         ready.put("ok")
     except Exception as exc:
         ready.put(f"error: {exc!r}")
@@ -103,11 +105,18 @@ def _idle_thread(client: Any, mode: str, sentinel: str, poll: float, ready: Any,
 
 
 def idle_runners(target: dict[str, Any], threads: int, mode: str, sentinel: str, poll: float,
-                 ready: Any, stop: Any, deadline: float) -> None:
-    """A process of ``threads`` idle runners sharing one client (a connection per thread)."""
-    client = workload._connect_store(target)
+                 ready: Any, stop: Any, deadline: float, burst: int) -> None:
+    """A process of ``threads`` idle runners sharing one client (a connection per thread);
+    ``burst`` threads at most connect at the same time (0: no limit)."""
+    try:
+        client = workload._connect_store(target)
+    except Exception as exc:  # report every thread of this process, do not hang the parent
+        for _ in range(threads):
+            ready.put(f"error: {exc!r}")
+        return
+    gate = threading.Semaphore(burst if burst > 0 else threads)
     pool = [threading.Thread(target=_idle_thread, daemon=True,
-                             args=(client, mode, sentinel, poll, ready, stop, deadline))
+                             args=(client, mode, sentinel, poll, ready, stop, deadline, gate))
             for _ in range(threads)]
     for thread in pool:
         thread.start()
@@ -125,7 +134,8 @@ def _start_runners(bench: Bench, server: Server, sentinel: str, deadline: float,
     counts = [min(per, cfg.runners - i * per) for i in range(cfg.runner_procs)]
     procs = [ctx.Process(target=idle_runners, daemon=True, name=f"bench-idle-{i}",
                          args=(server.target, n, mode, sentinel, cfg.idle_poll,
-                               ready, stop, deadline)) for i, n in enumerate(counts) if n > 0]
+                               ready, stop, deadline, cfg.runner_burst))
+             for i, n in enumerate(counts) if n > 0]
     began = time.perf_counter()
     for proc in procs:
         proc.start()
@@ -133,6 +143,8 @@ def _start_runners(bench: Bench, server: Server, sentinel: str, deadline: float,
 
     def all_ready() -> bool:
         while len(answers) < sum(counts):
+            if not any(p.is_alive() for p in procs) and ready.empty():
+                raise RuntimeError("every idle runner process has exited")
             answers.append(ready.get(timeout=0.5))
         return True
 
@@ -180,7 +192,7 @@ def _with_runners(bench: Bench, srv: Server, sentinel: str, mode: str,
                   f"{info['seconds_to_connect']:.1f}s; server threads {threads0} -> "
                   f"{threads1}, RSS {rss0 / MB:.0f} -> {rss1 / MB:.0f} MB, "
                   f"idle CPU {idle_cpu:.0%}")
-        with_idle = repeated(bench, srv, "cycle", cfg.runners_k)
+        with_idle = repeated(bench, srv, "cycle", cfg.runners_k, f"runners-{mode}")
     finally:
         _stop_runners(procs, stop, cfg.idle_poll)
     n = max(1, info["connected"])
@@ -201,7 +213,7 @@ def run_runners(bench: Bench) -> None:
     idle mode; the first mode is the one the issue-4 target is judged on."""
     cfg = bench.cfg
     with bench.server(store_server(bench.workdir, "runners")) as srv:
-        without = repeated(bench, srv, "cycle", cfg.runners_k)
+        without = repeated(bench, srv, "cycle", cfg.runners_k, "runners-without")
         client = workload._connect_store(srv.target)
         sentinel = client.start_rollout({"sentinel": True}).rollout_id  # never finishes
         getattr(client, "close", lambda: None)()
@@ -227,22 +239,29 @@ def _settled_threads(server: Server, baseline: int, timeout: float = 10.0) -> in
 
 # ------------------------------------------------------------------ durable
 def run_durable(bench: Bench) -> None:
-    """The cycle at K=``durable_k`` against ``--data-dir``; skipped if the CLI lacks it."""
+    """The cycle at K=``durable_k`` against ``--data-dir`` (default ``--synchronous``, and
+    ``full`` too when the CLI has it); skipped if the CLI has no ``--data-dir``."""
     cfg = bench.cfg
     help_text = store_help()
     if "--data-dir" not in help_text:
         bench.results["durable"] = {"skipped": "agl store has no --data-dir"}
         return
-    data_dir = bench.workdir / "durable-data"
-    with bench.server(store_server(bench.workdir, "durable",
-                                   ["--data-dir", str(data_dir)])) as srv:
-        durable = repeated(bench, srv, "cycle", cfg.durable_k)
+    levels = ["normal", "full"] if "--synchronous" in help_text else [None]
+    figures: dict[str, Any] = {}
+    for level in levels:
+        name = f"durable-{level or 'default'}"
+        extra = ["--data-dir", str(bench.workdir / name)]
+        extra += ["--synchronous", level] if level else []
+        with bench.server(store_server(bench.workdir, name, extra)) as srv:
+            figures[level or "default"] = repeated(bench, srv, "cycle", cfg.durable_k, name)
     memory = bench.results.get("cycle", {}).get("per_k", {}).get(str(cfg.durable_k))
     if memory is None:
         with bench.server(store_server(bench.workdir, "durable-baseline")) as srv:
             memory = repeated(bench, srv, "cycle", cfg.durable_k)
+    first = figures[levels[0] or "default"]
     bench.results["durable"] = {
-        "k": cfg.durable_k, "durable": durable, "memory": memory,
-        "ratio_durable_to_memory": ratio(durable["ops_per_s"], memory["ops_per_s"]),
-        "synchronous": "server default",
+        "k": cfg.durable_k, "durable": first, "memory": memory, "synchronous": figures,
+        "ratio_durable_to_memory": ratio(first["ops_per_s"], memory["ops_per_s"]),
+        "ratios_by_synchronous": {lvl: ratio(f["ops_per_s"], memory["ops_per_s"])
+                                  for lvl, f in figures.items()},
     }

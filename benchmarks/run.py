@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import servers
 from .common import round_floats
 from .compare import run_agl
 from .extra import run_durable, run_runners, run_scale
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill-procs", type=int, help="client processes filling the store")
     p.add_argument("--runners", type=int, help="idle connections in the runners scenario")
     p.add_argument("--runner-procs", type=int, help="processes holding those connections")
+    p.add_argument("--runner-burst", type=int,
+                   help="idle threads per process connecting at the same time (0: all)")
     p.add_argument("--idle-mode", type=_modes,
                    help="comma list of what idle runners do: wait (long-poll "
                         "wait_for_rollouts on a rollout that never finishes; the target's "
@@ -83,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="py-spy the server and client 0 during the first window of each K "
                         "(collapsed stacks in profiles/ next to the JSON, summary printed)")
+    p.add_argument("--server-log-level", default="warning",
+                   choices=["debug", "info", "warning", "error"],
+                   help="--log-level of the store servers (their logs are in the scratch "
+                        "directory: see --keep-workdir)")
     p.add_argument("--keep-workdir", action="store_true",
                    help="keep the scratch directory (server logs, key files)")
     return p
@@ -91,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 _OVERRIDES = {"k": "ks", "duration": "duration", "repeats": "repeats", "batch": "batch",
               "latency_n": "latency_n", "scale_rollouts": "scale_rollouts",
               "fill_procs": "fill_procs", "runners": "runners", "runner_procs": "runner_procs",
+              "runner_burst": "runner_burst",
               "idle_mode": "idle_modes", "idle_poll": "idle_poll",
               "start_method": "start_method", "agl_k": "agl_ks"}
 
@@ -164,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run, print the table, write the JSON; 0 if every scenario ran."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    servers.STORE_LOG_LEVEL[0] = args.server_log_level
     began = time.perf_counter()
     bench = Bench(cfg)
     try:

@@ -5,6 +5,7 @@ context, one throughput measurement, medians of repeats)."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 import tempfile
 import time
@@ -41,6 +42,7 @@ class Config:
     scale_k: int = 4
     runners: int = 1000
     runner_procs: int = 10
+    runner_burst: int = 10
     idle_modes: list[str] = field(default_factory=lambda: ["wait", "hold"])
     idle_poll: float = 5.0
     runners_k: int = 4
@@ -72,8 +74,7 @@ class Bench:
 
     def __init__(self, config: Config) -> None:
         self.cfg = config
-        self._tmp = tempfile.TemporaryDirectory(prefix="mpstore-bench-")
-        self.workdir = Path(self._tmp.name)
+        self.workdir = Path(tempfile.mkdtemp(prefix="mpstore-bench-"))
         self.results: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
         self._pool: WorkerPool | None = None
@@ -115,7 +116,7 @@ class Bench:
         if self.cfg.keep_workdir:
             self.log(f"scratch directory kept: {self.workdir}")
         else:
-            self._tmp.cleanup()
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     @contextlib.contextmanager
     def server(self, server: Server) -> Iterator[Server]:
@@ -175,10 +176,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def repeated(bench: Bench, server: Server, workload_name: str, k: int,
-             repeats: int | None = None) -> dict[str, Any]:
-    """:func:`throughput` ``repeats`` times (config default), summarised."""
-    runs = [throughput(bench, server, workload_name, k)
-            for _ in range(repeats or bench.cfg.repeats)]
+             label: str | None = None) -> dict[str, Any]:
+    """:func:`throughput` ``repeats`` times, summarised; with ``--profile`` the first window
+    is sampled under ``label``."""
+    profile = label if bench.cfg.profile else None
+    runs = [throughput(bench, server, workload_name, k, profile if i == 0 else None)
+            for i in range(bench.cfg.repeats)]
     return summarize(runs)
 
 

@@ -138,12 +138,16 @@ def _store_ready(address: str, authkey: bytes) -> Callable[[], Any]:
     return ready
 
 
+#: ``--log-level`` of the store servers (``run.py --server-log-level``)
+STORE_LOG_LEVEL = ["warning"]
+
+
 def store_server(workdir: Path, name: str = "store", extra: list[str] | None = None) -> Server:
     """``python -m mpstore store --port P --authkey-file F [extra]`` (not started yet)."""
     port = free_port()
     keyfile, key = write_keyfile(workdir, f"{name}.key")
     argv = [sys.executable, "-m", "mpstore", "store", "--host", HOST, "--port", str(port),
-            "--authkey-file", str(keyfile), "--log-level", "warning", *(extra or [])]
+            "--authkey-file", str(keyfile), "--log-level", STORE_LOG_LEVEL[0], *(extra or [])]
     address = f"{HOST}:{port}"
     target = {"kind": "store", "address": address, "authkey": key}
     return Server(name, argv, workdir / f"{name}.log", _store_ready(address, key), target)

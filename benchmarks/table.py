@@ -114,9 +114,13 @@ def _other_rows(results: dict[str, Any]) -> list[str]:
     if dur.get("skipped"):
         rows.append(f"durable: skipped ({dur['skipped']})")
     elif dur:
-        rows.append(f"durable K={dur['k']}: {_fmt(_get(dur, 'durable', 'ops_per_s'))} vs "
-                    f"in-memory {_fmt(_get(dur, 'memory', 'ops_per_s'))} cycles/s "
-                    f"(x{_fmt(dur.get('ratio_durable_to_memory'), '.3f')})")
+        levels = ", ".join(
+            f"synchronous={lvl} {_fmt(fig.get('ops_per_s'))} cycles/s "
+            f"(x{_fmt(_get(dur, 'ratios_by_synchronous', lvl), '.3f')}, server "
+            f"{_fmt(fig.get('server_us_per_op'))} us CPU/cycle)"
+            for lvl, fig in (dur.get("synchronous") or {}).items())
+        rows.append(f"durable K={dur['k']}: {levels}; in-memory "
+                    f"{_fmt(_get(dur, 'memory', 'ops_per_s'))} cycles/s")
     return rows
 
 
