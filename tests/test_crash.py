@@ -80,6 +80,7 @@ class Expected:
     def __init__(self) -> None:
         self.enqueued: dict[str, str] = {}  # rid -> token, in enqueue order
         self.dequeued: dict[str, str] = {}  # rid -> aid of the acknowledged claim
+        self.taken: set[str] = set()  # claimed by a dequeue that was never acknowledged
         self.spans: dict[str, set[str]] = {}
         self.finished: dict[str, str] = {}  # aid -> status
         self.resource_updates = 0
@@ -127,12 +128,13 @@ def check(store: Any, expected: Expected) -> None:
     resources = store.get_resources_by_id("shared")
     if expected.resource_updates:
         assert resources is not None and resources.version >= expected.resource_updates
-    waiting = [rid for rid in expected.enqueued if rid not in expected.dequeued]
+    waiting = [rid for rid in expected.enqueued
+               if rid not in expected.dequeued and rid not in expected.taken]
     claimed = store.dequeue_many_rollouts(len(waiting) + 5)
     got = [c.rollout_id for c in claimed]
     known = [rid for rid in got if rid in expected.enqueued]
     if flight.get("op") == "dequeue" and waiting and waiting[0] not in got:
-        waiting = waiting[1:]  # the in-flight dequeue took the head before the kill
+        expected.taken.add(waiting.pop(0))  # the in-flight dequeue took it before the kill
     assert known == waiting  # FIFO order survived
     assert len(got) - len(known) <= (1 if flight else 0)  # only an in-flight enqueue is new
     for c in claimed:
