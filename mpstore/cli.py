@@ -20,7 +20,7 @@ from . import __version__
 from .errors import InvalidArgument, MpstoreError
 from .log import configure_logging
 
-__all__ = ["Threshold", "main"]
+__all__ = ["ByteSize", "Threshold", "main"]
 
 _UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 _LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -44,6 +44,19 @@ class Threshold(click.ParamType):
             return int(match.group(1)) * _UNITS[match.group(2).lower()]
         self.fail(f"{value!r} is neither a ratio like 0.7 nor bytes like 1073741824 or 512MiB",
                   param, ctx)
+
+
+class ByteSize(Threshold):
+    """A number of bytes: ``67108864`` or ``64MiB`` (an integer, optionally KiB/MiB/GiB)."""
+
+    name = "bytes"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        size = super().convert(value, param, ctx)
+        if isinstance(size, float) or size < 1:
+            self.fail(f"{value!r} is not a number of bytes like 67108864 or 64MiB", param, ctx)
+        return int(size)
 
 
 def _address_options(func: Any) -> Any:
@@ -99,10 +112,18 @@ def main() -> None:
 @click.option("--handshake-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
               show_default=True, envvar="MPSTORE_HANDSHAKE_TIMEOUT", show_envvar=True,
               help="Seconds a new connection has to authenticate before it is dropped.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=1024,
+              show_default=True, envvar="MPSTORE_MAX_CONNECTIONS", show_envvar=True,
+              help="Connections served at once (one thread each); more are closed at once "
+                   "and logged.")
+@click.option("--max-message-size", type=ByteSize(), default="64MiB", show_default=True,
+              envvar="MPSTORE_MAX_MESSAGE_SIZE", show_envvar=True,
+              help="Largest request in bytes (67108864, 64MiB); a larger one is discarded "
+                   "unread and its caller gets InvalidArgument.")
 def store_command(host: str, port: int, authkey_file: str | None, log_level: str,
                   watchdog_interval: float, eviction_threshold: float | int | None,
                   safe_threshold: float | int | None, data_dir: str | None, synchronous: str,
-                  handshake_timeout: float) -> None:
+                  handshake_timeout: float, max_connections: int, max_message_size: int) -> None:
     """Run the store server in the foreground until SIGINT or SIGTERM.
 
     It listens on 127.0.0.1 unless --host says otherwise. Clients need its authkey: anyone
@@ -115,7 +136,8 @@ def store_command(host: str, port: int, authkey_file: str | None, log_level: str
         code = run(host, port, authkey_file=authkey_file, watchdog_interval=watchdog_interval,
                    eviction_threshold=eviction_threshold, safe_threshold=safe_threshold,
                    handshake_timeout=handshake_timeout, data_dir=data_dir,
-                   synchronous=synchronous.lower())
+                   synchronous=synchronous.lower(), max_connections=max_connections,
+                   max_message_size=max_message_size)
     except InvalidArgument as exc:
         raise click.UsageError(str(exc)) from None
     sys.exit(code)

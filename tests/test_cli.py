@@ -171,7 +171,18 @@ def test_store_defaults_are_handed_over(captured: dict[str, Any]) -> None:
     assert captured == {"host": "127.0.0.1", "port": 4747, "authkey_file": None,
                         "watchdog_interval": 1.0, "eviction_threshold": None,
                         "safe_threshold": None, "handshake_timeout": 5.0, "data_dir": None,
-                        "synchronous": "normal"}
+                        "synchronous": "normal", "max_connections": 1024,
+                        "max_message_size": 64 * 2**20}
+
+
+def test_connection_and_message_limits(captured: dict[str, Any]) -> None:
+    result = CliRunner().invoke(main, ["store", "--max-connections", "16",
+                                       "--max-message-size", "1GiB"])
+    assert result.exit_code == 0, result.output
+    assert (captured["max_connections"], captured["max_message_size"]) == (16, 2**30)
+    for bad in (["--max-connections", "0"], ["--max-message-size", "0.5"],
+                ["--max-message-size", "0"], ["--max-message-size", "lots"]):
+        assert CliRunner().invoke(main, ["store", *bad]).exit_code == 2, bad
 
 
 @pytest.mark.parametrize(("text", "value"), [

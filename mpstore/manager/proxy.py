@@ -133,6 +133,10 @@ class Channel:
                 f"authentication with the mpstore server at {host}:{port} failed ({exc}): "
                 "the client and the server do not use the same authkey"
             ) from None
+        except EOFError:
+            conn.close()
+            raise EOFError("the server closed the connection before the handshake (at its "
+                           "--max-connections limit? see its log)") from None
         except BaseException:
             conn.close()
             raise

@@ -1,7 +1,7 @@
 """The server: one store served over TCP by a ``BaseManager`` subclass (SPEC §5).
 
 ``StoreServer`` is a ``multiprocessing.managers.Server`` (the class ``StoreManager`` serves
-with) with four changes, each because the stock one falls short:
+with) with these changes, each because the stock one falls short:
 
 * it listens with a backlog of 128 (stock: 16, which stalls bursts of connections for a
   second each, the SYN retry time);
@@ -9,6 +9,12 @@ with) with four changes, each because the stock one falls short:
   accept loop, so a single silent peer stalls every newcomer), logs a failed handshake with the
   peer's address and goes on serving;
 * it sets ``TCP_NODELAY`` on every connection (see :mod:`.proxy`);
+* it bounds what peers can take: at most ``max_connections`` at once (more are closed at
+  once, with a log line), requests of at most ``max_message_size`` bytes (a larger frame is
+  read and discarded in small chunks, never buffered, and answered with InvalidArgument), and
+  a blocking call (a long ``wait``/``timeout``) waits in slices of ``BLOCKING_SLICE`` seconds,
+  between which the server checks that its caller is still connected: a caller that died
+  gives its thread back instead of holding it, or claiming rollouts, until its wait ends;
 * its request loop serves the store under the fixed ident ``"store"`` from a method table and
   sends exceptions with their tracebacks (:mod:`.wire`).
 
@@ -28,7 +34,9 @@ import logging
 import pickle
 import signal
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
@@ -43,11 +51,69 @@ from .ports import bind_failure, check_port_free, start_failure_message
 from .proxy import set_socket_timeouts, tune_socket
 from .wire import STORE_IDENT, dump_error, dump_reply, remote_methods
 
-__all__ = ["BACKLOG", "StoreManager", "StoreServer", "run", "serve"]
+__all__ = [
+    "BACKLOG",
+    "BLOCKING_SLICE",
+    "MAX_CONNECTIONS",
+    "MAX_MESSAGE_SIZE",
+    "MessageTooLarge",
+    "StoreManager",
+    "StoreServer",
+    "run",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 BACKLOG = 128
+#: Default limits (``agl store --max-connections``, ``--max-message-size``).
+MAX_CONNECTIONS = 1024
+MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+#: Longest time a blocking call waits in the store before the server checks its caller.
+BLOCKING_SLICE = 0.5
+#: Blocking store calls and the keyword argument that bounds their wait.
+_BLOCKING = {"dequeue_many_rollouts": "wait", "dequeue_rollout": "wait",
+             "wait_for_rollouts": "timeout"}
+_DRAIN_CHUNK = 1024 * 1024
 _loads = pickle.loads
+
+
+class MessageTooLarge(Exception):
+    """A request frame larger than the server's limit (already drained from the stream)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the request is {size} bytes, larger than this server's limit of {limit} bytes "
+            f"(agl store --max-message-size); send less per call (e.g. split a batch) or "
+            f"raise the limit")
+        self.size, self.limit = size, limit
+
+
+class _Abandoned(Exception):
+    """The caller of a blocking call has disconnected: nobody is left to answer."""
+
+
+class _LimitedConnection(Connection):
+    """A server-side Connection that never buffers a request larger than ``max_size``: it
+    reads the announced length, drains that many bytes in 1 MiB chunks (the stream stays in
+    step) and raises MessageTooLarge. Explicit limits (the handshake's 256 bytes) behave as
+    stock: the frame is refused unread."""
+
+    max_size = MAX_MESSAGE_SIZE
+
+    def _recv_bytes(self, maxsize: int | None = None) -> Any:
+        size, = struct.unpack("!i", self._recv(4).getvalue())
+        if size == -1:  # a frame of 2 GiB or more: an 8-byte length follows
+            size, = struct.unpack("!Q", self._recv(8).getvalue())
+        if maxsize is not None:
+            return None if size > maxsize else self._recv(size)
+        if size > self.max_size:
+            remaining = size
+            while remaining > 0:
+                step = min(remaining, _DRAIN_CHUNK)
+                self._recv(step)
+                remaining -= step
+            raise MessageTooLarge(size, self.max_size)
+        return self._recv(size)
 
 
 def _listen(address: tuple[str, int], backlog: int) -> socket.socket:
@@ -69,7 +135,8 @@ class StoreServer(Server):
 
     def __init__(self, registry: dict[str, Any], address: tuple[str, int], authkey: bytes,
                  serializer: str = "pickle", *, handshake_timeout: float = 5.0,
-                 backlog: int = BACKLOG) -> None:
+                 backlog: int = BACKLOG, max_connections: int = MAX_CONNECTIONS,
+                 max_message_size: int = MAX_MESSAGE_SIZE) -> None:
         # Not Server.__init__: it binds with a backlog of 16 through a Listener that
         # authenticates inside accept(). These are the attributes Server's methods use.
         if serializer != "pickle":
@@ -88,6 +155,9 @@ class StoreServer(Server):
         self._conns: set[Connection] = set()
         self._conns_lock = threading.Lock()
         self._accepter: threading.Thread | None = None
+        self.max_connections, self.max_message_size = max_connections, max_message_size
+        self._peers = 0  # connections with a thread (authenticated or not); _conns_lock
+        self._refused, self._refusal_logged = 0, -1e9  # accepter thread only
 
     def serve_store(self, store: Any) -> None:
         """Serve ``store``'s public methods (except ``close``) under the ident ``"store"``."""
@@ -133,12 +203,39 @@ class StoreServer(Server):
                     log.error("Cannot accept connections: %s", exc.strerror)
                     self.stop_event.wait(0.1)  # until some connection closes
                 continue
+            with self._conns_lock:
+                full = self._peers >= self.max_connections
+                self._peers += not full
+            if full:
+                self._refuse(sock, peer)
+                continue
             try:
-                threading.Thread(target=self.handle_request, args=(sock, peer),
+                threading.Thread(target=self._serve_peer, args=(sock, peer),
                                  name=f"mpstore-{_peer(peer)}", daemon=True).start()
             except RuntimeError as exc:  # "can't start new thread"
                 log.error("Refused connection from %s: %s", _peer(peer), exc)
                 sock.close()
+                with self._conns_lock:
+                    self._peers -= 1
+
+    def _refuse(self, sock: socket.socket, peer: Any) -> None:
+        """Close a connection beyond ``max_connections`` at once; log it (at most one line
+        every 5 s, with the count, so a flood cannot flood the log too)."""
+        sock.close()
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= 5.0:
+            log.warning("Refused connection from %s: %d connections are open, the limit "
+                        "(--max-connections %d); %d refused since the last such line",
+                        _peer(peer), self.max_connections, self.max_connections, self._refused)
+            self._refused, self._refusal_logged = 0, now
+
+    def _serve_peer(self, sock: socket.socket, peer: Any) -> None:
+        try:
+            self.handle_request(sock, peer)
+        finally:
+            with self._conns_lock:
+                self._peers -= 1
 
     # ------------------------------------------------------------ connections
     def handle_request(self, sock: socket.socket, peer: Any) -> None:  # type: ignore[override]
@@ -147,7 +244,8 @@ class StoreServer(Server):
             tune_socket(sock)
             timeout = self.handshake_timeout
             set_socket_timeouts(sock, timeout, timeout)  # a silent peer gives up its thread
-            conn = Connection(sock.detach())
+            conn = _LimitedConnection(sock.detach())
+            conn.max_size = self.max_message_size
         except OSError:
             sock.close()
             return
@@ -190,7 +288,12 @@ class StoreServer(Server):
     def _first_request(self, conn: Connection) -> None:
         """A stock manager request (ident None: accept_connection, create, incref ...) is
         answered as Server does; anything else is already the first call of a client."""
-        data = conn.recv_bytes()
+        try:
+            data = conn.recv_bytes()
+        except MessageTooLarge as exc:
+            conn.send_bytes(_too_large(exc))
+            self.serve_client(conn)
+            return
         try:
             request = _loads(data)
         except Exception:
@@ -217,20 +320,23 @@ class StoreServer(Server):
         recv, send, answer = conn.recv_bytes, conn.send_bytes, self._answer
         data = first
         while True:
-            if data is None:
-                try:
-                    data = recv()
-                except (EOFError, OSError):
-                    return
-            reply = answer(conn, data)
+            try:  # answer() never raises
+                reply = answer(conn, recv() if data is None else data)
+            except (EOFError, OSError):
+                return
+            except MessageTooLarge as exc:
+                reply = _too_large(exc)  # drained from the stream: answer it and go on
+            if reply is None:
+                return  # the caller of a blocking call went away
             data = None
             try:
                 send(reply)
             except OSError:
                 return
 
-    def _answer(self, conn: Connection, data: bytes) -> bytes:
-        """The pickled reply to one pickled request; never raises."""
+    def _answer(self, conn: Connection, data: bytes) -> bytes | None:
+        """The pickled reply to one pickled request; None if the caller of a blocking call
+        disconnected meanwhile. Never raises."""
         try:
             request = _loads(data)
         except Exception as exc:  # e.g. a class the server cannot import
@@ -242,9 +348,13 @@ class StoreServer(Server):
             ident, name, args, kwds = request
             if ident == STORE_IDENT:
                 func = self._methods.get(name) or self._missing(name)
+                if name in _BLOCKING:
+                    return dump_reply(_sliced(conn, name, func, args, kwds))
             else:
                 func = self._lookup(conn, ident, name)
             return dump_reply(func(*args, **kwds))
+        except _Abandoned:
+            return None
         except Exception as exc:
             return dump_error(exc)  # with the server-side traceback (tblib)
 
@@ -263,6 +373,50 @@ class StoreServer(Server):
         if name in self.fallback_mapping:  # __str__, __repr__, #GETVALUE
             return functools.partial(self.fallback_mapping[name], self, conn, ident, obj)
         raise AttributeError(f"method {name!r} of {type(obj)!r} is not exposed")
+
+
+def _sliced(conn: Connection, name: str, func: Callable[..., Any], args: tuple[Any, ...],
+            kwds: dict[str, Any]) -> Any:
+    """Run a blocking call as successive waits of at most BLOCKING_SLICE seconds, checking
+    between them that the caller is still connected (raises _Abandoned if not). Same result
+    as one call: a slice that returns before its time is up has its answer (something was
+    claimed, or every rollout waited for is finished); the last slice answers at the end."""
+    key = _BLOCKING[name]
+    total = kwds.get(key, None if name == "wait_for_rollouts" else 0.0)
+    if total is not None and (isinstance(total, bool) or not isinstance(total, (int, float))
+                              or not total > BLOCKING_SLICE):
+        return func(*args, **kwds)  # short, or not a number (the store rejects it)
+    deadline = None if total is None else time.monotonic() + total
+    while True:
+        remaining = BLOCKING_SLICE if deadline is None else deadline - time.monotonic()
+        step = min(BLOCKING_SLICE, max(remaining, 0.0))
+        started = time.monotonic()
+        result = func(*args, **{**kwds, key: step})
+        if (step < BLOCKING_SLICE or time.monotonic() - started < step
+                or (result and name != "wait_for_rollouts")):
+            return result
+        if _hung_up(conn.fileno()):
+            log.info("A caller of %s disconnected while it waited; call abandoned", name)
+            raise _Abandoned
+
+
+def _hung_up(fd: int) -> bool:
+    """True if the peer closed its end of the connection (a client sends nothing while its
+    call runs, so anything readable but data means it has gone)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.detach()
+
+
+def _too_large(exc: MessageTooLarge) -> bytes:
+    log.warning("Refused a request of %d bytes (--max-message-size %d)", exc.size, exc.limit)
+    return dump_error(InvalidArgument(str(exc)))
 
 
 def _peer(peer: Any) -> str:
@@ -358,12 +512,15 @@ def _registry(store: Any) -> dict[str, Any]:
 
 def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: bytes,
           watchdog_interval: float | None = 1.0, handshake_timeout: float = 5.0,
+          max_connections: int = MAX_CONNECTIONS, max_message_size: int = MAX_MESSAGE_SIZE,
           stop: threading.Event | None = None,
           on_ready: Callable[[tuple[str, int]], None] | None = None) -> str:
     """Serve ``store`` on ``host:port`` until ``stop`` is set or, when called from the main
     thread, SIGINT or SIGTERM arrives; then stop gracefully and return why ("SIGTERM" ...).
 
     ``watchdog_interval``: seconds between background watchdog passes (None: no ticker).
+    ``max_connections``: peers served at once (more are refused); ``max_message_size``: the
+    largest request in bytes (a larger one gets InvalidArgument).
     ``on_ready(address)`` is called once the server accepts connections. Raises
     ServerStartError if it cannot listen (the SPEC §6 message)."""
     stop = stop if stop is not None else threading.Event()
@@ -377,7 +534,9 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
                 threading.Thread(target=_tick, name="mpstore-watchdog", daemon=True,
                                  args=(store, watchdog_interval, ticking)).start()
             server = StoreServer(_registry(store), (host, port), authkey,
-                                 handshake_timeout=handshake_timeout)
+                                 handshake_timeout=handshake_timeout,
+                                 max_connections=max_connections,
+                                 max_message_size=max_message_size)
             server.serve_store(store)
             log.info("Starting server at %s:%s", host, server.address[1])
             server.start()
@@ -398,7 +557,9 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
 def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None = None,
         watchdog_interval: float = 1.0, eviction_threshold: float | int | None = None,
         safe_threshold: float | int | None = None, handshake_timeout: float = 5.0,
-        data_dir: str | None = None, synchronous: str = "normal") -> int:
+        data_dir: str | None = None, synchronous: str = "normal",
+        max_connections: int = MAX_CONNECTIONS, max_message_size: int = MAX_MESSAGE_SIZE
+        ) -> int:
     """``agl store``: serve a store (in memory, or durable in ``data_dir``) until
     SIGINT/SIGTERM. Returns the exit code: 0 after a graceful stop, 1 if the server could not
     start (the reason is logged: port taken, key unusable, data directory locked or damaged).
@@ -427,7 +588,8 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
         if data_dir is not None:
             log.info("Data directory %s (synchronous=%s)", data_dir, synchronous)
         serve(store, host, port, authkey=key.key, watchdog_interval=watchdog_interval,
-              handshake_timeout=handshake_timeout)
+              handshake_timeout=handshake_timeout, max_connections=max_connections,
+              max_message_size=max_message_size)
     except ServerStartError as exc:
         log.error("%s", exc)
         return 1
