@@ -3,8 +3,9 @@
 Starts real servers (``python -m mpstore store``, a raw ``multiprocessing.connection`` echo, a
 ``BaseManager`` echo) on free loopback ports with fresh 0600 key files, drives them from K
 client processes, prints a table and writes JSON (default ``benchmarks/results/latest.json``).
-Scenarios: limits, cycle, batched, latency, connect, scale, runners, durable, agl (only with
-``--compare-agl VENV``). Exit status 1 if any scenario failed (its traceback is in the JSON).
+Scenarios: limits, cycle, batched, inprocess, latency, connect, scale, runners, durable, agl
+(only with ``--compare-agl VENV``). Exit status 1 if any scenario failed (its traceback is in
+the JSON).
 """
 
 from __future__ import annotations
@@ -130,7 +131,14 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _meta(cfg: Config, seconds: float) -> dict[str, Any]:
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _meta(cfg: Config, seconds: float, load_start: list[float] | None) -> dict[str, Any]:
     try:
         from mpstore import __version__ as version
     except ImportError:
@@ -141,15 +149,15 @@ def _meta(cfg: Config, seconds: float) -> dict[str, Any]:
             "mpstore_version": version, "git_commit": _git_commit(), "ks": cfg.ks,
             "window_s": cfg.duration, "repeats": cfg.repeats, "batch": cfg.batch,
             "start_method": cfg.start_method, "scenarios": list(cfg.only),
-            "duration_s": seconds}
+            "duration_s": seconds, "loadavg_start": load_start, "loadavg_end": _loadavg()}
 
 
 def run_scenarios(bench: Bench) -> None:
     """Every selected scenario; a failure is recorded and the run goes on."""
     cfg = bench.cfg
     steps: list[tuple[str, bool, Callable[[Bench], None]]] = [
-        ("main", any(cfg.wants(n) for n in ("limits", "cycle", "batched", "latency",
-                                            "connect")), run_main),
+        ("main", any(cfg.wants(n) for n in ("limits", "cycle", "batched", "inprocess",
+                                            "latency", "connect")), run_main),
         ("scale", cfg.wants("scale"), run_scale),
         ("runners", cfg.wants("runners"), run_runners),
         ("durable", cfg.wants("durable"), run_durable),
@@ -173,21 +181,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     servers.STORE_LOG_LEVEL[0] = args.server_log_level
-    began = time.perf_counter()
+    began, load_start = time.perf_counter(), _loadavg()
     bench = Bench(cfg)
     try:
         run_scenarios(bench)
     finally:
         bench.close()
-    results: dict[str, Any] = {"meta": _meta(cfg, time.perf_counter() - began),
+    results: dict[str, Any] = {"meta": _meta(cfg, time.perf_counter() - began, load_start),
                                **bench.results}
     results["ratios"] = compute_ratios(results)
     results["targets"] = compute_targets(results, results["ratios"])
     results["errors"] = bench.errors
     results = round_floats(results)
-    cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    cfg.output.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
     print(render(results))
+    try:
+        cfg.output.parent.mkdir(parents=True, exist_ok=True)
+        cfg.output.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    except OSError as exc:
+        print(f"\ncould not write {cfg.output}: {exc}", file=sys.stderr)
+        return 1
     print(f"\nJSON: {cfg.output}")
     return 1 if bench.errors else 0
 

@@ -21,8 +21,8 @@ from .profile import profiling
 from .servers import Server, echo_server, running, store_server
 
 #: every scenario ``--only`` accepts, in the order a full run does them
-SCENARIOS = ("limits", "cycle", "batched", "latency", "connect", "scale", "runners",
-             "durable", "agl")
+SCENARIOS = ("limits", "cycle", "batched", "inprocess", "latency", "connect", "scale",
+             "runners", "durable", "agl")
 TASK_TIMEOUT = 120.0
 
 
@@ -172,7 +172,14 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     return {"ops_per_s": med("ops_per_s"), "calls_per_s": med("calls_per_s"),
             "server_cpu": med("server_cpu"), "server_us_per_call": med("server_us_per_call"),
-            "server_us_per_op": med("server_us_per_op"), "runs": [r["ops_per_s"] for r in runs]}
+            "server_us_per_op": med("server_us_per_op"), "runs": [r["ops_per_s"] for r in runs],
+            "spread": _spread([r["ops_per_s"] for r in runs])}
+
+
+def _spread(values: list[float]) -> float | None:
+    """(max - min) / median of repeated windows: how far to trust a figure."""
+    mid = median(values) if values else 0.0
+    return (max(values) - min(values)) / mid if mid else None
 
 
 def repeated(bench: Bench, server: Server, workload_name: str, k: int,
@@ -250,10 +257,34 @@ def _first_call_figures(bench: Bench, servers: dict[str, Server]) -> dict[str, A
     return out
 
 
+def _inprocess_figures(bench: Bench) -> dict[str, Any]:
+    """The cycle and the batched cycle against an ``InMemoryStore`` inside one client process
+    (no transport): what the store logic and building the records cost per call."""
+    cfg = bench.cfg
+    target = {"kind": "inprocess", "address": "memory"}
+    out: dict[str, Any] = {}
+    for name in ("cycle", "batched"):
+        runs = []
+        for _ in range(cfg.repeats):
+            bench.pool.run(workload.prepare, [{"target": target, "workload": name,
+                                                "batch": cfg.batch}], TASK_TIMEOUT)
+            start_at = time.time() + 0.05
+            runs.append(bench.pool.run(workload.measure, [
+                {"target": target, "workload": name, "start_at": start_at,
+                 "end_at": start_at + cfg.duration, "batch": cfg.batch}], TASK_TIMEOUT +
+                cfg.duration)[0])
+        calls = median([r["calls_per_s"] for r in runs])
+        out[name] = {"ops_per_s": median([r["ops_per_s"] for r in runs]), "calls_per_s": calls,
+                     "us_per_call": 1e6 / calls if calls else None}
+    bench.pool.run(workload.drop_sessions, [{}], TASK_TIMEOUT)
+    return out
+
+
 def run_main(bench: Bench) -> None:
     """limits, cycle, batched, latency, connect: one store server, two echo servers."""
     cfg = bench.cfg
-    wanted = [n for n in ("limits", "cycle", "batched", "latency", "connect") if cfg.wants(n)]
+    wanted = [n for n in ("limits", "cycle", "batched", "inprocess", "latency", "connect")
+              if cfg.wants(n)]
     if not wanted:
         return
     need_echo = any(cfg.wants(n) for n in ("limits", "latency", "connect"))
@@ -278,6 +309,9 @@ def run_main(bench: Bench) -> None:
             if cfg.wants(name):
                 bench.results[name] = {"per_k": figures.get(name, {}), "batch": cfg.batch,
                                        "calls_per_cycle": workload.CALLS_PER_CYCLE}
+        if cfg.wants("inprocess"):
+            bench.log("inprocess: the cycle against an InMemoryStore in one client process")
+            bench.results["inprocess"] = _inprocess_figures(bench)
         if cfg.wants("latency"):
             bench.log("latency: single client")
             bench.results["latency"] = _latency_figures(bench, servers)

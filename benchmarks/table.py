@@ -79,6 +79,11 @@ def _latency_rows(results: dict[str, Any], ratios: dict[str, Any]) -> list[str]:
 
 def _other_rows(results: dict[str, Any]) -> list[str]:
     rows: list[str] = []
+    inproc = results.get("inprocess") or {}
+    if inproc:
+        rows.append("in-process InMemoryStore, one client, no transport: " + ", ".join(
+            f"{name} {_fmt(d.get('ops_per_s'))} cycles/s = {_fmt(d.get('us_per_call'), '.1f')}"
+            f" us/call" for name, d in inproc.items()))
     con = results.get("connect") or {}
     parts = [f"{k} {_fmt(v.get('median_ms'), '.2f')} ms" for k, v in con.items()]
     agl = _get(results, "agl", "connect", "median_ms")
@@ -157,7 +162,9 @@ def render(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     blocks = [[f"mpstore benchmark ({meta.get('mode', '?')} mode, {meta.get('cpus', '?')} CPUs,"
                f" {meta.get('duration_s', 0):.0f}s, windows of {meta.get('window_s')}s x "
-               f"{meta.get('repeats')})"],
+               f"{meta.get('repeats')}; load average {meta.get('loadavg_start')} at start, "
+               f"{meta.get('loadavg_end')} at end: other work on the machine skews figures, "
+               f"ratios less)"],
               _throughput_rows(results, ratios), _latency_rows(results, ratios),
               _other_rows(results), _profile_rows(results), _target_rows(targets)]
     errors = results.get("errors") or {}

@@ -37,6 +37,10 @@ def _open(target: dict[str, Any]) -> Any:
     kind = target["kind"]
     if kind == "store":
         return _connect_store(target)
+    if kind == "inprocess":  # the store's own cost: no transport, records not copied,
+        from mpstore import InMemoryStore  # as the server runs it
+
+        return InMemoryStore(copy_records=False)
     opener = open_raw if kind == "raw" else open_manager
     return opener(tuple(target["address"]), target["authkey"])
 
@@ -51,6 +55,8 @@ def session(target: dict[str, Any]) -> Any:
 
 def _close(kind: str, handle: Any) -> None:
     try:
+        if kind == "inprocess":
+            return
         if kind == "store":
             close = getattr(handle, "close", None)
             if close is not None:

@@ -46,8 +46,9 @@ def test_quick_run_writes_expected_json(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["errors"] == {}, data["errors"]
     assert code == 0
-    assert {"meta", "limits", "cycle", "batched", "latency", "connect", "scale", "runners",
-            "durable", "ratios", "targets", "errors"} <= set(data)
+    assert {"meta", "limits", "cycle", "batched", "inprocess", "latency", "connect", "scale",
+            "runners", "durable", "ratios", "targets", "errors"} <= set(data)
+    assert {"ops_per_s", "us_per_call"} <= set(data["inprocess"]["cycle"])
     for name in ("raw_echo", "manager_echo"):
         assert set(data["limits"][name]) == {"1", "2"}
         assert {"ops_per_s", "calls_per_s", "runs"} <= set(data["limits"][name]["1"])
