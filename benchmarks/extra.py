@@ -212,7 +212,11 @@ def run_runners(bench: Bench) -> None:
     """The cycle at K=``runners_k`` without, then with ``runners`` idle connections in each
     idle mode; the first mode is the one the issue-4 target is judged on."""
     cfg = bench.cfg
-    with bench.server(store_server(bench.workdir, "runners")) as srv:
+    # Every idle runner process also holds its main thread's connection, the pool its own:
+    # raise the server's cap (1024 by default) above what this scenario opens.
+    extra = (["--max-connections", str(cfg.runners + 256)]
+             if "--max-connections" in store_help() else [])
+    with bench.server(store_server(bench.workdir, "runners", extra)) as srv:
         without = repeated(bench, srv, "cycle", cfg.runners_k, "runners-without")
         client = workload._connect_store(srv.target)
         sentinel = client.start_rollout({"sentinel": True}).rollout_id  # never finishes
@@ -222,7 +226,8 @@ def run_runners(bench: Bench) -> None:
     primary = modes[cfg.idle_modes[0]]
     bench.results["runners"] = {
         "k": cfg.runners_k, "idle_connections": cfg.runners, "idle_poll_s": cfg.idle_poll,
-        "runner_procs": cfg.runner_procs, "without": without, **primary, "modes": modes,
+        "runner_procs": cfg.runner_procs, "server_args": extra, "without": without,
+        **primary, "modes": modes,
     }
 
 
