@@ -77,7 +77,7 @@ def _latency_rows(results: dict[str, Any], ratios: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _other_rows(results: dict[str, Any]) -> list[str]:
+def _small_rows(results: dict[str, Any]) -> list[str]:
     rows: list[str] = []
     inproc = results.get("inprocess") or {}
     if inproc:
@@ -91,6 +91,22 @@ def _other_rows(results: dict[str, Any]) -> list[str]:
         parts.append(f"agl 0.2.2 {agl:.2f} ms")
     if parts:
         rows.append("connect -> first answered call (median): " + ", ".join(parts))
+    dur = results.get("durable") or {}
+    if dur.get("skipped"):
+        rows.append(f"durable: skipped ({dur['skipped']})")
+    elif dur:
+        levels = ", ".join(
+            f"synchronous={lvl} {_fmt(fig.get('ops_per_s'))} cycles/s "
+            f"(x{_fmt(_get(dur, 'ratios_by_synchronous', lvl), '.3f')}, server "
+            f"{_fmt(fig.get('server_us_per_op'))} us CPU/cycle)"
+            for lvl, fig in (dur.get("synchronous") or {}).items())
+        rows.append(f"durable K={dur['k']}: {levels}; in-memory "
+                    f"{_fmt(_get(dur, 'memory', 'ops_per_s'))} cycles/s")
+    return rows
+
+
+def _scale_rows(results: dict[str, Any]) -> list[str]:
+    rows: list[str] = []
     scale = results.get("scale") or {}
     if scale:
         rows.append(
@@ -115,17 +131,6 @@ def _other_rows(results: dict[str, Any]) -> list[str]:
             f"{_fmt(data.get('threads_per_connection'), '.2f')} threads per connection; "
             f"threads {data['threads_before']} -> {data['threads_with']} -> "
             f"{data['threads_after_stop']} after")
-    dur = results.get("durable") or {}
-    if dur.get("skipped"):
-        rows.append(f"durable: skipped ({dur['skipped']})")
-    elif dur:
-        levels = ", ".join(
-            f"synchronous={lvl} {_fmt(fig.get('ops_per_s'))} cycles/s "
-            f"(x{_fmt(_get(dur, 'ratios_by_synchronous', lvl), '.3f')}, server "
-            f"{_fmt(fig.get('server_us_per_op'))} us CPU/cycle)"
-            for lvl, fig in (dur.get("synchronous") or {}).items())
-        rows.append(f"durable K={dur['k']}: {levels}; in-memory "
-                    f"{_fmt(_get(dur, 'memory', 'ops_per_s'))} cycles/s")
     return rows
 
 
@@ -166,7 +171,8 @@ def render(results: dict[str, Any]) -> str:
                f"{meta.get('loadavg_end')} at end: other work on the machine skews figures, "
                f"ratios less)"],
               _throughput_rows(results, ratios), _latency_rows(results, ratios),
-              _other_rows(results), _profile_rows(results), _target_rows(targets)]
+              _small_rows(results) + _scale_rows(results), _profile_rows(results),
+              _target_rows(targets)]
     errors = results.get("errors") or {}
     if errors:
         blocks.append([f"ERROR in {name}: {msg.splitlines()[-1] if msg else ''}"
