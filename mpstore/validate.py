@@ -189,8 +189,10 @@ def _plain_span(value: Any) -> bool:
         and type(value.links) is list
         and value.context is None
         and value.parent is None
-        and (value.start_time is None or type(value.start_time) is float)
-        and (value.end_time is None or type(value.end_time) is float)
+        and (value.start_time is None
+             or (type(value.start_time) is float and value.start_time == value.start_time))
+        and (value.end_time is None
+             or (type(value.end_time) is float and value.end_time == value.end_time))
     )
 
 

@@ -77,6 +77,13 @@ BLOCKING = {"dequeue_many_rollouts": "wait", "dequeue_rollout": "wait",
 REMOTE_METHODS = remote_methods(InMemoryStore)
 
 _dumps, _loads = pickle.dumps, pickle.loads
+#: The longest reply timeout given to the kernel (a year): a ``wait=float("inf")`` waits this.
+_LONGEST = 365 * 24 * 3600.0
+
+
+def _is_seconds(value: Any) -> bool:
+    """A real, finite-or-infinite number of seconds (not a bool, not NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -168,7 +175,12 @@ class StoreClient(_Base):
         thread's connection; anything unusual goes to :meth:`_recover`."""
         started = time.monotonic()
         timeout = self._timeout if name not in BLOCKING else self._reply_timeout(name, kwargs)
-        payload = _dumps((STORE_IDENT, name, args, kwargs), PROTOCOL)
+        try:
+            payload = _dumps((STORE_IDENT, name, args, kwargs), PROTOCOL)
+        except Exception as exc:  # a lock, a lambda, a generator ...: nothing was sent
+            raise InvalidArgument(
+                f"{name}: the arguments cannot be pickled ({type(exc).__name__}: {exc}); they "
+                "must be plain data or mpstore's records to reach the server") from None
         channel = getattr(self._local, "channel", None)
         if channel is None or channel.epoch != fork_epoch():
             return self._recover(name, args, kwargs, started, None)
@@ -186,9 +198,12 @@ class StoreClient(_Base):
         if wait is None:
             return None
         try:
-            return max(float(wait), 0.0) + self._timeout
+            seconds = max(float(wait), 0.0)
         except (TypeError, ValueError):
             return self._timeout  # not a number: the server rejects it at once
+        if seconds != seconds:
+            return self._timeout  # NaN: rejected at once too
+        return min(seconds + self._timeout, _LONGEST)  # inf: as long as the kernel allows
 
     def _recover(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                  started: float, failure: TransportError | None) -> Any:
@@ -198,7 +213,7 @@ class StoreClient(_Base):
         if failure is not None and failure.delivered and name not in RETRIED:
             raise self._unsafe(name, failure)
         deadline, own_end = time.monotonic() + self._retry_for, None
-        if name == "wait_for_rollouts" and isinstance(kwargs.get("timeout"), (int, float)):
+        if name == "wait_for_rollouts" and _is_seconds(kwargs.get("timeout")):
             own_end = started + max(float(kwargs["timeout"]), 0.0)
             deadline = min(deadline, own_end)
         delay, first = 0.01, True
