@@ -23,7 +23,10 @@ from mpstore.manager.wire import PROTOCOL, STORE_IDENT
 __all__ = [
     "Usage",
     "authenticated",
+    "blocked_reading",
+    "mp_context",
     "ping_time",
+    "raw_socket",
     "request",
     "usage",
     "wait_until",
@@ -97,3 +100,32 @@ def ping_time(server: ServerProcess, limit: float = 1.0) -> float:
     elapsed = time.monotonic() - start
     assert elapsed < limit, f"ping took {elapsed:.2f} s"
     return elapsed
+
+
+#: read(2)'s number in /proc/PID/syscall, per machine.
+_READ_SYSCALL = {"x86_64": "0", "aarch64": "63"}
+
+
+def blocked_reading(pid: int) -> bool:
+    """True once process ``pid``'s main thread sleeps in read(2) (a client waiting for a
+    reply). Where /proc does not tell, True once it sleeps at all."""
+    import platform
+
+    try:
+        with open(f"/proc/{pid}/syscall") as handle:
+            fields = handle.read().split()
+        number = _READ_SYSCALL.get(platform.machine())
+        if number is not None and fields:
+            return fields[0] == number
+    except OSError:
+        pass
+    return psutil.Process(pid).status() == psutil.STATUS_SLEEPING
+
+
+def mp_context() -> Any:
+    """forkserver where there is one (children start fast, from a clean parent), else spawn."""
+    import multiprocessing
+
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("forkserver")
+    return multiprocessing.get_context("spawn")

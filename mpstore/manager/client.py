@@ -18,7 +18,9 @@ Failures, per call:
   ``add_many_spans`` (D7) are sent again, within ``retry_for`` seconds of the failure; any other
   write raises ``StoreUnavailable`` at once rather than risk applying twice.
 * No reply within ``timeout`` seconds (beyond a blocking call's own wait) counts as broken:
-  a stopped or unreachable server cannot hold a call forever.
+  a stopped or unreachable server cannot hold a call forever. A wait longer than ``timeout``
+  (or unbounded: ``wait_for_rollouts(timeout=None)``) is sent as successive waits of at most
+  ``timeout`` seconds, so it too ends within about twice ``timeout`` of the server stopping.
 
 So after a server dies, no call lasts longer than ``retry_for`` (a ``wait_for_rollouts`` with a
 shorter remaining ``timeout``: that), then raises ``StoreUnavailable``. A wrong key raises
@@ -77,7 +79,7 @@ BLOCKING = {"dequeue_many_rollouts": "wait", "dequeue_rollout": "wait",
 REMOTE_METHODS = remote_methods(InMemoryStore)
 
 _dumps, _loads = pickle.dumps, pickle.loads
-#: The longest reply timeout given to the kernel (a year): a ``wait=float("inf")`` waits this.
+#: The longest reply timeout given to the kernel (a year).
 _LONGEST = 365 * 24 * 3600.0
 
 
@@ -175,6 +177,8 @@ class StoreClient(_Base):
         thread's connection; anything unusual goes to :meth:`_recover`."""
         started = time.monotonic()
         timeout = self._timeout if name not in BLOCKING else self._reply_timeout(name, kwargs)
+        if timeout is None:
+            return self._in_pieces(name, args, kwargs)
         try:
             payload = _dumps((STORE_IDENT, name, args, kwargs), PROTOCOL)
         except Exception as exc:  # a lock, a lambda, a generator ...: nothing was sent
@@ -192,8 +196,9 @@ class StoreClient(_Base):
         return _unpack(data)
 
     def _reply_timeout(self, name: str, kwargs: dict[str, Any]) -> float | None:
-        """How long a blocking call may take: its own wait plus ``timeout`` (None: unbounded,
-        for ``wait_for_rollouts(timeout=None)``)."""
+        """How long a blocking call may take: its own wait plus ``timeout``; None for a wait
+        longer than ``timeout`` or unbounded (``wait_for_rollouts(timeout=None)``), which
+        :meth:`_in_pieces` sends in pieces."""
         wait = kwargs.get(BLOCKING[name], None if name == "wait_for_rollouts" else 0.0)
         if wait is None:
             return None
@@ -203,7 +208,27 @@ class StoreClient(_Base):
             return self._timeout  # not a number: the server rejects it at once
         if seconds != seconds:
             return self._timeout  # NaN: rejected at once too
-        return min(seconds + self._timeout, _LONGEST)  # inf: as long as the kernel allows
+        if seconds > self._timeout and _is_seconds(wait):
+            return None
+        return min(seconds + self._timeout, _LONGEST)  # (a str like "1e300": rejected too)
+
+    def _in_pieces(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A wait longer than ``timeout`` (or unbounded) as successive waits of at most
+        ``timeout`` seconds, each answered in time or broken: a server that stops answering
+        (stopped, deadlocked, unreachable without a reset) is noticed within about twice
+        ``timeout``, however long the wait. Same result as one call: a piece that returns
+        before its time is up has the answer; the last piece answers at the end."""
+        key = BLOCKING[name]
+        total = kwargs.get(key)
+        end = None if total is None else time.monotonic() + total
+        longest = self._timeout
+        while True:
+            piece = longest if end is None else min(longest, max(end - time.monotonic(), 0.0))
+            began = time.monotonic()
+            result = self._call(name, args, {**kwargs, key: piece})
+            if (piece < longest or time.monotonic() - began < piece
+                    or (result and name != "wait_for_rollouts")):
+                return result
 
     def _recover(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                  started: float, failure: TransportError | None) -> Any:

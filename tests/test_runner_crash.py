@@ -1,0 +1,266 @@
+"""Runner crashes (issue 5): runner processes killed with SIGKILL in the middle of an attempt,
+against a real ``agl store`` with a fast watchdog.
+
+* The killed runner's attempt goes unresponsive and its rollout is requeued within
+  ``unresponsive_seconds`` + the watchdog interval (+ a margin); another runner, long-polling
+  in ``dequeue_rollout(wait=...)``, completes it; a trainer blocked in ``wait_for_rollouts``
+  wakes up. A late result from the dead attempt (simulated: ``update_attempt`` and
+  ``add_span`` on its id) is recorded on that attempt but does not change the rollout (D2-D4).
+* A runner killed while it long-polls an empty queue claims nothing enqueued after its death.
+* Under load, runners that hang mid-attempt at random are killed and replaced; every rollout
+  ends, each succeeded one with exactly one succeeded attempt (its latest).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mpstore import Span, connect
+from mpstore.manager.process import ServerProcess
+from tests.faults import blocked_reading, mp_context, usage, wait_until
+from tests.remote import running_server
+
+UNRESPONSIVE = 0.5  # config.unresponsive_seconds of the rollouts here
+INTERVAL = 0.1  # the server's --watchdog-interval
+MARGIN = 1.0  # scheduling on a loaded 2-core machine
+CONFIG = {"unresponsive_seconds": UNRESPONSIVE, "max_attempts": 3,
+          "retry_condition": ["unresponsive", "failed"]}
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    with running_server(tmp_path, "--watchdog-interval", str(INTERVAL)) as srv:
+        yield srv
+
+
+# --------------------------------------------------------------------------- child processes
+def _hanging_runner(address: str, key: bytes, events: Any) -> None:
+    """Claims one rollout, sends a span (a heartbeat), reports, then hangs until killed."""
+    store = connect(address, key)
+    claimed = store.dequeue_rollout(worker_id="A", wait=30)
+    assert claimed is not None
+    store.add_span(Span(claimed.rollout_id, claimed.attempt.attempt_id, 1, "started"))
+    events.put(("hanging", claimed.rollout_id, claimed.attempt.attempt_id))
+    threading.Event().wait(600)  # a stuck model call; SIGKILL ends it
+
+
+def _rescuing_runner(address: str, key: bytes, events: Any, go: Any) -> None:
+    """Long-polls for a rollout, reports the claim and when, finishes it once told to."""
+    store = connect(address, key)
+    events.put(("polling", os.getpid()))
+    claimed = store.dequeue_rollout(worker_id="B", wait=30)
+    assert claimed is not None
+    rid, aid = claimed.rollout_id, claimed.attempt.attempt_id
+    events.put(("claimed", rid, aid, time.time()))
+    assert go.wait(30)
+    store.add_span(Span(rid, aid, 2, "work"))
+    store.update_attempt(rid, aid, status="succeeded")
+    events.put(("done", rid, aid))
+
+
+def _long_poller(address: str, key: bytes, events: Any) -> None:
+    store = connect(address, key)
+    events.put(("polling", os.getpid()))
+    store.dequeue_rollout(worker_id="dead", wait=60)  # killed while it waits
+    events.put(("returned",))
+
+
+# --------------------------------------------------------------------------- tests
+def test_killed_runner_attempt_is_requeued_completed_and_the_trainer_wakes(
+        server: ServerProcess) -> None:
+    ctx = mp_context()
+    events, go = ctx.Queue(), ctx.Event()
+    store = server.connect()
+    rollout = store.enqueue_rollout({"task": 1}, config=CONFIG)
+    rid = rollout.rollout_id
+
+    woke: list[Any] = []
+    with server.connect() as trainer_client:
+        trainer = threading.Thread(target=lambda: woke.append(
+            trainer_client.wait_for_rollouts(rollout_ids=[rid], timeout=60)))
+        trainer.start()
+
+        runner_a = ctx.Process(target=_hanging_runner, daemon=True,
+                               args=(server.address, server.authkey, events))
+        runner_a.start()
+        kind, got_rid, dead_aid = events.get(timeout=30)
+        assert (kind, got_rid) == ("hanging", rid)
+        runner_b = ctx.Process(target=_rescuing_runner, daemon=True,
+                               args=(server.address, server.authkey, events, go))
+        runner_b.start()
+        kind, pid_b = events.get(timeout=30)
+        assert kind == "polling"
+        wait_until(lambda: blocked_reading(pid_b), 10, "runner B blocked in dequeue_rollout")
+
+        os.kill(runner_a.pid, signal.SIGKILL)
+        killed_at = time.time()
+        runner_a.join(10)
+
+        kind, got_rid, new_aid, claimed_at = events.get(timeout=30)
+        assert (kind, got_rid) == ("claimed", rid) and new_aid != dead_aid
+        assert claimed_at - killed_at <= UNRESPONSIVE + INTERVAL + MARGIN
+        attempts = store.query_attempts(rid)
+        assert [a.status for a in attempts] == ["unresponsive", "preparing"]
+        assert not woke  # the trainer still waits: the rollout is not finished
+
+        # The dead runner's late result arrives while B works on the rollout.
+        store.update_attempt(rid, dead_aid, status="failed")
+        store.add_span(Span(rid, dead_aid, 7, "late"))
+        during = store.get_rollout_by_id(rid)
+        assert during.status == "preparing"  # B's attempt decides, not the dead one (D3/D4)
+        assert store.get_latest_attempt(rid).attempt_id == new_aid
+
+        go.set()
+        assert events.get(timeout=30) == ("done", rid, new_aid)
+        trainer.join(30)
+        assert not trainer.is_alive()
+        runner_b.join(10)
+    assert [r.status for r in woke[0]] == ["succeeded"]
+
+    # Another late result from the dead attempt after the rollout finished changes nothing.
+    finished = store.get_rollout_by_id(rid)
+    store.update_attempt(rid, dead_aid, status="succeeded")
+    store.add_span(Span(rid, dead_aid, 8, "later still"))
+    after = store.get_rollout_by_id(rid)
+    assert (after.status, after.end_time) == ("succeeded", finished.end_time)
+    statuses = {a.attempt_id: a.status for a in store.query_attempts(rid)}
+    assert statuses == {dead_aid: "succeeded", new_aid: "succeeded"}  # recorded, no effect
+    assert {s.name for s in store.query_spans(rid, dead_aid)} == {"started", "late",
+                                                                   "later still"}
+    assert [s.name for s in store.query_spans(rid, "latest")] == ["work"]
+    store.close()
+
+
+def test_runner_killed_while_long_polling_claims_nothing(server: ServerProcess) -> None:
+    ctx = mp_context()
+    events = ctx.Queue()
+    with server.connect() as store:
+        store.ping()
+        rest = usage(server)
+        poller = ctx.Process(target=_long_poller, daemon=True,
+                             args=(server.address, server.authkey, events))
+        poller.start()
+        _, pid = events.get(timeout=30)
+        wait_until(lambda: blocked_reading(pid), 10, "the poller blocked in dequeue_rollout")
+        assert usage(server).threads == rest.threads + 1
+        os.kill(pid, signal.SIGKILL)
+        poller.join(10)
+        # Its server thread notices at its next check and ends, instead of waiting 60 s ...
+        wait_until(lambda: usage(server).threads <= rest.threads, 5,
+                   "the dead poller's server thread ended")
+        # ... so a rollout enqueued now goes to a live runner, not to the dead one.
+        rollout = store.enqueue_rollout({"task": "after the death"})
+        claimed = store.dequeue_rollout(worker_id="alive", wait=5)
+        assert claimed is not None and claimed.rollout_id == rollout.rollout_id
+        assert [a.worker_id for a in store.query_attempts(rollout.rollout_id)] == ["alive"]
+        assert events.empty()
+
+
+# --------------------------------------------------------------------------- under load
+def _flaky_runner(address: str, key: bytes, events: Any, seed: int, hang: float) -> None:
+    """Works rollouts until told to stop (an empty queue for long); with probability ``hang``
+    an attempt gets stuck after its first span (and the test kills this process)."""
+    rng = random.Random(seed)
+    store = connect(address, key, retry_for=2.0)
+    while True:
+        claimed = store.dequeue_rollout(worker_id=f"r{seed}", wait=10)
+        if claimed is None:
+            events.put(("idle", seed))
+            return
+        rid, aid = claimed.rollout_id, claimed.attempt.attempt_id
+        store.add_span(Span(rid, aid, 1, "first"))
+        if rng.random() < hang:
+            events.put(("hanging", seed, os.getpid(), rid, aid))
+            threading.Event().wait(600)
+        for n in range(2, 2 + rng.randrange(3)):
+            store.add_span(Span(rid, aid, n, "step"))
+        status = "failed" if rng.random() < 0.2 else "succeeded"
+        store.update_attempt(rid, aid, status=status)
+
+
+def run_chaos(server: ServerProcess, runners: int, rollouts: int, hang: float,
+              seed: int) -> dict[str, int]:
+    """``rollouts`` rollouts worked by ``runners`` flaky runner processes; hanging runners
+    are SIGKILLed and replaced. Returns counts; asserts the end state."""
+    ctx = mp_context()
+    events = ctx.Queue()
+    store = server.connect()
+    ids = [r.rollout_id for r in store.enqueue_many_rollouts(
+        [{"input": {"i": i}, "config": CONFIG} for i in range(rollouts)])]
+    done: queue.Queue[list[Any]] = queue.Queue()
+    trainer = threading.Thread(target=lambda: done.put(
+        server.connect().wait_for_rollouts(rollout_ids=ids, timeout=300)))
+    trainer.start()
+    counter = iter(range(seed * 1000, seed * 1000 + 100_000))
+    procs: dict[int, Any] = {}
+
+    def spawn() -> None:
+        number = next(counter)
+        proc = ctx.Process(target=_flaky_runner, daemon=True,
+                           args=(server.address, server.authkey, events, number, hang))
+        proc.start()
+        procs[number] = proc
+
+    for _ in range(runners):
+        spawn()
+    kills, hung_attempts = 0, set()
+    deadline = time.monotonic() + 300
+    while done.empty():
+        assert time.monotonic() < deadline, "the rollouts did not all finish"
+        try:
+            event = events.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if event[0] == "hanging":
+            _, number, pid, _rid, aid = event
+            os.kill(pid, signal.SIGKILL)
+            procs.pop(number).join(10)
+            kills += 1
+            hung_attempts.add(aid)
+            spawn()
+    finished = done.get()
+    trainer.join(10)
+    for proc in procs.values():  # idle runners end by themselves; the others are told to
+        proc.kill()
+        proc.join(10)
+
+    assert [r.rollout_id for r in finished] == ids  # all of them, in input order
+    succeeded = 0
+    for rollout in store.query_rollouts(rollout_ids=ids):
+        attempts = store.query_attempts(rollout.rollout_id)
+        for attempt in attempts:
+            if attempt.attempt_id in hung_attempts:
+                assert attempt.status == "unresponsive", attempt
+        if rollout.status == "succeeded":
+            succeeded += 1
+            assert [a.status for a in attempts].count("succeeded") == 1
+            assert attempts[-1].status == "succeeded"
+        else:
+            assert rollout.status == "failed"
+            assert attempts[-1].status in ("failed", "unresponsive")
+            assert len(attempts) == 3  # both outcomes are retried up to max_attempts
+    store.close()
+    return {"rollouts": rollouts, "kills": kills, "succeeded": succeeded}
+
+
+def test_runners_killed_at_random_under_load(server: ServerProcess) -> None:
+    counts = run_chaos(server, runners=3, rollouts=30, hang=0.15, seed=1)
+    assert counts["kills"] >= 1  # the seed makes some runners hang
+
+
+@pytest.mark.stress
+def test_runners_killed_at_random_under_load_stress(server: ServerProcess) -> None:
+    start = time.monotonic()
+    counts = run_chaos(server, runners=8, rollouts=1000, hang=0.05, seed=2)
+    print(f"\nchaos: {counts} in {time.monotonic() - start:.1f} s")
+    assert counts["kills"] >= 20
