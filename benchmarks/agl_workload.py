@@ -128,10 +128,13 @@ class _Worker:
             return await _gather(self.client, self.index, self.n, batch)
         return await _cycle(self.client, self.index, self.n)
 
-    async def window(self, mode: str, batch: int, warmup: int, start_at: float,
-                     end_at: float) -> dict[str, Any]:
-        for _ in range(warmup):
+    async def warm(self, mode: str, batch: int, steps: int) -> str:
+        for _ in range(steps):
             await self.step(mode, batch)
+        return "warm"
+
+    async def window(self, mode: str, batch: int, start_at: float,
+                     end_at: float) -> dict[str, Any]:
         await asyncio.sleep(max(0.0, start_at - time.time()))
         ops = calls = 0
         began = time.perf_counter()
@@ -152,7 +155,9 @@ def _worker_main(conn: Any, url: str, index: int) -> None:
             message = conn.recv()
             if message is None:
                 break
-            conn.send(worker.loop.run_until_complete(worker.window(*message)))
+            kind, *args = message
+            job = worker.warm(*args) if kind == "warm" else worker.window(*args)
+            conn.send(worker.loop.run_until_complete(job))
         worker.loop.run_until_complete(worker.client.close())
     except (EOFError, KeyboardInterrupt):
         return
@@ -187,9 +192,13 @@ def run_plan(url: str, plan: list[tuple[str, int]], repeats: int, duration: floa
         windows: dict[str, list[dict[str, Any]]] = {}
         for _ in range(repeats):
             for mode, k in plan:
-                start_at = time.time() + 0.3 + 0.2 * warmup
+                for conn in conns[:k]:  # warm up, then all start at the same instant
+                    conn.send(("warm", mode, batch, warmup))
                 for conn in conns[:k]:
-                    conn.send((mode, batch, warmup, start_at, start_at + duration))
+                    _recv(conn, 300)
+                start_at = time.time() + 0.1
+                for conn in conns[:k]:
+                    conn.send(("window", mode, batch, start_at, start_at + duration))
                 results = [_recv(conn, duration + 120) for conn in conns[:k]]
                 windows.setdefault(f"{mode}:{k}", []).append({
                     "ops_per_s": sum(r["ops_per_s"] for r in results),
