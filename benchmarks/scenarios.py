@@ -152,15 +152,19 @@ def throughput(bench: Bench, server: Server, workload_name: str, k: int,
                             cfg.duration, bench.profile_dir, profile,
                             bench.results.setdefault("profiles", {}))
     with sampler:
-        cpu0 = server.cpu_seconds()
+        cpu0, ctx0 = server.cpu_seconds(), server.ctx_switches()
         time.sleep(max(0.0, end_at - time.time()))
-        cpu1 = server.cpu_seconds()
+        cpu1, ctx1 = server.cpu_seconds(), server.ctx_switches()
         runs = pool.collect(k, cfg.duration + TASK_TIMEOUT, workload_name)
     calls, ops = sum(r["calls_per_s"] for r in runs), sum(r["ops_per_s"] for r in runs)
     busy = (cpu1 - cpu0) / cfg.duration
+    total_calls = calls * cfg.duration
     return {"ops_per_s": ops, "calls_per_s": calls, "server_cpu": busy,
             "server_us_per_call": busy / calls * 1e6 if calls else None,
             "server_us_per_op": busy / ops * 1e6 if ops else None,
+            "server_ctx_switches_per_call": ((ctx1 - ctx0) / total_calls
+                                             if calls and ctx0 is not None and ctx1 is not None
+                                             else None),
             "ops": sum(r["ops"] for r in runs)}
 
 
@@ -172,7 +176,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     return {"ops_per_s": med("ops_per_s"), "calls_per_s": med("calls_per_s"),
             "server_cpu": med("server_cpu"), "server_us_per_call": med("server_us_per_call"),
-            "server_us_per_op": med("server_us_per_op"), "runs": [r["ops_per_s"] for r in runs],
+            "server_us_per_op": med("server_us_per_op"),
+            "server_ctx_switches_per_call": med("server_ctx_switches_per_call"),
+            "runs": [r["ops_per_s"] for r in runs],
             "spread": _spread([r["ops_per_s"] for r in runs])}
 
 

@@ -94,6 +94,23 @@ class Server:
         times = psutil.Process(self.pid).cpu_times()
         return float(times.user + times.system)
 
+    def ctx_switches(self) -> int | None:
+        """Voluntary + involuntary context switches of the server's live threads so far
+        (Linux ``/proc/PID/task/*/status``; psutil counts the main thread only); None
+        elsewhere."""
+        total = 0
+        tasks = Path(f"/proc/{self.pid}/task")
+        if not tasks.is_dir():
+            return None
+        for status in tasks.glob("*/status"):
+            try:
+                lines = status.read_text().splitlines()
+            except OSError:  # the thread ended meanwhile
+                continue
+            total += sum(int(line.split()[1]) for line in lines
+                         if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")))
+        return total
+
     def stop(self) -> int | None:
         """SIGTERM, wait, SIGKILL; returns the exit code."""
         if self.proc is None or self.proc.poll() is not None:

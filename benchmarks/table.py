@@ -35,6 +35,10 @@ def _throughput_rows(results: dict[str, Any], ratios: dict[str, Any]) -> list[st
         ("server CPU us/cycle: cycle", "cycle", "server_us_per_op", ".0f"),
         ("server CPU us/cycle: batched", "batched", "server_us_per_op", ".0f"),
         ("server CPU (cores): cycle", "cycle", "server_cpu", ".2f"),
+        ("server context switches/call: echo", "manager_echo", "server_ctx_switches_per_call",
+         ".2f"),
+        ("server context switches/call: cycle", "cycle", "server_ctx_switches_per_call",
+         ".2f"),
     ]
     for label, scenario, key, fmt in spec:
         per = _per_k(results, scenario)
