@@ -106,7 +106,24 @@ def _read_key_file(path: Path) -> bytes:
     if mode:  # like ssh: a key others can read protects nothing
         log.warning("authkey file %s is readable by group or others (mode %o); chmod 600 it",
                     path, path.stat().st_mode & 0o777)
+    _check_owner_and_directory(path)
     return data
+
+
+def _check_owner_and_directory(path: Path) -> None:
+    """Warn when someone else could have written the key: a file owned by another user, or
+    in a directory others may write to (they could plant a key they know)."""
+    try:
+        owner, folder = path.stat().st_uid, path.parent.stat()
+    except OSError:
+        return
+    if hasattr(os, "geteuid") and owner != os.geteuid():
+        log.warning("authkey file %s belongs to another user (uid %d); whoever wrote it "
+                    "knows the key", path, owner)
+    if folder.st_mode & 0o022 and not folder.st_mode & 0o1000:
+        log.warning("authkey file %s is in a directory writable by group or others (mode %o):"
+                    " they could replace the key; chmod 700 %s", path,
+                    folder.st_mode & 0o777, path.parent)
 
 
 def _create_key_file(path: Path) -> bytes:
@@ -124,6 +141,7 @@ def _create_key_file(path: Path) -> bytes:
     with os.fdopen(fd, "wb") as handle:
         handle.write(key + b"\n")
     log.info("Generated a new authkey in %s", path)
+    _check_owner_and_directory(path)
     return key
 
 
