@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from mpstore import StoreClient, StoreUnavailable
-from mpstore.manager.process import ServerProcess, start_server
+from mpstore.manager.process import ServerProcess, start_server, write_key_file
 from tests.faults import blocked_reading, mp_context, wait_until
 from tests.remote import running_server
 
@@ -38,8 +38,8 @@ def restart(old: ServerProcess, tmp_path: Path, n: int) -> ServerProcess:
 
 
 class Caller(threading.Thread):
-    """Repeats one call in a thread until told to stop, timing every call; records what each
-    call ended with ("ok" or the exception)."""
+    """Repeats one call in a thread until one fails or it is told to stop, timing every
+    call; records what each call ended with ("ok", "unavailable" or another exception)."""
 
     def __init__(self, name: str, call: Callable[[], Any], repeat: bool = True) -> None:
         super().__init__(name=name, daemon=True)
@@ -60,7 +60,7 @@ class Caller(threading.Thread):
             except Exception as exc:  # anything else is a failure of the test
                 outcome = f"{type(exc).__name__}: {exc}"
             self.outcomes.append((outcome, time.monotonic() - start))
-            if not self.repeat or self.stop.is_set():
+            if not self.repeat or outcome != "ok" or self.stop.is_set():
                 return
 
 
@@ -107,66 +107,72 @@ def _callers(client: StoreClient, rid: str) -> list[Caller]:
     ]
 
 
+def crash_round(server: ServerProcess, client: StoreClient, how: str, tmp_path: Path,
+                n: int) -> ServerProcess:
+    """Callers mid-call in threads, then ``how`` (SIGKILL, or SIGSTOP then SIGKILL) the
+    server: every call ends within its bound with StoreUnavailable. Then a server restarted
+    on the same port serves the very same client, in this thread and in new ones. Returns
+    the new server."""
+    rid = client.start_rollout({"q": "never finishes"}).rollout_id
+    callers = _callers(client, rid)
+    for caller in callers:
+        caller.start()
+        assert caller.started_call.wait(10)
+    wait_until(lambda: all(c.outcomes for c in callers if c.repeat), 10,
+               "every repeating caller completed a call")
+    proc = psutil.Process(server.pid)
+    if how == "sigkill":
+        server.kill()
+    else:
+        os.kill(server.pid, signal.SIGSTOP)
+        wait_until(lambda: proc.status() == psutil.STATUS_STOPPED, 10, "server stopped")
+    died = time.monotonic()
+    try:
+        # Pieces of waits (TIMEOUT), a reply timeout (TIMEOUT), then retry_for.
+        bound = 2 * TIMEOUT + RETRY_FOR + MARGIN
+        for caller in callers:
+            caller.join(bound + 10)
+            assert not caller.is_alive(), f"{caller.name} hangs"
+            outcome, seconds = caller.outcomes[-1]
+            assert outcome == "unavailable", (caller.name, caller.outcomes[-3:])
+            assert time.monotonic() - died < bound, (caller.name, seconds)
+        # A call made now fails within retry_for (+ a reply/connect timeout).
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            client.ping()
+        assert time.monotonic() - start < TIMEOUT + RETRY_FOR + MARGIN
+    finally:
+        if how == "sigstop":
+            server.kill()  # SIGKILL works on a stopped process
+    second = restart(server, tmp_path, n)
+    # The same client object, in this thread and in new ones.
+    assert client.ping()["pid"] == second.pid
+    assert client.statistics()["total_rollouts"] == 0  # a fresh in-memory store
+    again = [c for c in _callers(client, client.start_rollout({}).rollout_id) if c.repeat]
+    for caller in again:
+        caller.start()
+    wait_until(lambda: all(c.outcomes for c in again), 10, "calls after the restart")
+    for caller in again:
+        caller.stop.set()
+        caller.join(10)
+        assert {o for o, _ in caller.outcomes} == {"ok"}, caller.outcomes
+    return second
+
+
 @pytest.mark.parametrize("how", ["sigkill", "sigstop"])
 def test_calls_end_in_time_and_the_same_clients_work_after_a_restart(
         tmp_path: Path, how: str) -> None:
     ctx = mp_context()
     with running_server(tmp_path) as server:
         client = server.connect(timeout=TIMEOUT, retry_for=RETRY_FOR)
-        rid = client.start_rollout({"q": "never finishes"}).rollout_id
         events, go = ctx.Queue(), ctx.Event()
         child = ctx.Process(target=_child_after_restart, daemon=True,
                             args=(server.address, server.authkey, events, go))
         child.start()
         assert events.get(timeout=30)[0] == "ready"
-
-        callers = _callers(client, rid)
-        for caller in callers:
-            caller.start()
-            assert caller.started_call.wait(10)
-        wait_until(lambda: all(c.outcomes for c in callers if c.repeat), 10,
-                   "every repeating caller completed a call")
-        proc = psutil.Process(server.pid)
-        if how == "sigkill":
-            server.kill()
-        else:
-            os.kill(server.pid, signal.SIGSTOP)
-            wait_until(lambda: proc.status() == psutil.STATUS_STOPPED, 10, "server stopped")
-        died = time.monotonic()
-        for caller in callers:
-            caller.stop.set()
+        second = crash_round(server, client, how, tmp_path, 2)
         try:
-            # Pieces of waits (TIMEOUT), a reply timeout (TIMEOUT), then retry_for.
-            bound = 2 * TIMEOUT + RETRY_FOR + MARGIN
-            for caller in callers:
-                caller.join(bound + 10)
-                assert not caller.is_alive(), f"{caller.name} hangs"
-                outcome, seconds = caller.outcomes[-1]
-                assert outcome == "unavailable", (caller.name, caller.outcomes[-3:])
-                assert time.monotonic() - died < bound, (caller.name, seconds)
-            # A call made now fails within retry_for (+ a reply/connect timeout).
-            start = time.monotonic()
-            with pytest.raises(StoreUnavailable):
-                client.ping()
-            assert time.monotonic() - start < TIMEOUT + RETRY_FOR + MARGIN
-        finally:
-            if how == "sigstop":
-                server.kill()  # SIGKILL works on a stopped process
-        second = restart(server, tmp_path, 2)
-        try:
-            # The same client object, in this thread and in new ones, and in the child.
-            assert client.ping()["pid"] == second.pid
-            assert client.statistics()["total_rollouts"] == 0  # a fresh in-memory store
-            again = [c for c in _callers(client, client.start_rollout({}).rollout_id)
-                     if c.repeat]
-            for caller in again:
-                caller.start()
-            wait_until(lambda: all(c.outcomes for c in again), 10, "calls after the restart")
-            for caller in again:
-                caller.stop.set()
-                caller.join(10)
-                assert {o for o, _ in caller.outcomes} == {"ok"}, caller.outcomes
-            go.set()
+            go.set()  # and the same client object in another process
             kind, detail = events.get(timeout=30)
             assert kind == "ok", detail
             child.join(10)
@@ -174,6 +180,20 @@ def test_calls_end_in_time_and_the_same_clients_work_after_a_restart(
         finally:
             assert second.stop() == 0
         client.close()
+
+
+@pytest.mark.stress
+def test_calls_end_in_time_over_many_crashes_stress(tmp_path: Path) -> None:
+    rounds, started = 30, time.monotonic()
+    server = start_server(authkey_file=write_key_file(tmp_path / "authkey"),
+                          log_path=tmp_path / "server-1.log")
+    client = server.connect(timeout=TIMEOUT, retry_for=RETRY_FOR)
+    try:
+        for n in range(rounds):
+            server = crash_round(server, client, ["sigkill", "sigstop"][n % 2], tmp_path, n + 2)
+    finally:
+        server.stop()
+    print(f"\nrestarts: {rounds} rounds of 6 callers in {time.monotonic() - started:.1f} s")
 
 
 def test_blocked_waits_continue_on_a_server_restarted_within_retry_for(tmp_path: Path) -> None:
