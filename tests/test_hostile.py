@@ -90,15 +90,19 @@ def test_random_bytes(server: ServerProcess, baseline: Usage) -> None:
 
 def test_truncated_handshake(server: ServerProcess, baseline: Usage) -> None:
     for close_early in (True, False):
-        for _ in range(10):
-            sock = raw_socket(server)
-            with sock:
+        socks = [raw_socket(server) for _ in range(10)]
+        try:
+            for sock in socks:
                 assert sock.recv(4096)  # the challenge
                 sock.sendall(struct.pack("!i", 16) + b"12345")  # a frame cut short
-                if not close_early:  # ... then silence: dropped at the handshake timeout
-                    start = time.monotonic()
+            if not close_early:  # ... then silence: dropped at the handshake timeout
+                start = time.monotonic()
+                for sock in socks:
                     read_until_closed(sock, HANDSHAKE + 5)
-                    assert time.monotonic() - start < HANDSHAKE + 3
+                assert time.monotonic() - start < HANDSHAKE + 3
+        finally:
+            for sock in socks:
+                sock.close()
     recovers(server, baseline)
     assert "no handshake within 0.5 s" in server.log()
 
@@ -238,6 +242,7 @@ def test_oversized_request_from_a_good_client_gets_a_clear_error(server: ServerP
 def test_a_caller_that_vanishes_mid_call_gives_its_thread_back(
         server: ServerProcess, baseline: Usage, call: str) -> None:
     with server.connect() as client:
+        client.dequeue_many_rollouts(10_000)  # an empty queue: every dequeue below must wait
         rollout = client.start_rollout({"q": "never finishes"})
         conns = [authenticated(server) for _ in range(10)]
         for conn in conns:
@@ -251,3 +256,85 @@ def test_a_caller_that_vanishes_mid_call_gives_its_thread_back(
         # Each server thread notices its caller is gone, although its call has no end.
         recovers(server, baseline, timeout=5)
         client.update_rollout(rollout.rollout_id, status="cancelled")
+
+
+# --------------------------------------------------------------------------- all at once
+def _hostile_act(server: ServerProcess, rng: random.Random, held: list[socket.socket]) -> None:
+    """One hostile connection of a random kind."""
+    kind = rng.randrange(6)
+    if kind == 2:
+        with pytest.raises(AuthenticationFailed):
+            connect(server.address, rng.randbytes(8), retry_for=0)
+        return
+    sock = raw_socket(server)
+    try:
+        if kind == 0:  # random bytes
+            sock.sendall(rng.randbytes(rng.randrange(1, 2048)))
+        elif kind == 1:  # a truncated handshake
+            sock.recv(4096)
+            sock.sendall(struct.pack("!i", 16) + b"123")
+        elif kind == 3:  # a length prefix of 4 GiB
+            sock.sendall(b"\xff\xff\xff\xff" + struct.pack("!Q", 4 << 30))
+        elif kind == 4 and len(held) < 50:  # silent, for a while
+            held.append(sock)
+            return
+    except OSError:
+        pass  # dropped already
+    sock.close()
+
+
+def barrage(server: ServerProcess, baseline: Usage, acts: int, threads: int = 4) -> float:
+    """``acts`` hostile connections from ``threads`` threads while a good client pings; every
+    ping within a second. Returns the slowest ping."""
+    import threading
+
+    errors: list[BaseException] = []
+    pings: list[float] = []
+    done = threading.Event()
+
+    def attack(seed: int) -> None:
+        rng, held = random.Random(seed), []
+        try:
+            for _ in range(acts // threads):
+                _hostile_act(server, rng, held)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            for sock in held:
+                sock.close()
+
+    def watch() -> None:
+        while True:
+            try:
+                pings.append(ping_time(server, limit=1.0))
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            if done.wait(0.05):
+                return
+
+    attackers = [threading.Thread(target=attack, args=(seed,)) for seed in range(threads)]
+    watcher = threading.Thread(target=watch)
+    for thread in [*attackers, watcher]:
+        thread.start()
+    for thread in attackers:
+        thread.join(600)
+    done.set()
+    watcher.join(30)
+    assert not errors, errors[:3]
+    assert pings, "no ping during the barrage"
+    recovers(server, baseline)
+    return max(pings)
+
+
+def test_a_barrage_of_hostile_connections(server: ServerProcess, baseline: Usage) -> None:
+    barrage(server, baseline, acts=1000)
+
+
+@pytest.mark.stress
+def test_a_barrage_of_hostile_connections_stress(server: ServerProcess,
+                                                 baseline: Usage) -> None:
+    start = time.monotonic()
+    slowest = barrage(server, baseline, acts=10_000)
+    print(f"\nbarrage: 10000 hostile connections in {time.monotonic() - start:.1f} s, "
+          f"slowest good ping {slowest * 1000:.0f} ms")
