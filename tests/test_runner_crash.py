@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -44,42 +45,63 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 # --------------------------------------------------------------------------- child processes
-def _hanging_runner(address: str, key: bytes, events: Any) -> None:
+# Each child reports on its own one-way pipe: a send is done when it returns, and there is
+# no lock shared between processes (a multiprocessing.Queue's is held by its feeder thread
+# while it writes: a child killed at that moment would leave it held and block every other
+# child's reports).
+def pipe() -> tuple[Connection, Connection]:
+    return mp_context().Pipe(duplex=False)  # type: ignore[no-any-return]
+
+
+def receive(reader: Connection, timeout: float = 30) -> Any:
+    assert reader.poll(timeout), "no report from the child"
+    return reader.recv()
+
+
+def start(target: Any, *args: Any) -> tuple[Any, Connection]:
+    """A child process running ``target(*args, report)``; returns it and the read end."""
+    reader, writer = pipe()
+    proc = mp_context().Process(target=target, args=(*args, writer), daemon=True)
+    proc.start()
+    writer.close()  # the child's copy is the only one: its death reads as EOF here
+    return proc, reader
+
+
+def _hanging_runner(address: str, key: bytes, report: Connection) -> None:
     """Claims one rollout, sends a span (a heartbeat), reports, then hangs until killed."""
     store = connect(address, key)
     claimed = store.dequeue_rollout(worker_id="A", wait=30)
     assert claimed is not None
     store.add_span(Span(claimed.rollout_id, claimed.attempt.attempt_id, 1, "started"))
-    events.put(("hanging", claimed.rollout_id, claimed.attempt.attempt_id))
+    report.send(("hanging", claimed.rollout_id, claimed.attempt.attempt_id))
     threading.Event().wait(600)  # a stuck model call; SIGKILL ends it
 
 
-def _rescuing_runner(address: str, key: bytes, events: Any, go: Any) -> None:
+def _rescuing_runner(address: str, key: bytes, go: Any, report: Connection) -> None:
     """Long-polls for a rollout, reports the claim and when, finishes it once told to."""
     store = connect(address, key)
-    events.put(("polling", os.getpid()))
+    report.send(("polling", os.getpid()))
     claimed = store.dequeue_rollout(worker_id="B", wait=30)
     assert claimed is not None
     rid, aid = claimed.rollout_id, claimed.attempt.attempt_id
-    events.put(("claimed", rid, aid, time.time()))
+    report.send(("claimed", rid, aid, time.time()))
     assert go.wait(30)
     store.add_span(Span(rid, aid, 2, "work"))
     store.update_attempt(rid, aid, status="succeeded")
-    events.put(("done", rid, aid))
+    report.send(("done", rid, aid))
 
 
-def _long_poller(address: str, key: bytes, events: Any) -> None:
+def _long_poller(address: str, key: bytes, report: Connection) -> None:
     store = connect(address, key)
-    events.put(("polling", os.getpid()))
+    report.send(("polling", os.getpid()))
     store.dequeue_rollout(worker_id="dead", wait=60)  # killed while it waits
-    events.put(("returned",))
+    report.send(("returned",))
 
 
 # --------------------------------------------------------------------------- tests
 def test_killed_runner_attempt_is_requeued_completed_and_the_trainer_wakes(
         server: ServerProcess) -> None:
-    ctx = mp_context()
-    events, go = ctx.Queue(), ctx.Event()
+    go = mp_context().Event()
     store = server.connect()
     rollout = store.enqueue_rollout({"task": 1}, config=CONFIG)
     rid = rollout.rollout_id
@@ -90,15 +112,11 @@ def test_killed_runner_attempt_is_requeued_completed_and_the_trainer_wakes(
             trainer_client.wait_for_rollouts(rollout_ids=[rid], timeout=60)))
         trainer.start()
 
-        runner_a = ctx.Process(target=_hanging_runner, daemon=True,
-                               args=(server.address, server.authkey, events))
-        runner_a.start()
-        kind, got_rid, dead_aid = events.get(timeout=30)
+        runner_a, report_a = start(_hanging_runner, server.address, server.authkey)
+        kind, got_rid, dead_aid = receive(report_a)
         assert (kind, got_rid) == ("hanging", rid)
-        runner_b = ctx.Process(target=_rescuing_runner, daemon=True,
-                               args=(server.address, server.authkey, events, go))
-        runner_b.start()
-        kind, pid_b = events.get(timeout=30)
+        runner_b, report_b = start(_rescuing_runner, server.address, server.authkey, go)
+        kind, pid_b = receive(report_b)
         assert kind == "polling"
         wait_until(lambda: blocked_reading(pid_b), 10, "runner B blocked in dequeue_rollout")
 
@@ -106,7 +124,7 @@ def test_killed_runner_attempt_is_requeued_completed_and_the_trainer_wakes(
         killed_at = time.time()
         runner_a.join(10)
 
-        kind, got_rid, new_aid, claimed_at = events.get(timeout=30)
+        kind, got_rid, new_aid, claimed_at = receive(report_b)
         assert (kind, got_rid) == ("claimed", rid) and new_aid != dead_aid
         assert claimed_at - killed_at <= UNRESPONSIVE + INTERVAL + MARGIN
         attempts = store.query_attempts(rid)
@@ -121,7 +139,7 @@ def test_killed_runner_attempt_is_requeued_completed_and_the_trainer_wakes(
         assert store.get_latest_attempt(rid).attempt_id == new_aid
 
         go.set()
-        assert events.get(timeout=30) == ("done", rid, new_aid)
+        assert receive(report_b) == ("done", rid, new_aid)
         trainer.join(30)
         assert not trainer.is_alive()
         runner_b.join(10)
@@ -142,15 +160,11 @@ def test_killed_runner_attempt_is_requeued_completed_and_the_trainer_wakes(
 
 
 def test_runner_killed_while_long_polling_claims_nothing(server: ServerProcess) -> None:
-    ctx = mp_context()
-    events = ctx.Queue()
     with server.connect() as store:
         store.ping()
         rest = usage(server)
-        poller = ctx.Process(target=_long_poller, daemon=True,
-                             args=(server.address, server.authkey, events))
-        poller.start()
-        _, pid = events.get(timeout=30)
+        poller, report = start(_long_poller, server.address, server.authkey)
+        _, pid = receive(report)
         wait_until(lambda: blocked_reading(pid), 10, "the poller blocked in dequeue_rollout")
         assert usage(server).threads == rest.threads + 1
         os.kill(pid, signal.SIGKILL)
@@ -163,11 +177,13 @@ def test_runner_killed_while_long_polling_claims_nothing(server: ServerProcess) 
         claimed = store.dequeue_rollout(worker_id="alive", wait=5)
         assert claimed is not None and claimed.rollout_id == rollout.rollout_id
         assert [a.worker_id for a in store.query_attempts(rollout.rollout_id)] == ["alive"]
-        assert events.empty()
+        with pytest.raises(EOFError):  # it died without a word more
+            receive(report, timeout=5)
 
 
 # --------------------------------------------------------------------------- under load
-def _flaky_runner(address: str, key: bytes, events: Any, seed: int, hang: float) -> None:
+def _flaky_runner(address: str, key: bytes, seed: int, hang: float, report: Connection
+                  ) -> None:
     """Works rollouts until told to stop (an empty queue for long); with probability ``hang``
     an attempt gets stuck after its first span (and the test kills this process)."""
     rng = random.Random(seed)
@@ -175,12 +191,11 @@ def _flaky_runner(address: str, key: bytes, events: Any, seed: int, hang: float)
     while True:
         claimed = store.dequeue_rollout(worker_id=f"r{seed}", wait=10)
         if claimed is None:
-            events.put(("idle", seed))
             return
         rid, aid = claimed.rollout_id, claimed.attempt.attempt_id
         store.add_span(Span(rid, aid, 1, "first"))
         if rng.random() < hang:
-            events.put(("hanging", seed, os.getpid(), rid, aid))
+            report.send(("hanging", rid, aid))
             threading.Event().wait(600)
         for n in range(2, 2 + rng.randrange(3)):
             store.add_span(Span(rid, aid, n, "step"))
@@ -192,45 +207,42 @@ def run_chaos(server: ServerProcess, runners: int, rollouts: int, hang: float,
               seed: int) -> dict[str, int]:
     """``rollouts`` rollouts worked by ``runners`` flaky runner processes; hanging runners
     are SIGKILLed and replaced. Returns counts; asserts the end state."""
-    ctx = mp_context()
-    events = ctx.Queue()
     store = server.connect()
     ids = [r.rollout_id for r in store.enqueue_many_rollouts(
         [{"input": {"i": i}, "config": CONFIG} for i in range(rollouts)])]
     done: queue.Queue[list[Any]] = queue.Queue()
     trainer = threading.Thread(target=lambda: done.put(
-        server.connect().wait_for_rollouts(rollout_ids=ids, timeout=300)))
+        server.connect().wait_for_rollouts(rollout_ids=ids, timeout=900)))
     trainer.start()
     counter = iter(range(seed * 1000, seed * 1000 + 100_000))
-    procs: dict[int, Any] = {}
+    procs: dict[Connection, Any] = {}  # report pipe -> runner process
 
     def spawn() -> None:
-        number = next(counter)
-        proc = ctx.Process(target=_flaky_runner, daemon=True,
-                           args=(server.address, server.authkey, events, number, hang))
-        proc.start()
-        procs[number] = proc
+        proc, report = start(_flaky_runner, server.address, server.authkey, next(counter),
+                             hang)
+        procs[report] = proc
 
     for _ in range(runners):
         spawn()
     kills, hung_attempts = 0, set()
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900
     while done.empty():
         assert time.monotonic() < deadline, "the rollouts did not all finish"
-        try:
-            event = events.get(timeout=0.1)
-        except queue.Empty:
-            continue
-        if event[0] == "hanging":
-            _, number, pid, _rid, aid = event
-            os.kill(pid, signal.SIGKILL)
-            procs.pop(number).join(10)
+        for report in wait(list(procs), timeout=0.1):
+            proc = procs.pop(report)
+            try:
+                _, _rid, aid = report.recv()
+            except EOFError:  # it ended (an empty queue for long): not replaced
+                proc.join(10)
+                continue
+            proc.kill()  # SIGKILL, mid-attempt
+            proc.join(10)
             kills += 1
             hung_attempts.add(aid)
             spawn()
     finished = done.get()
     trainer.join(10)
-    for proc in procs.values():  # idle runners end by themselves; the others are told to
+    for proc in procs.values():
         proc.kill()
         proc.join(10)
 
@@ -259,6 +271,7 @@ def test_runners_killed_at_random_under_load(server: ServerProcess) -> None:
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(1800)
 def test_runners_killed_at_random_under_load_stress(server: ServerProcess) -> None:
     start = time.monotonic()
     counts = run_chaos(server, runners=8, rollouts=1000, hang=0.05, seed=2)
