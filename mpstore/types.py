@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import enum
 import os
-import secrets
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -239,7 +238,7 @@ class AttemptedRollout(Rollout):
 
 
 def _random_hex(digits: int) -> str:
-    return secrets.token_hex(digits // 2)
+    return os.urandom(digits // 2).hex()  # what secrets.token_hex does, minus two calls
 
 
 @_record

@@ -142,7 +142,7 @@ def test_remote_traceback_shows_server_and_caller_frames(client: StoreClient) ->
     assert str(info.value) == "Rollout ro-nope not found"
     text = "".join(traceback.format_exception(info.value))
     assert "test_remote_traceback_shows_server_and_caller_frames" in text  # the caller
-    assert 'mpstore/manager/server.py", line' in text  # the server's request loop ...
+    assert 'mpstore/manager/loop.py", line' in text  # the server's request loop ...
     assert 'mpstore/store.py", line' in text and "in update_rollout" in text  # ... the store
     assert text.rstrip().endswith("mpstore.errors.RolloutNotFound: Rollout ro-nope not found")
 

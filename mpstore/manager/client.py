@@ -43,7 +43,7 @@ from ..errors import InvalidArgument, StoreUnavailable
 from ..store import InMemoryStore
 from .auth import resolve_authkey
 from .proxy import Channel, TransportError, fork_epoch
-from .wire import ERROR, PROTOCOL, RETURN, STORE_IDENT, remote_methods
+from .wire import ARG0, ARG0_ITEMS, ERROR, PROTOCOL, RETURN, STORE_IDENT, remote_methods
 
 if TYPE_CHECKING:  # type checkers see the store's methods on the client
     _Base = InMemoryStore
@@ -114,11 +114,16 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     return str(host), number
 
 
-def _unpack(data: bytes) -> Any:
-    """The result of a reply, or raise what the server raised (with its traceback)."""
+def _unpack(data: bytes, args: tuple[Any, ...]) -> Any:
+    """The result of a reply to a call with positional ``args``, or raise what the server
+    raised (with its traceback)."""
     kind, result = _loads(data)
     if kind == RETURN:
         return result
+    if kind == ARG0:  # the server stored what we sent and says so instead of sending it back
+        return args[0]
+    if kind == ARG0_ITEMS:
+        return list(args[0])
     if kind == ERROR:
         raise result
     raise RemoteError(result)  # #TRACEBACK / #UNSERIALIZABLE: text only, as BaseProxy does
@@ -193,7 +198,7 @@ class StoreClient(_Base):
         except TransportError as failure:
             self._discard(channel)
             return self._recover(name, args, kwargs, started, failure)
-        return _unpack(data)
+        return _unpack(data, args)
 
     def _reply_timeout(self, name: str, kwargs: dict[str, Any]) -> float | None:
         """How long a blocking call may take: its own wait plus ``timeout``; None for a wait
@@ -262,7 +267,7 @@ class StoreClient(_Base):
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.25)
                 continue
-            return _unpack(data)
+            return _unpack(data, args)
 
     def _open(self, deadline: float, first: bool, failure: TransportError | None) -> Channel:
         """This thread's new connection, retried until ``deadline``. Raises

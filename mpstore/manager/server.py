@@ -15,11 +15,14 @@ with) with these changes, each because the stock one falls short:
   a blocking call (a long ``wait``/``timeout``) waits in slices of ``BLOCKING_SLICE`` seconds,
   between which the server checks that its caller is still connected: a caller that died
   gives its thread back instead of holding it, or claiming rollouts, until its wait ends;
-* its request loop serves the store under the fixed ident ``"store"`` from a method table and
-  sends exceptions with their tracebacks (:mod:`.wire`).
+* once authenticated, a connection is served by the one dispatcher thread of :mod:`.loop`
+  (``epoll``; blocking calls in worker threads), not by a thread of its own: the store under
+  the fixed ident ``"store"`` from a method table, exceptions with their tracebacks
+  (:mod:`.wire`).
 
 Stock ``BaseProxy`` clients still work (``StoreManager(address, authkey).connect()`` then
-``.get_store()``). This module only moves calls: every request is one method of the store.
+``.get_store()``): their connections are served by a thread, as stock. This module only
+moves calls: every request is one method of the store.
 
 :func:`serve` serves a given store object (tests inject one with a controlled clock);
 :func:`run` is ``agl store``: it builds the store from options and returns the exit code.
@@ -31,6 +34,7 @@ import contextlib
 import errno
 import functools
 import logging
+import os
 import pickle
 import signal
 import socket
@@ -47,6 +51,7 @@ from typing import Any
 from ..errors import AuthenticationFailed, InvalidArgument, ServerStartError, StorageError
 from ..store import InMemoryStore
 from .auth import is_loopback, resolve_authkey
+from .loop import BLOCKING, BLOCKING_SLICE, Abandoned, Dispatcher, sliced, too_large
 from .ports import bind_failure, check_port_free, start_failure_message
 from .proxy import set_socket_timeouts, tune_socket
 from .wire import STORE_IDENT, dump_error, dump_reply, remote_methods
@@ -68,11 +73,6 @@ BACKLOG = 128
 #: Default limits (``agl store --max-connections``, ``--max-message-size``).
 MAX_CONNECTIONS = 1024
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024
-#: Longest time a blocking call waits in the store before the server checks its caller.
-BLOCKING_SLICE = 0.5
-#: Blocking store calls and the keyword argument that bounds their wait.
-_BLOCKING = {"dequeue_many_rollouts": "wait", "dequeue_rollout": "wait",
-             "wait_for_rollouts": "timeout"}
 _DRAIN_CHUNK = 1024 * 1024
 _loads = pickle.loads
 
@@ -86,10 +86,6 @@ class MessageTooLarge(Exception):
             f"(agl store --max-message-size); send less per call (e.g. split a batch) or "
             f"raise the limit")
         self.size, self.limit = size, limit
-
-
-class _Abandoned(Exception):
-    """The caller of a blocking call has disconnected: nobody is left to answer."""
 
 
 class _LimitedConnection(Connection):
@@ -152,6 +148,7 @@ class StoreServer(Server):
         self.stop_event = threading.Event()
         self.handshake_timeout = handshake_timeout
         self._methods: dict[str, Callable[..., Any]] = {}
+        self._dispatcher: Dispatcher | None = None
         self._conns: set[Connection] = set()
         self._conns_lock = threading.Lock()
         self._accepter: threading.Thread | None = None
@@ -164,10 +161,14 @@ class StoreServer(Server):
         exposed = remote_methods(type(store))
         self.id_to_obj[STORE_IDENT] = (store, frozenset(exposed), None)
         self._methods = {name: getattr(store, name) for name in exposed}
+        self._dispatcher = Dispatcher(
+            self._methods, max_message_size=self.max_message_size,
+            on_close=self._peer_closed, fallback=self._fallback)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Accept connections in a background thread."""
+        """Accept connections in a background thread (and serve them in another)."""
+        self._dispatcher.start()
         self._accepter = threading.Thread(target=self.accepter, name="mpstore-accept",
                                           daemon=True)
         self._accepter.start()
@@ -190,6 +191,8 @@ class StoreServer(Server):
                 _shutdown_fd(conn.fileno())
         if self._accepter is not None and self._accepter is not threading.current_thread():
             self._accepter.join(timeout=2.0)
+        if self._dispatcher is not None:
+            self._dispatcher.stop()
 
     def accepter(self) -> None:
         """Accept peers and hand each to its own thread, which authenticates it."""
@@ -231,15 +234,20 @@ class StoreServer(Server):
             self._refused, self._refusal_logged = 0, now
 
     def _serve_peer(self, sock: socket.socket, peer: Any) -> None:
+        adopted = False
         try:
-            self.handle_request(sock, peer)
+            adopted = self.handle_request(sock, peer)
         finally:
-            with self._conns_lock:
-                self._peers -= 1
+            if not adopted:  # else the dispatcher counts it down when it closes it
+                self._peer_closed()
+
+    def _peer_closed(self) -> None:
+        with self._conns_lock:
+            self._peers -= 1
 
     # ------------------------------------------------------------ connections
-    def handle_request(self, sock: socket.socket, peer: Any) -> None:  # type: ignore[override]
-        """Authenticate the peer, then serve its requests until it disconnects."""
+    def handle_request(self, sock: socket.socket, peer: Any) -> bool:  # type: ignore[override]
+        """Authenticate the peer and hand it to the dispatcher; True once handed over."""
         try:
             tune_socket(sock)
             timeout = self.handshake_timeout
@@ -252,20 +260,45 @@ class StoreServer(Server):
         with self._conns_lock:
             if self.stop_event.is_set():
                 conn.close()
-                return
+                return False
             self._conns.add(conn)
         try:
             if self._authenticate(conn, peer):
                 set_socket_timeouts(conn.fileno(), None, None)  # idle clients are normal
-                self._first_request(conn)
-        except (OSError, EOFError):
+                # The Connection cannot give its descriptor away: the dispatcher gets a
+                # duplicate, and this one closes below.
+                assert self._dispatcher is not None, "serve_store() first"
+                self._dispatcher.adopt(socket.socket(fileno=os.dup(conn.fileno())))
+                return True
+        except OSError:
             pass  # the peer went away
-        except Exception:
-            log.exception("Unexpected error serving %s", _peer(peer))
         finally:
             with self._conns_lock:
                 self._conns.discard(conn)
             conn.close()
+        return False
+
+    def _serve_stock(self, sock: socket.socket, first: bytes) -> None:
+        """A stock manager client's connection (see :meth:`_first_request`), in a thread."""
+        conn = _LimitedConnection(sock.detach())
+        conn.max_size = self.max_message_size
+        with self._conns_lock:
+            self._conns.add(conn)
+        try:
+            self._first_request(conn, first)
+        except (OSError, EOFError):
+            pass  # the peer went away
+        except Exception:
+            log.exception("Unexpected error serving a stock manager client")
+        finally:
+            with self._conns_lock:
+                self._conns.discard(conn)
+            conn.close()
+            self._peer_closed()
+
+    def _fallback(self, sock: socket.socket, first: bytes) -> None:
+        threading.Thread(target=self._serve_stock, args=(sock, first), daemon=True,
+                         name="mpstore-stock-proxy").start()
 
     def _authenticate(self, conn: Connection, peer: Any) -> bool:
         """The stock mutual challenge; False (and a log line naming the peer) on failure."""
@@ -285,15 +318,9 @@ class StoreServer(Server):
             log.warning("Dropped connection from %s during the handshake: %s", _peer(peer), exc)
         return False
 
-    def _first_request(self, conn: Connection) -> None:
+    def _first_request(self, conn: Connection, data: bytes) -> None:
         """A stock manager request (ident None: accept_connection, create, incref ...) is
         answered as Server does; anything else is already the first call of a client."""
-        try:
-            data = conn.recv_bytes()
-        except MessageTooLarge as exc:
-            conn.send_bytes(_too_large(exc))
-            self.serve_client(conn)
-            return
         try:
             request = _loads(data)
         except Exception:
@@ -348,12 +375,12 @@ class StoreServer(Server):
             ident, name, args, kwds = request
             if ident == STORE_IDENT:
                 func = self._methods.get(name) or self._missing(name)
-                if name in _BLOCKING:
-                    return dump_reply(_sliced(conn, name, func, args, kwds))
+                if name in BLOCKING:
+                    return dump_reply(sliced(conn.fileno(), name, func, args, kwds))
             else:
                 func = self._lookup(conn, ident, name)
             return dump_reply(func(*args, **kwds))
-        except _Abandoned:
+        except Abandoned:
             return None
         except Exception as exc:
             return dump_error(exc)  # with the server-side traceback (tblib)
@@ -375,48 +402,8 @@ class StoreServer(Server):
         raise AttributeError(f"method {name!r} of {type(obj)!r} is not exposed")
 
 
-def _sliced(conn: Connection, name: str, func: Callable[..., Any], args: tuple[Any, ...],
-            kwds: dict[str, Any]) -> Any:
-    """Run a blocking call as successive waits of at most BLOCKING_SLICE seconds, checking
-    between them that the caller is still connected (raises _Abandoned if not). Same result
-    as one call: a slice that returns before its time is up has its answer (something was
-    claimed, or every rollout waited for is finished); the last slice answers at the end."""
-    key = _BLOCKING[name]
-    total = kwds.get(key, None if name == "wait_for_rollouts" else 0.0)
-    if total is not None and (isinstance(total, bool) or not isinstance(total, (int, float))
-                              or not total > BLOCKING_SLICE):
-        return func(*args, **kwds)  # short, or not a number (the store rejects it)
-    deadline = None if total is None else time.monotonic() + total
-    while True:
-        remaining = BLOCKING_SLICE if deadline is None else deadline - time.monotonic()
-        step = min(BLOCKING_SLICE, max(remaining, 0.0))
-        started = time.monotonic()
-        result = func(*args, **{**kwds, key: step})
-        if (step < BLOCKING_SLICE or time.monotonic() - started < step
-                or (result and name != "wait_for_rollouts")):
-            return result
-        if _hung_up(conn.fileno()):
-            log.info("A caller of %s disconnected while it waited; call abandoned", name)
-            raise _Abandoned
-
-
-def _hung_up(fd: int) -> bool:
-    """True if the peer closed its end of the connection (a client sends nothing while its
-    call runs, so anything readable but data means it has gone)."""
-    sock = socket.socket(fileno=fd)
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    finally:
-        sock.detach()
-
-
 def _too_large(exc: MessageTooLarge) -> bytes:
-    log.warning("Refused a request of %d bytes (--max-message-size %d)", exc.size, exc.limit)
-    return dump_error(InvalidArgument(str(exc)))
+    return too_large(exc.size, exc.limit)
 
 
 def _peer(peer: Any) -> str:

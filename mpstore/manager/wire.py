@@ -7,13 +7,20 @@ message of ``multiprocessing.connection``. The served store has the fixed ident 
 so a client needs no ``create``/``incref`` round trips before its first call (a stock
 ``BaseProxy`` still works, through ``StoreManager.get_store()``).
 
-One addition: a ``#ERROR`` exception is pickled with its traceback (tblib), so the caller's
-formatted traceback shows the server-side frames down to the store function that raised.
+Two additions:
+
+* a ``#ERROR`` exception is pickled with its traceback (tblib), so the caller's formatted
+  traceback shows the server-side frames down to the store function that raised;
+* ``#ARG0`` (no payload) means "the result is your first argument, as you sent it", and
+  ``#ARG0ITEMS`` "a list of the items of your first argument": a call that hands back what it
+  was given (``add_span``, ``add_many_spans`` storing new spans) does not send it back, which
+  halves the bytes pickled for the hottest call.
 """
 
 from __future__ import annotations
 
 import io
+import operator
 import pickle
 from traceback import format_exc, format_exception
 from types import TracebackType
@@ -22,6 +29,8 @@ from typing import Any
 from tblib.pickling_support import pickle_exception, pickle_traceback
 
 __all__ = [
+    "ARG0",
+    "ARG0_ITEMS",
     "ERROR",
     "PROTOCOL",
     "RETURN",
@@ -30,11 +39,15 @@ __all__ = [
     "UNSERIALIZABLE",
     "dump_error",
     "dump_reply",
+    "dump_result",
     "remote_methods",
 ]
 
 STORE_IDENT = "store"
 RETURN, ERROR, TRACEBACK, UNSERIALIZABLE = "#RETURN", "#ERROR", "#TRACEBACK", "#UNSERIALIZABLE"
+ARG0, ARG0_ITEMS = "#ARG0", "#ARG0ITEMS"
+_ARG0 = pickle.dumps((ARG0, None), pickle.HIGHEST_PROTOCOL)
+_ARG0_ITEMS = pickle.dumps((ARG0_ITEMS, None), pickle.HIGHEST_PROTOCOL)
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
@@ -72,6 +85,19 @@ def remote_methods(cls: type) -> tuple[str, ...]:
         name for name in dir(cls)
         if not name.startswith("_") and name != "close" and callable(getattr(cls, name))
     ))
+
+
+def dump_result(result: Any, args: tuple[Any, ...]) -> bytes:
+    """The reply to a call with positional ``args`` that returned ``result``: ``#ARG0`` or
+    ``#ARG0ITEMS`` when the result is (made of) what the caller sent, else ``dump_reply``."""
+    if args:
+        first = args[0]
+        if result is first:
+            return _ARG0
+        if (type(result) is list and type(first) is list and len(result) == len(first)
+                and all(map(operator.is_, result, first))):
+            return _ARG0_ITEMS
+    return dump_reply(result)
 
 
 def dump_reply(result: Any) -> bytes:

@@ -1,0 +1,402 @@
+"""``Dispatcher``: one thread that serves the requests of every authenticated connection.
+
+Why one thread: with a thread per connection, every request hands the GIL (and the store's
+lock) from one server thread to another, which measured at 2.3 context switches per call and
+about twice the CPU per call of the transport's own echo. One thread on ``epoll`` answers
+whatever requests are ready in turn, without hand-offs; the store's operations are short, so
+nobody waits long behind anybody.
+
+The exceptions are calls that block by design (``wait_for_rollouts``, ``dequeue_rollout`` with
+a ``wait``) and cannot be answered at once: they run in a worker thread each, in slices of
+``BLOCKING_SLICE`` seconds between which the worker checks that its caller is still connected
+(a caller that died frees its worker instead of holding it, or claiming rollouts, until the
+wait ends). While a blocking call is in
+flight its connection is not read (a client sends nothing before its reply anyway), and the
+worker hands the reply back to the loop, which sends it.
+
+Framing is ``multiprocessing.connection``'s (a 4-byte big-endian length, or -1 and 8 bytes),
+read and written without blocking, so a slow or silent peer holds up nobody. A request larger
+than ``max_message_size`` is discarded as it arrives, never buffered, and answered with
+InvalidArgument. A peer whose replies are not being read is not read either, so its requests
+cannot pile up in the server. The first request decides the protocol: anything but the store's
+fixed ident (a stock ``BaseProxy``) is handed to ``fallback`` to be served by a thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import pickle
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import InvalidArgument
+from .wire import STORE_IDENT, dump_error, dump_reply, dump_result
+
+__all__ = ["BLOCKING", "BLOCKING_SLICE", "Abandoned", "Dispatcher", "hung_up", "sliced",
+           "too_large"]
+
+log = logging.getLogger("mpstore.manager.server")
+
+#: Longest time a blocking call waits in the store before its caller is checked.
+BLOCKING_SLICE = 0.5
+#: Blocking store calls and the keyword argument that bounds their wait (None: no bound).
+BLOCKING = {"dequeue_many_rollouts": "wait", "dequeue_rollout": "wait",
+            "wait_for_rollouts": "timeout"}
+_READ_SIZE = 256 * 1024
+_loads = pickle.loads
+
+
+class Abandoned(Exception):
+    """The caller of a blocking call has disconnected: nobody is left to answer."""
+
+
+def too_large(size: int, limit: int) -> bytes:
+    """The error reply to a request of ``size`` bytes over the ``limit``."""
+    log.warning("Refused a request of %d bytes (--max-message-size %d)", size, limit)
+    return dump_error(InvalidArgument(
+        f"the request is {size} bytes, larger than this server's limit of {limit} bytes "
+        f"(agl store --max-message-size); send less per call (e.g. split a batch) or "
+        f"raise the limit"))
+
+
+def _wait_of(name: str, kwds: dict[str, Any]) -> Any:
+    return kwds.get(BLOCKING[name], None if name == "wait_for_rollouts" else 0.0)
+
+
+def blocks(name: str, kwds: dict[str, Any]) -> bool:
+    """True if the call may wait: a blocking method with a wait that is None or > 0."""
+    if name not in BLOCKING:
+        return False
+    wait = _wait_of(name, kwds)
+    if wait is None:
+        return True
+    return isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0
+
+
+def hung_up(fd: int) -> bool:
+    """True if the peer closed its end of the connection (a client sends nothing while its
+    call runs, so anything readable but data means it has gone)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.detach()
+
+
+def sliced(fd: int, name: str, func: Callable[..., Any], args: tuple[Any, ...],
+           kwds: dict[str, Any]) -> Any:
+    """Run a blocking call as successive waits of at most BLOCKING_SLICE seconds, checking
+    between them that the caller on ``fd`` is still connected (raises Abandoned if not). Same
+    result as one call: a slice that returns before its time is up has its answer (something
+    was claimed, or every rollout waited for is finished); the last slice answers at the end."""
+    key = BLOCKING[name]
+    total = _wait_of(name, kwds)
+    if total is not None and (isinstance(total, bool) or not isinstance(total, (int, float))
+                              or not total > BLOCKING_SLICE):
+        return func(*args, **kwds)  # short, or not a number (the store rejects it)
+    deadline = None if total is None else time.monotonic() + total
+    while True:
+        remaining = BLOCKING_SLICE if deadline is None else deadline - time.monotonic()
+        step = min(BLOCKING_SLICE, max(remaining, 0.0))
+        started = time.monotonic()
+        result = func(*args, **{**kwds, key: step})
+        if (step < BLOCKING_SLICE or time.monotonic() - started < step
+                or (result and name != "wait_for_rollouts")):
+            return result
+        if hung_up(fd):
+            log.info("A caller of %s disconnected while it waited; call abandoned", name)
+            raise Abandoned
+
+
+def _frame(data: bytes) -> bytes:
+    size = len(data)
+    if size <= 0x7FFFFFFF:
+        return struct.pack("!i", size) + data
+    return struct.pack("!iQ", -1, size) + data
+
+
+class _Peer:
+    """One connection's buffers and state (owned by the loop thread)."""
+
+    __slots__ = ("busy", "closed", "drain", "drain_size", "inbuf", "out", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.out: memoryview | None = None  # reply bytes not yet sent
+        self.busy = False  # a blocking call runs in a worker
+        self.closed = False
+        self.drain = 0  # bytes of an oversized request still to discard
+        self.drain_size = 0
+
+
+class Dispatcher:
+    """The loop; see the module docstring. ``on_close`` is called once per connection it
+    closes; ``fallback(sock, first_request)`` takes over a connection that speaks the stock
+    manager protocol (the socket is blocking again and no longer the loop's)."""
+
+    def __init__(self, methods: dict[str, Callable[..., Any]], *, max_message_size: int,
+                 on_close: Callable[[], None],
+                 fallback: Callable[[socket.socket, bytes], None]) -> None:
+        self._methods = methods
+        self._max_size = max_message_size
+        self._on_close, self._fallback = on_close, fallback
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._inbox: collections.deque[tuple[str, Any, Any]] = collections.deque()
+        self._peers: set[_Peer] = set()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="mpstore-dispatch", daemon=True)
+
+    # ------------------------------------------------------------ other threads
+    def start(self) -> None:
+        self._thread.start()
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve an authenticated connection from now on (thread-safe)."""
+        self._post("adopt", sock, None)
+
+    def stop(self) -> None:
+        """Close every connection and end the loop (thread-safe, idempotent)."""
+        self._post("stop", None, None)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+
+    def _post(self, what: str, target: Any, payload: Any) -> None:
+        self._inbox.append((what, target, payload))
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already woken (buffer full), or stopped
+
+    # ------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        select = self._selector.select
+        while not self._stopping:
+            for key, mask in select():
+                peer = key.data
+                if peer is None:
+                    self._drain_inbox()
+                    continue
+                if mask & selectors.EVENT_WRITE:
+                    self._flush(peer)
+                if mask & selectors.EVENT_READ and not peer.closed:
+                    self._read(peer)
+        self._close_all()
+
+    def _drain_inbox(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._inbox:
+            what, target, payload = self._inbox.popleft()
+            if what == "adopt":
+                target.setblocking(False)
+                peer = _Peer(target)
+                self._peers.add(peer)
+                self._selector.register(target, selectors.EVENT_READ, peer)
+            elif what == "reply":
+                self._finish_blocking(target, payload)
+            elif what == "stop":
+                self._stopping = True
+
+    def _read(self, peer: _Peer) -> None:
+        try:
+            chunk = peer.sock.recv(_READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._close(peer)
+            return
+        if peer.drain:
+            chunk = self._discard(peer, chunk)
+        peer.inbuf += chunk
+        self._frames(peer)
+
+    def _discard(self, peer: _Peer, chunk: bytes) -> bytes:
+        """Drop what belongs to an oversized request; answer it once it has all gone."""
+        used = min(len(chunk), peer.drain)
+        peer.drain -= used
+        if not peer.drain:
+            self._send(peer, too_large(peer.drain_size, self._max_size))
+        return chunk[used:]
+
+    def _frames(self, peer: _Peer) -> None:
+        """Answer every complete request in the buffer, in order."""
+        buf = peer.inbuf
+        while len(buf) >= 4 and not (peer.busy or peer.closed or peer.out is not None):
+            size, header = int.from_bytes(buf[:4], "big", signed=True), 4
+            if size == -1:
+                if len(buf) < 12:
+                    return
+                size, header = int.from_bytes(buf[4:12], "big"), 12
+            if size > self._max_size:
+                available = len(buf) - header
+                del buf[:header + min(size, available)]
+                peer.drain, peer.drain_size = size - min(size, available), size
+                if not peer.drain:
+                    self._send(peer, too_large(size, self._max_size))
+                    continue
+                return
+            if len(buf) - header < size:
+                return
+            data = bytes(buf[header:header + size])
+            del buf[:header + size]
+            self._handle(peer, data)
+
+    def _handle(self, peer: _Peer, data: bytes) -> None:
+        try:
+            request = _loads(data)
+        except Exception as exc:  # e.g. a class the server cannot import
+            self._send(peer, dump_error(InvalidArgument(
+                f"the server cannot unpickle the request ({type(exc).__name__}: {exc}); "
+                "arguments must be built from types it can import (builtins, mpstore's "
+                "records, modules installed on the server)")))
+            return
+        if not (isinstance(request, tuple) and len(request) == 4) or request[0] != STORE_IDENT:
+            self._hand_over(peer, data)
+            return
+        _, name, args, kwds = request
+        func = self._methods.get(name)
+        try:
+            if func is None:
+                raise AttributeError(f"the mpstore server has no method {name!r}")
+            if isinstance(kwds, dict) and blocks(name, kwds):
+                ready = self._without_waiting(name, func, args, kwds)
+                if ready is None:
+                    self._start_blocking(peer, name, func, args, kwds)
+                    return
+                reply = dump_reply(ready[0])
+            else:
+                reply = dump_result(func(*args, **kwds), args)
+        except Exception as exc:
+            reply = dump_error(exc)  # with the server-side traceback (tblib)
+        self._send(peer, reply)
+
+    # ------------------------------------------------------------ blocking calls
+    @staticmethod
+    def _without_waiting(name: str, func: Callable[..., Any], args: tuple[Any, ...],
+                         kwds: dict[str, Any]) -> tuple[Any] | None:
+        """The answer of a blocking call if it needs no wait (a rollout to claim, every
+        rollout waited for already finished), as a 1-tuple; None if it must wait. Spares the
+        common case a worker thread."""
+        result = func(*args, **{**kwds, BLOCKING[name]: 0.0})
+        if name == "wait_for_rollouts":
+            ids = kwds.get("rollout_ids")
+            finished = {r.rollout_id for r in result}
+            return (result,) if isinstance(ids, list) and finished.issuperset(ids) else None
+        return (result,) if result else None
+
+    def _start_blocking(self, peer: _Peer, name: str, func: Callable[..., Any],
+                        args: tuple[Any, ...], kwds: dict[str, Any]) -> None:
+        peer.busy = True
+        self._selector.unregister(peer.sock)  # nothing to read until the reply is out
+        fd = peer.sock.fileno()
+
+        def work() -> None:
+            try:
+                reply: bytes | None = dump_reply(sliced(fd, name, func, args, kwds))
+            except Abandoned:
+                reply = None
+            except Exception as exc:
+                reply = dump_error(exc)
+            self._post("reply", peer, reply)
+
+        # A thread per waiting call, ended with it: idle waits cost a thread each (bounded by
+        # --max-connections), and a burst of them leaves no idle pool behind.
+        threading.Thread(target=work, name=f"mpstore-wait-{name}", daemon=True).start()
+
+    def _finish_blocking(self, peer: _Peer, reply: bytes | None) -> None:
+        peer.busy = False
+        if peer.closed:  # closed while the worker ran (see _close): finish closing now
+            self._release(peer)
+            return
+        if reply is None:  # its caller is gone
+            self._close(peer, registered=False)
+            return
+        self._selector.register(peer.sock, selectors.EVENT_READ, peer)
+        self._send(peer, reply)
+        self._frames(peer)
+
+    # ------------------------------------------------------------ writing
+    def _send(self, peer: _Peer, reply: bytes) -> None:
+        data = _frame(reply)
+        try:
+            sent = peer.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(peer)
+            return
+        if sent < len(data):
+            peer.out = memoryview(data)[sent:]
+            self._selector.modify(peer.sock, selectors.EVENT_WRITE, peer)
+
+    def _flush(self, peer: _Peer) -> None:
+        assert peer.out is not None
+        try:
+            sent = peer.sock.send(peer.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(peer)
+            return
+        peer.out = peer.out[sent:] if sent < len(peer.out) else None
+        if peer.out is None:
+            self._selector.modify(peer.sock, selectors.EVENT_READ, peer)
+            self._frames(peer)
+
+    # ------------------------------------------------------------ closing
+    def _hand_over(self, peer: _Peer, first: bytes) -> None:
+        """The connection is a stock proxy's: a thread serves it from now on."""
+        self._selector.unregister(peer.sock)
+        self._peers.discard(peer)
+        peer.closed = True
+        peer.sock.setblocking(True)
+        self._fallback(peer.sock, first)
+
+    def _close(self, peer: _Peer, registered: bool = True) -> None:
+        if peer.closed:
+            return
+        peer.closed = True
+        if peer.busy:
+            # A worker still uses the file descriptor (it checks for hang-ups): closing it
+            # now could let a new connection reuse the number. Shut it down, which the
+            # worker notices; the socket is released when the worker's reply comes back.
+            try:
+                peer.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        if registered:
+            self._selector.unregister(peer.sock)
+        self._release(peer)
+
+    def _release(self, peer: _Peer) -> None:
+        peer.sock.close()
+        self._peers.discard(peer)
+        self._on_close()
+
+    def _close_all(self) -> None:
+        for peer in list(self._peers):
+            self._close(peer, registered=not peer.busy)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
