@@ -140,7 +140,8 @@ def config(value: Any) -> RolloutConfig:
     max_attempts = fields.get("max_attempts", 1)
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
         raise InvalidArgument(f"config.max_attempts must be an int >= 1, not {max_attempts!r}")
-    retry = fields.get("retry_condition") or []
+    retry = fields.get("retry_condition")
+    retry = [] if retry is None else retry  # "", 0, {}: wrong, not "no retries"
     if isinstance(retry, (str, bytes)) or not isinstance(retry, Sequence):
         raise InvalidArgument(f"config.retry_condition must be a list of statuses: {retry!r}")
     return RolloutConfig(

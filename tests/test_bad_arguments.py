@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpstore import Span, StoreClient, StoreError
+from mpstore import InvalidArgument, Span, StoreClient, StoreError
 from mpstore.manager.client import REMOTE_METHODS
 from tests.remote import running_server
 
@@ -270,3 +270,14 @@ def test_extreme_valid_waits_cross_the_wire(seeded: tuple[StoreClient, Seeded]) 
         client.update_attempt(rollout.rollout_id, "latest", status="succeeded")
         done = client.wait_for_rollouts(rollout_ids=[rollout.rollout_id], timeout=wait)
         assert [r.status for r in done] == ["succeeded"]
+
+
+@pytest.mark.parametrize("value", ["", 0, {}, False, b""])
+def test_falsy_wrong_retry_conditions_are_refused(seeded: tuple[StoreClient, Seeded],
+                                                  value: Any) -> None:
+    # Found by the stress run: "" (or 0) was read as "no retries" instead of refused.
+    client, _ = seeded
+    before = snapshot(client)
+    with pytest.raises(InvalidArgument, match="retry_condition"):
+        client.enqueue_rollout({"q": 1}, config={"retry_condition": value})
+    assert snapshot(client) == before
