@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import select
 import socket
 import struct
 import time
@@ -105,6 +106,33 @@ def test_truncated_handshake(server: ServerProcess, baseline: Usage) -> None:
                 sock.close()
     recovers(server, baseline)
     assert "no handshake within 0.5 s" in server.log()
+
+
+def test_a_trickled_handshake_is_dropped_at_the_handshake_timeout(
+        server: ServerProcess, baseline: Usage) -> None:
+    # A byte now and then keeps every single read within the timeout; the handshake as a
+    # whole must still end at the handshake timeout (SPEC §5: "a few seconds").
+    sock = raw_socket(server)
+    with sock:
+        assert sock.recv(4096)  # the challenge
+        start = time.monotonic()
+        sock.sendall(struct.pack("!i", 200))  # a response of 200 bytes ...
+        dropped = False
+        for _ in range(40):  # ... that comes one byte every HANDSHAKE / 3 s
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                dropped = True
+                break
+            # Until the next byte is due, watch for the server closing the connection.
+            if select.select([sock], [], [], HANDSHAKE / 3)[0]:
+                dropped = True
+                break
+            if time.monotonic() - start > HANDSHAKE + 3:
+                break
+        elapsed = time.monotonic() - start
+        assert dropped and elapsed < HANDSHAKE + 3, f"still connected after {elapsed:.1f} s"
+    recovers(server, baseline)
 
 
 def test_wrong_key(server: ServerProcess, baseline: Usage) -> None:

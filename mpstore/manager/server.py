@@ -33,9 +33,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import io
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -110,6 +112,33 @@ class _LimitedConnection(Connection):
                 remaining -= step
             raise MessageTooLarge(size, self.max_size)
         return self._recv(size)
+
+
+class _Handshake(Connection):
+    """The connection of a peer still authenticating. Every read waits at most until the
+    handshake's deadline: the socket's receive timeout bounds each read, so without this a
+    peer trickling a byte at a time could stretch the handshake to minutes and hold a slot."""
+
+    def __init__(self, handle: int, deadline: float) -> None:
+        super().__init__(handle)
+        self.deadline = deadline
+
+    def _recv(self, size: int, read: Callable[[int, int], bytes] = os.read) -> io.BytesIO:
+        buf, remaining = io.BytesIO(), size
+        poller = select.poll()
+        poller.register(self._handle, select.POLLIN)
+        while remaining > 0:
+            left = self.deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise BlockingIOError(errno.EAGAIN, "handshake deadline passed")
+            chunk = read(self._handle, remaining)
+            if not chunk:
+                if remaining == size:
+                    raise EOFError
+                raise OSError("got end of file during message")
+            buf.write(chunk)
+            remaining -= len(chunk)
+        return buf
 
 
 def _listen(address: tuple[str, int], backlog: int) -> socket.socket:
@@ -252,8 +281,7 @@ class StoreServer(Server):
             tune_socket(sock)
             timeout = self.handshake_timeout
             set_socket_timeouts(sock, timeout, timeout)  # a silent peer gives up its thread
-            conn = _LimitedConnection(sock.detach())
-            conn.max_size = self.max_message_size
+            conn = _Handshake(sock.detach(), time.monotonic() + timeout)
         except OSError:
             sock.close()
             return
