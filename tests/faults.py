@@ -21,6 +21,7 @@ from mpstore.manager.proxy import set_socket_timeouts
 from mpstore.manager.wire import PROTOCOL, STORE_IDENT
 
 __all__ = [
+    "ABANDONED",
     "Usage",
     "authenticated",
     "blocked_reading",
@@ -31,6 +32,10 @@ __all__ = [
     "usage",
     "wait_until",
 ]
+
+
+#: What the server logs when it abandons a blocking call whose caller disconnected.
+ABANDONED = "disconnected while it waited; call abandoned"
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition",

@@ -24,7 +24,9 @@ import pytest
 
 from mpstore import AuthenticationFailed, InvalidArgument, StoreUnavailable, connect
 from mpstore.manager.process import ServerProcess
+from mpstore.manager.server import BLOCKING_SLICE
 from tests.faults import (
+    ABANDONED,
     Usage,
     authenticated,
     ping_time,
@@ -267,10 +269,12 @@ def test_oversized_request_from_a_good_client_gets_a_clear_error(server: ServerP
 
 # --------------------------------------------------------------------------- vanished callers
 @pytest.mark.parametrize("call", ["wait_for_rollouts", "dequeue_rollout"])
-def test_a_caller_that_vanishes_mid_call_gives_its_thread_back(
-        server: ServerProcess, baseline: Usage, call: str) -> None:
-    with server.connect() as client:
-        client.dequeue_many_rollouts(10_000)  # an empty queue: every dequeue below must wait
+def test_callers_that_vanish_mid_call_are_abandoned_and_free_their_threads(
+        tmp_path: Path, call: str) -> None:
+    # A fresh server, so that its threads at rest are known (no idle workers of other tests).
+    with running_server(tmp_path) as server, server.connect() as client:
+        ping_time(server, limit=5.0)
+        rest = usage(server)
         rollout = client.start_rollout({"q": "never finishes"})
         conns = [authenticated(server) for _ in range(10)]
         for conn in conns:
@@ -278,11 +282,17 @@ def test_a_caller_that_vanishes_mid_call_gives_its_thread_back(
                 request(conn, call, rollout_ids=[rollout.rollout_id], timeout=None)
             else:
                 request(conn, call, worker_id="gone", wait=600)
-        wait_until(lambda: usage(server).threads >= baseline.threads + 10, 5, "calls blocked")
+        # Every call waits in a thread of its own (they never end by themselves).
+        wait_until(lambda: usage(server).threads >= rest.threads + 10, 10, "calls blocked")
         for conn in conns:
             conn.close()
-        # Each server thread notices its caller is gone, although its call has no end.
-        recovers(server, baseline, timeout=5)
+        # Each is noticed at the server's next check (BLOCKING_SLICE) and abandoned: its
+        # socket is closed and its thread is free (ended, or idle for the next call).
+        wait_until(lambda: server.log().count(ABANDONED) >= 10, BLOCKING_SLICE + 5,
+                   "every vanished caller's call abandoned")
+        wait_until(lambda: usage(server).fds <= rest.fds + 1, 5, "their sockets closed")
+        assert usage(server).threads <= rest.threads + 10 + 2, usage(server)
+        ping_time(server, limit=1.0)
         client.update_rollout(rollout.rollout_id, status="cancelled")
 
 

@@ -28,7 +28,8 @@ import pytest
 
 from mpstore import Span, connect
 from mpstore.manager.process import ServerProcess
-from tests.faults import blocked_reading, mp_context, usage, wait_until
+from mpstore.manager.server import BLOCKING_SLICE
+from tests.faults import ABANDONED, blocked_reading, mp_context, wait_until
 from tests.remote import running_server
 
 UNRESPONSIVE = 0.5  # config.unresponsive_seconds of the rollouts here
@@ -68,13 +69,18 @@ def start(target: Any, *args: Any) -> tuple[Any, Connection]:
 
 
 def _hanging_runner(address: str, key: bytes, report: Connection) -> None:
-    """Claims one rollout, sends a span (a heartbeat), reports, then hangs until killed."""
+    """Claims one rollout, sends a span, reports, then works on it for ever (a long model
+    call), sending heartbeats, until it is killed: only its death stops the heartbeats."""
     store = connect(address, key)
     claimed = store.dequeue_rollout(worker_id="A", wait=30)
     assert claimed is not None
-    store.add_span(Span(claimed.rollout_id, claimed.attempt.attempt_id, 1, "started"))
-    report.send(("hanging", claimed.rollout_id, claimed.attempt.attempt_id))
-    threading.Event().wait(600)  # a stuck model call; SIGKILL ends it
+    rid, aid = claimed.rollout_id, claimed.attempt.attempt_id
+    store.add_span(Span(rid, aid, 1, "started"))
+    report.send(("hanging", rid, aid))
+    pace = threading.Event()
+    for _ in range(6000):  # SIGKILL ends it long before
+        store.update_attempt(rid, aid, last_heartbeat_time=time.time())
+        pace.wait(UNRESPONSIVE / 5)
 
 
 def _rescuing_runner(address: str, key: bytes, go: Any, report: Connection) -> None:
@@ -161,17 +167,15 @@ def test_killed_runner_attempt_is_requeued_completed_and_the_trainer_wakes(
 
 def test_runner_killed_while_long_polling_claims_nothing(server: ServerProcess) -> None:
     with server.connect() as store:
-        store.ping()
-        rest = usage(server)
         poller, report = start(_long_poller, server.address, server.authkey)
         _, pid = receive(report)
         wait_until(lambda: blocked_reading(pid), 10, "the poller blocked in dequeue_rollout")
-        assert usage(server).threads == rest.threads + 1
         os.kill(pid, signal.SIGKILL)
         poller.join(10)
-        # Its server thread notices at its next check and ends, instead of waiting 60 s ...
-        wait_until(lambda: usage(server).threads <= rest.threads, 5,
-                   "the dead poller's server thread ended")
+        # The server notices at its next check (BLOCKING_SLICE) and abandons the call,
+        # instead of keeping it for its 60 s ...
+        wait_until(lambda: ABANDONED in server.log(), BLOCKING_SLICE + 5,
+                   "the dead poller's call abandoned")
         # ... so a rollout enqueued now goes to a live runner, not to the dead one.
         rollout = store.enqueue_rollout({"task": "after the death"})
         claimed = store.dequeue_rollout(worker_id="alive", wait=5)
