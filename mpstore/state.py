@@ -119,6 +119,7 @@ class StoreState:
         self.changes: Changes | None = None
         # Bumped on every write the waiters care about; the store compares them to notify.
         self.terminal_writes = 0
+        self.finished: list[str] = []  # ids written terminal, until the store notifies
         self.queue_appends = 0
 
     # ----------------------------------------------------------------- lookups (raise)
@@ -165,6 +166,7 @@ class StoreState:
         if status in tr.TERMINAL:
             rollout.end_time = now
             self.terminal_writes += 1
+            self.finished.append(rid)
         if status in tr.QUEUED:
             if rid not in self.queue:
                 self._enqueue(rid)

@@ -302,10 +302,12 @@ def test_wait_not_woken_by_unrelated_rollout() -> None:
     thread, out = in_waiter(lambda: store.wait_for_rollouts(rollout_ids=[mine], timeout=30))
     assert clock.read.wait(10)
     clock.read.clear()
-    store.update_rollout(other, status="succeeded")
-    # The waiter woke (one condition for all), re-checked and waits again: it reads the
-    # clock once more and is still alive.
-    assert clock.read.wait(10)
+    store.update_rollout(other, status="succeeded")  # reads the clock itself: clear after
+    clock.read.clear()
+    # A finished rollout wakes only its own waiters: this one does not even re-check (a
+    # woken waiter would read the clock at once). A negative needs a window; 0.3 s is many
+    # times what a wake-up takes.
+    assert not clock.read.wait(0.3)
     assert thread.is_alive()
     started = time.monotonic()
     store.update_rollout(mine, status="failed")

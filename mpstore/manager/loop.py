@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import logging
 import pickle
+import queue
 import selectors
 import socket
 import struct
@@ -43,12 +44,15 @@ __all__ = ["BLOCKING", "BLOCKING_SLICE", "Abandoned", "Dispatcher", "hung_up", "
 
 log = logging.getLogger("mpstore.manager.server")
 
-#: Longest time a blocking call waits in the store before its caller is checked.
-BLOCKING_SLICE = 0.5
+#: Longest time a blocking call waits in the store before its caller is checked: a caller
+#: that vanished is noticed within this, and 1,000 idle waiters cost 1,000 cheap wake-ups a second.
+BLOCKING_SLICE = 1.0
 #: Blocking store calls and the keyword argument that bounds their wait (None: no bound).
 BLOCKING = {"dequeue_many_rollouts": "wait", "dequeue_rollout": "wait",
             "wait_for_rollouts": "timeout"}
 _READ_SIZE = 256 * 1024
+#: Seconds a worker thread with no blocking call to run waits for one before it ends.
+WORKER_IDLE = 2.0
 _loads = pickle.loads
 
 
@@ -158,6 +162,9 @@ class Dispatcher:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._inbox: collections.deque[tuple[str, Any, Any]] = collections.deque()
         self._peers: set[_Peer] = set()
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle_workers = 0  # workers waiting for a job; under _workers_lock
+        self._workers_lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mpstore-dispatch", daemon=True)
 
@@ -319,9 +326,33 @@ class Dispatcher:
                 reply = dump_error(exc)
             self._post("reply", peer, reply)
 
-        # A thread per waiting call, ended with it: idle waits cost a thread each (bounded by
-        # --max-connections), and a burst of them leaves no idle pool behind.
-        threading.Thread(target=work, name=f"mpstore-wait-{name}", daemon=True).start()
+        self._submit(work)
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` in an idle worker, or a new one. Waiting calls take a thread each
+        (bounded by --max-connections); a worker idle for WORKER_IDLE seconds ends, so a
+        burst leaves no pool behind, while long-pollers that come back every few seconds
+        reuse their threads instead of starting one per call."""
+        with self._workers_lock:
+            reuse = self._idle_workers > 0
+            self._idle_workers -= reuse
+        self._jobs.put(job)
+        if not reuse:
+            threading.Thread(target=self._worker, name="mpstore-wait", daemon=True).start()
+
+    def _worker(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=WORKER_IDLE)
+            except queue.Empty:
+                with self._workers_lock:
+                    if self._idle_workers > 0:  # nobody counted on this worker: end it
+                        self._idle_workers -= 1
+                        return
+                continue  # a job was promised to this worker: it is on its way
+            job()
+            with self._workers_lock:
+                self._idle_workers += 1
 
     def _finish_blocking(self, peer: _Peer, reply: bytes | None) -> None:
         peer.busy = False
