@@ -160,8 +160,21 @@ def run_rounds(tmp_path: Path, rounds: int, seed: int) -> None:
     data_dir, journal = tmp_path / "data", tmp_path / "journal.jsonl"
     journal.touch()
     expected = Expected()
-    ctx = multiprocessing.get_context("spawn")
     server = start(None, key, data_dir, tmp_path / "server.log")
+    try:
+        _rounds(server, rounds, rng, seed, key, data_dir, journal, expected, tmp_path)
+    finally:
+        server = _LIVE.pop() if _LIVE else server
+        server.kill()  # whatever happened, no server outlives the test
+
+
+_LIVE: list[ServerProcess] = []  # the server of the current round, for the cleanup above
+
+
+def _rounds(server: ServerProcess, rounds: int, rng: random.Random, seed: int, key: Path,
+            data_dir: Path, journal: Path, expected: Expected, tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    _LIVE[:] = [server]
     for round_no in range(rounds):
         writer = ctx.Process(target=_writer, args=(server.address, key.read_bytes().strip(),
                                                    str(journal), seed * 1000 + round_no,
@@ -177,6 +190,7 @@ def run_rounds(tmp_path: Path, rounds: int, seed: int) -> None:
         assert writer.exitcode == 0, "the writer must end with StoreUnavailable, not hang"
         expected.read(journal)
         server = start(server.port, key, data_dir, tmp_path / "server.log")
+        _LIVE[:] = [server]
         with server.connect() as store:
             check(store, expected)
     assert server.stop() == 0
