@@ -20,10 +20,11 @@ so they apply entirely or not at all. Errors are the ``StoreError`` subclasses o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from . import transitions as tr
@@ -83,6 +84,7 @@ class InMemoryStore:
             raise InvalidArgument(f"watchdog_interval must be > 0, not {watchdog_interval!r}")
         self._state = StoreState(resolve_thresholds(eviction_threshold, safe_threshold))
         self._journal: Journal | None = None
+        self._deferral = threading.local()  # see deferred_commits
         if data_dir is not None:
             self._journal = Journal(data_dir, synchronous)
             try:
@@ -129,10 +131,29 @@ class InMemoryStore:
         return result, ticket
 
     def _persisted(self, ticket: int) -> None:
-        """Return only once the change is on disk (lock released: others go on meanwhile)."""
+        """Return only once the change is on disk (lock released: others go on meanwhile),
+        or, inside :meth:`deferred_commits`, leave that to its end."""
         if ticket:
             assert self._journal is not None
+            if getattr(self._deferral, "active", False):
+                self._deferral.ticket = max(self._deferral.ticket, ticket)
+                return
             self._journal.wait(ticket)
+
+    @contextlib.contextmanager
+    def deferred_commits(self) -> Iterator[None]:
+        """Within this block (on this thread), calls of a durable store return before their
+        change is committed; all of them are committed together when the block ends, which
+        raises StorageError if that failed. For a server that answers several requests at
+        once: it must send none of their replies before the block has ended. Not served
+        remotely."""
+        self._deferral.active, self._deferral.ticket = True, 0
+        try:
+            yield
+        finally:
+            self._deferral.active = False
+            if self._deferral.ticket and self._journal is not None:
+                self._journal.wait(self._deferral.ticket)
 
     def _section(self, fn: Callable[[float], T], *, watchdog: bool = True) -> T:
         """Run ``fn(now)`` as one critical section; see :meth:`_step`."""

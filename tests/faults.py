@@ -108,20 +108,22 @@ def ping_time(server: ServerProcess, limit: float = 1.0) -> float:
 
 
 #: read(2)'s number in /proc/PID/syscall, per machine.
-_READ_SYSCALL = {"x86_64": "0", "aarch64": "63"}
+#: read(2) and recvfrom(2) (what socket.recv calls) by machine: a client waits for its reply
+#: in one of them.
+_READ_SYSCALLS = {"x86_64": ("0", "45"), "aarch64": ("63", "207")}
 
 
 def blocked_reading(pid: int) -> bool:
-    """True once process ``pid``'s main thread sleeps in read(2) (a client waiting for a
-    reply). Where /proc does not tell, True once it sleeps at all."""
+    """True once process ``pid``'s main thread sleeps in read(2) or recvfrom(2) (a client
+    waiting for a reply). Where /proc does not tell, True once it sleeps at all."""
     import platform
 
     try:
         with open(f"/proc/{pid}/syscall") as handle:
             fields = handle.read().split()
-        number = _READ_SYSCALL.get(platform.machine())
-        if number is not None and fields:
-            return fields[0] == number
+        numbers = _READ_SYSCALLS.get(platform.machine())
+        if numbers is not None and fields:
+            return fields[0] in numbers
     except OSError:
         pass
     return psutil.Process(pid).status() == psutil.STATUS_SLEEPING

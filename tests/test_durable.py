@@ -149,3 +149,19 @@ def test_heartbeat_of_a_span_that_changed_no_status_survives(tmp_path: Path,
     assert store.get_rollout_by_id(claimed.rollout_id).status == "running"  # type: ignore[union-attr]
     assert store.get_next_span_sequence_id(claimed.rollout_id, aid) == 3
     store.close()
+
+
+def test_deferred_commits_commit_once_at_the_end(tmp_path: Path) -> None:
+    store = InMemoryStore(data_dir=tmp_path)
+    journal = store._journal
+    assert journal is not None
+    with store.deferred_commits():
+        for i in range(3):
+            store.enqueue_rollout(i)
+        assert journal._committed < journal._staged  # staged, not yet on disk
+    assert journal._committed == journal._staged  # one commit at the end of the block
+    ids = [r.rollout_id for r in store.query_rollouts()]
+    store.close()
+    reopened = InMemoryStore(data_dir=tmp_path)
+    assert [r.rollout_id for r in reopened.query_rollouts()] == ids
+    reopened.close()

@@ -25,6 +25,7 @@ fixed ident (a stock ``BaseProxy``) is handed to ``fallback`` to be served by a 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import pickle
 import queue
@@ -151,8 +152,14 @@ class Dispatcher:
 
     def __init__(self, methods: dict[str, Callable[..., Any]], *, max_message_size: int,
                  on_close: Callable[[], None],
-                 fallback: Callable[[socket.socket, bytes], None]) -> None:
+                 fallback: Callable[[socket.socket, bytes], None],
+                 batch: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+                 ) -> None:
         self._methods = methods
+        # The requests ready at one wake-up are answered under ``batch()`` (a durable store's
+        # deferred_commits: one commit for all of them) and their replies sent after it.
+        self._batch = batch or contextlib.nullcontext
+        self._outbox: list[tuple[_Peer, bytes]] | None = None
         self._max_size = max_message_size
         self._on_close, self._fallback = on_close, fallback
         self._selector = selectors.DefaultSelector()
@@ -193,16 +200,30 @@ class Dispatcher:
     def _run(self) -> None:
         select = self._selector.select
         while not self._stopping:
-            for key, mask in select():
-                peer = key.data
-                if peer is None:
-                    self._drain_inbox()
-                    continue
-                if mask & selectors.EVENT_WRITE:
-                    self._flush(peer)
-                if mask & selectors.EVENT_READ and not peer.closed:
-                    self._read(peer)
+            events = select()
+            self._outbox = []
+            try:
+                with self._batch():
+                    for key, mask in events:
+                        self._event(key.data, mask)
+            except Exception as exc:  # the batch's commit failed: no reply may claim success
+                log.error("Committing a batch of requests failed: %s", exc)
+                failure = dump_error(exc)
+                self._outbox = [(peer, failure) for peer, _ in self._outbox]
+            outbox, self._outbox = self._outbox, None
+            for peer, reply in outbox:
+                if not peer.closed:
+                    self._send(peer, reply)
         self._close_all()
+
+    def _event(self, peer: _Peer | None, mask: int) -> None:
+        if peer is None:
+            self._drain_inbox()
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._flush(peer)
+        if mask & selectors.EVENT_READ and not peer.closed:
+            self._read(peer)
 
     def _drain_inbox(self) -> None:
         try:
@@ -368,6 +389,9 @@ class Dispatcher:
 
     # ------------------------------------------------------------ writing
     def _send(self, peer: _Peer, reply: bytes) -> None:
+        if self._outbox is not None:  # answering a batch: sent once it is committed
+            self._outbox.append((peer, reply))
+            return
         data = _frame(reply)
         try:
             sent = peer.sock.send(data)

@@ -78,6 +78,44 @@ def tune_socket(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
+def _frame(payload: bytes) -> bytes:
+    """``multiprocessing.connection``'s framing: a 4-byte length (or -1 and 8 bytes)."""
+    size = len(payload)
+    if size <= 0x7FFFFFFF:
+        return struct.pack("!i", size) + payload
+    return struct.pack("!iQ", -1, size) + payload
+
+
+def _recv_message(sock: socket.socket) -> bytes | memoryview:
+    """One framed message. Raises EOFError if the peer closes, BlockingIOError at the kernel's
+    receive timeout, OSError for a broken connection."""
+    data = sock.recv(_RECV_SIZE)
+    while True:
+        if not data:
+            raise EOFError("connection closed by the server")
+        if len(data) >= 4:
+            size, header = int.from_bytes(data[:4], "big", signed=True), 4
+            if size != -1:
+                break
+            if len(data) >= 12:
+                size, header = int.from_bytes(data[4:12], "big"), 12
+                break
+        more = sock.recv(_RECV_SIZE)
+        data = data + more if more else b""
+    end = header + size
+    if len(data) >= end:  # the common case: the whole reply came in one read
+        return memoryview(data)[header:end]
+    buf = bytearray(data)
+    while len(buf) < end:
+        more = sock.recv(min(end - len(buf), 1 << 20))
+        if not more:
+            raise EOFError("connection closed by the server in the middle of a reply")
+        buf += more
+    return memoryview(buf)[header:end]
+
+
+_RECV_SIZE = 64 * 1024
+
 #: Every open channel of this process, so that a forked child can close the inherited ones.
 _OPEN: weakref.WeakSet[Channel] = weakref.WeakSet()
 #: The fork generation: bumped in every forked child, so channels of the parent are not used.
@@ -108,7 +146,7 @@ class Channel:
     ``epoch`` is the fork generation it was opened in (see :func:`fork_epoch`): a channel
     of another generation was inherited through ``fork`` and must not be used."""
 
-    __slots__ = ("__weakref__", "_conn", "_poller", "_timeout", "epoch")
+    __slots__ = ("__weakref__", "_poller", "_sock", "_timeout", "epoch")
 
     def __init__(self, host: str, port: int, authkey: bytes, timeout: float, epoch: int) -> None:
         """Connect and authenticate within about ``timeout`` seconds per step.
@@ -140,31 +178,37 @@ class Channel:
         except BaseException:
             conn.close()
             raise
-        self._conn = conn
+        # After the handshake, requests go over the socket itself: one send and (usually)
+        # one recv per call, where Connection.recv_bytes makes two reads through Python
+        # buffers. A Connection cannot hand over its descriptor, so take a duplicate.
+        try:
+            self._sock = socket.socket(fileno=os.dup(conn.fileno()))
+        finally:
+            conn.close()
         self._timeout: float | None = timeout
         self._poller = select.poll()
-        self._poller.register(conn.fileno(), select.POLLIN)
+        self._poller.register(self._sock.fileno(), select.POLLIN)
         self.epoch = epoch
         _OPEN.add(self)
 
     def request(self, payload: bytes, timeout: float | None) -> bytes:
         """Send one request and return the raw reply, waiting at most ``timeout`` seconds
         (None: no limit). Raises TransportError; afterwards the channel must be closed."""
-        conn = self._conn
+        sock = self._sock
         if self._poller.poll(0):
             # The server never speaks unasked: readable means EOF (it died or restarted) or
             # garbage. Nothing was sent, so any call may go to a fresh connection.
             raise TransportError(EOFError("connection closed by the server"), delivered=False)
         try:
             if timeout != self._timeout:
-                set_socket_timeouts(conn.fileno(), timeout)
+                set_socket_timeouts(sock, timeout)
                 self._timeout = timeout
-            conn.send_bytes(payload)
+            sock.sendall(_frame(payload))
         except _IO_ERRORS as exc:
             # A failed write never completes a request, so the server cannot have run it.
             raise TransportError(exc, delivered=False) from None
         try:
-            return conn.recv_bytes()
+            return _recv_message(sock)
         except _IO_ERRORS as exc:
             raise TransportError(exc, delivered=True) from None
         except BaseException:
@@ -176,13 +220,13 @@ class Channel:
     def close(self) -> None:
         """Close the connection (idempotent); the server's thread for it then ends."""
         try:
-            self._conn.close()
+            self._sock.close()
         except OSError:
             pass
 
     @property
     def closed(self) -> bool:
-        return self._conn.closed
+        return self._sock.fileno() == -1
 
     def fileno(self) -> int:
-        return self._conn.fileno()
+        return self._sock.fileno()

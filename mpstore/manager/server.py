@@ -192,7 +192,8 @@ class StoreServer(Server):
         self._methods = {name: getattr(store, name) for name in exposed}
         self._dispatcher = Dispatcher(
             self._methods, max_message_size=self.max_message_size,
-            on_close=self._peer_closed, fallback=self._fallback)
+            on_close=self._peer_closed, fallback=self._fallback,
+            batch=getattr(store, "deferred_commits", None))
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:

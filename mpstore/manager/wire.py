@@ -32,6 +32,7 @@ __all__ = [
     "ARG0",
     "ARG0_ITEMS",
     "ERROR",
+    "NOT_SERVED",
     "PROTOCOL",
     "RETURN",
     "STORE_IDENT",
@@ -79,12 +80,18 @@ def dump_error(exc: BaseException) -> bytes:
 
 
 def remote_methods(cls: type) -> tuple[str, ...]:
-    """The methods of a store class that are served: its public methods except ``close``
-    (which releases the server's own store and is the server's to call)."""
+    """The methods of a store class that are served: its public methods except those that
+    are the server's own business (``close``, ``deferred_commits``)."""
     return tuple(sorted(
         name for name in dir(cls)
-        if not name.startswith("_") and name != "close" and callable(getattr(cls, name))
+        if not name.startswith("_") and name not in NOT_SERVED and callable(getattr(cls, name))
     ))
+
+
+#: Store methods that are the server's own business: ``close`` releases its store (a client's
+#: ``close`` closes the client's connections instead); ``deferred_commits`` batches commits
+#: within one thread of the server.
+NOT_SERVED = frozenset({"close", "deferred_commits"})
 
 
 def dump_result(result: Any, args: tuple[Any, ...]) -> bytes:
