@@ -74,7 +74,7 @@ def test_spans_counters_resources_and_eviction_marks(tmp_path: Path, clock: Fake
     assert latest is not None and (latest.resources_id, latest.version) == ("v1", 2)
     assert store.get_resources_by_id(first.resources_id) is not None
     # Fill past the threshold: the finished rollout goes first (D8), and stays evicted.
-    for seq in range(10, 40):
+    for seq in range(10, 110):  # well over 20,000 bytes of spans
         store.add_span(Span(live.rollout_id, live.attempt.attempt_id, seq, "fill"))
     with pytest.raises(SpansEvicted):
         store.query_spans(done.rollout_id)
