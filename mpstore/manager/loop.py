@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, StorageError
 from .wire import STORE_IDENT, dump_error, dump_reply, dump_result
 
 __all__ = ["BLOCKING", "BLOCKING_SLICE", "Abandoned", "Dispatcher", "hung_up", "sliced",
@@ -206,8 +206,11 @@ class Dispatcher:
                 with self._batch():
                     for key, mask in events:
                         self._event(key.data, mask)
-            except Exception as exc:  # the batch's commit failed: no reply may claim success
-                log.error("Committing a batch of requests failed: %s", exc)
+            except Exception as exc:  # no reply of this batch may claim success
+                if isinstance(exc, StorageError):
+                    log.error("Committing a batch of requests failed: %s", exc)
+                else:
+                    log.exception("Unexpected error in the dispatcher")
                 failure = dump_error(exc)
                 self._outbox = [(peer, failure) for peer, _ in self._outbox]
             outbox, self._outbox = self._outbox, None
