@@ -143,10 +143,19 @@ def store_command(host: str, port: int, authkey_file: str | None, log_level: str
     sys.exit(code)
 
 
-def _connect(host: str, port: int, authkey_file: str | None, timeout: float) -> Any:
+def _ask(host: str, port: int, authkey_file: str | None, timeout: float, method: str,
+         failure: str) -> Any:
+    """The answer of one call to the server; exit 1, with ``failure: reason`` on stderr, if
+    it does not come (no server, wrong key, timeout)."""
     from .manager.client import connect
 
-    return connect((host, port), authkey_file=authkey_file, timeout=timeout, retry_for=0)
+    try:
+        with connect((host, port), authkey_file=authkey_file, timeout=timeout,
+                     retry_for=0) as client:
+            return getattr(client, method)()
+    except (MpstoreError, OSError) as exc:
+        click.echo(f"{failure}: {host}:{port}: {exc}", err=True)
+        sys.exit(1)
 
 
 @main.command("health")
@@ -155,12 +164,7 @@ def _connect(host: str, port: int, authkey_file: str | None, timeout: float) -> 
               show_default=True, help="Seconds to wait for the answer.")
 def health_command(host: str, port: int, authkey_file: str | None, timeout: float) -> None:
     """Exit 0 if a server answers ping with the right key, else 1 (the reason on stderr)."""
-    try:
-        with _connect(host, port, authkey_file, timeout) as client:
-            info = client.ping()
-    except (MpstoreError, OSError) as exc:
-        click.echo(f"unhealthy: {host}:{port}: {exc}", err=True)
-        sys.exit(1)
+    info = _ask(host, port, authkey_file, timeout, "ping", "unhealthy")
     click.echo(f"ok: mpstore {info.get('version')} at {host}:{port} (pid {info.get('pid')})")
 
 
@@ -170,10 +174,5 @@ def health_command(host: str, port: int, authkey_file: str | None, timeout: floa
               show_default=True, help="Seconds to wait for the answer.")
 def stats_command(host: str, port: int, authkey_file: str | None, timeout: float) -> None:
     """Print the server's statistics() as JSON; exit 1 if it does not answer."""
-    try:
-        with _connect(host, port, authkey_file, timeout) as client:
-            stats = client.statistics()
-    except (MpstoreError, OSError) as exc:
-        click.echo(f"error: {host}:{port}: {exc}", err=True)
-        sys.exit(1)
+    stats = _ask(host, port, authkey_file, timeout, "statistics", "error")
     click.echo(json.dumps(stats, indent=2, sort_keys=True, default=str))

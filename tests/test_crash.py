@@ -161,20 +161,17 @@ def run_rounds(tmp_path: Path, rounds: int, seed: int) -> None:
     journal.touch()
     expected = Expected()
     server = start(None, key, data_dir, tmp_path / "server.log")
+    live = [server]  # the server of the current round, for the cleanup below
     try:
-        _rounds(server, rounds, rng, seed, key, data_dir, journal, expected, tmp_path)
+        _rounds(live, rounds, rng, seed, key, data_dir, journal, expected, tmp_path)
     finally:
-        server = _LIVE.pop() if _LIVE else server
-        server.kill()  # whatever happened, no server outlives the test
+        live[0].kill()  # whatever happened, no server outlives the test
 
 
-_LIVE: list[ServerProcess] = []  # the server of the current round, for the cleanup above
-
-
-def _rounds(server: ServerProcess, rounds: int, rng: random.Random, seed: int, key: Path,
+def _rounds(live: list[ServerProcess], rounds: int, rng: random.Random, seed: int, key: Path,
             data_dir: Path, journal: Path, expected: Expected, tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("spawn")
-    _LIVE[:] = [server]
+    server = live[0]
     for round_no in range(rounds):
         writer = ctx.Process(target=_writer, args=(server.address, key.read_bytes().strip(),
                                                    str(journal), seed * 1000 + round_no,
@@ -190,7 +187,7 @@ def _rounds(server: ServerProcess, rounds: int, rng: random.Random, seed: int, k
         assert writer.exitcode == 0, "the writer must end with StoreUnavailable, not hang"
         expected.read(journal)
         server = start(server.port, key, data_dir, tmp_path / "server.log")
-        _LIVE[:] = [server]
+        live[0] = server
         with server.connect() as store:
             check(store, expected)
     assert server.stop() == 0
