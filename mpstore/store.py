@@ -110,6 +110,11 @@ class InMemoryStore:
         )
         self._inp: Callable[[Any], Any] = private_copy if copy_records else (lambda x: x)
 
+    @property
+    def durable(self) -> bool:
+        """True if changes are committed to a data directory (``data_dir`` was given)."""
+        return self._journal is not None
+
     # ----------------------------------------------------------------- helpers
     def _step(self, fn: Callable[[float], T], watchdog: bool) -> tuple[T, int]:
         """``fn(now)`` with the lock held, after the watchdog (REF's method set, D12). Wakes

@@ -80,9 +80,11 @@ def wait_until(condition: Any, timeout: float = 10.0) -> None:
 
 # --------------------------------------------------------------------------- the API
 def test_client_has_exactly_the_store_methods_and_signatures() -> None:
-    public = {n for n in dir(InMemoryStore) if not n.startswith("_")} - {"deferred_commits"}
+    # deferred_commits and durable are the server's own business, not served.
+    public = {n for n in dir(InMemoryStore) if not n.startswith("_")} - {
+        "deferred_commits", "durable"}
     assert {n for n in dir(StoreClient) if not n.startswith("_")} - {"address"} == public
-    assert "deferred_commits" not in REMOTE_METHODS  # a server thread's own business
+    assert not {"deferred_commits", "durable"} & set(REMOTE_METHODS)
     for name in public:
         assert inspect.signature(getattr(StoreClient, name)) == inspect.signature(
             getattr(InMemoryStore, name)), name

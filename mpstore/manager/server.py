@@ -153,7 +153,9 @@ class StoreServer(StockClients, Server):
         self._dispatcher = Dispatcher(
             self._methods, max_message_size=self.max_message_size,
             on_close=self._peer_closed, fallback=self._fallback,
-            batch=getattr(store, "deferred_commits", None))
+            # Only a durable store's commits are worth batching; an in-memory store's
+            # replies go out as soon as they are ready.
+            batch=store.deferred_commits if getattr(store, "durable", False) else None)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
