@@ -1,9 +1,10 @@
 """Records, status enums, the UNSET sentinel and id generators.
 
 The records keep agent-lightning's field names so its users recognise them. They are plain
-``@dataclass(slots=True)`` objects; each defines ``__reduce__`` as "constructor + field tuple",
-which pickles two to three times faster than the default slots protocol (records cross the
-wire on every call).
+``@dataclass(slots=True)`` objects; each pickles as "its loader + a tuple of plain values"
+(enums as their values, nested records as their own tuples: see ``_record``), which pickles
+three to four times faster than the default slots protocol (records cross the wire on every
+call).
 
 Two kinds of copy exist, because the store hands records out in two situations:
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import enum
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -68,6 +70,12 @@ class Unset:
 UNSET = Unset()
 
 
+def _by_name(self: enum.Enum, protocol: int) -> str:
+    # Pickled by reference to the member ("RolloutStatus.RUNNING"): one lookup to write and
+    # one to read, where Enum's default calls the class with the value (about twice the cost).
+    return f"{type(self).__name__}.{self._name_}"
+
+
 class RolloutStatus(str, enum.Enum):
     QUEUING = "queuing"
     PREPARING = "preparing"
@@ -76,6 +84,8 @@ class RolloutStatus(str, enum.Enum):
     SUCCEEDED = "succeeded"
     CANCELLED = "cancelled"
     REQUEUING = "requeuing"
+
+    __reduce_ex__ = _by_name
 
     def __str__(self) -> str:
         return self.value
@@ -102,6 +112,8 @@ class AttemptStatus(str, enum.Enum):
     UNRESPONSIVE = "unresponsive"
     TIMEOUT = "timeout"
 
+    __reduce_ex__ = _by_name
+
     def __str__(self) -> str:
         return self.value
 
@@ -111,6 +123,8 @@ class RolloutMode(str, enum.Enum):
     TRAIN = "train"
     VAL = "val"
     TEST = "test"
+
+    __reduce_ex__ = _by_name
 
     def __str__(self) -> str:
         return self.value
@@ -123,38 +137,85 @@ _FINISHED = frozenset({RolloutStatus.FAILED, RolloutStatus.SUCCEEDED, RolloutSta
 
 
 def _rebuild(cls: type, values: tuple[Any, ...]) -> Any:
-    """Unpickle a record without running ``__init__`` (its defaults would be wasted work)."""
+    """Unpickle a record pickled by mpstore 0.1.0 (its data directories hold them)."""
     return cls._from_values(values)  # type: ignore[attr-defined]
 
 
-def _record(cls: type) -> type:
+def _wire_codes(name: str, kind: Any) -> tuple[str, str]:
+    """How field ``name`` of kind ``kind`` is written into and read back from a record's
+    pickled tuple: an enum as its value, a list of enums as a list of values, a nested record
+    as its own tuple. Everything else is written as it is (the first branch's fallbacks keep a
+    field holding something unexpected, e.g. a plain str, as it was)."""
+    field_ = f"self.{name}"
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return (f"getattr({field_}, '_value_', {field_})",
+                f"    if type(new.{name}) is str:\n"
+                f"        new.{name} = _{name}_values.get(new.{name}, new.{name})\n")
+    if isinstance(kind, list):  # [EnumClass]
+        return (f"[getattr(v, '_value_', v) for v in {field_}] if type({field_}) is list "
+                f"else {field_}",
+                f"    if type(new.{name}) is list:\n"
+                f"        new.{name} = [_{name}_values.get(v, v) if type(v) is str else v "
+                f"for v in new.{name}]\n")
+    return (f"{field_}._wire() if type({field_}) is _{name}_kind else {field_}",
+            f"    if type(new.{name}) is tuple:\n"
+            f"        new.{name} = _{name}_kind._unwire(new.{name})\n")
+
+
+def _record(**wire: Any) -> Callable[[type], type]:
     """Give a slots dataclass a fast pickle (``__reduce__``) and a shallow ``snapshot()``.
 
     Both are generated per class, as ``dataclasses`` generates ``__init__``: straight-line
     attribute copies run several times faster than a loop of getattr/setattr, and records are
-    copied and pickled on every store call.
+    copied and pickled on every store call. A record pickles as one reference to its
+    ``_unwire`` and a tuple of plain values: ``wire`` names the fields that are not plain
+    (``status=RolloutStatus``, ``config=RolloutConfig``, ``retry_condition=[AttemptStatus]``),
+    inherited by subclasses. Each class or enum member pickled by reference costs about 1 µs
+    to write and 1 µs to read, a plain value next to nothing: a rollout went from 12 µs for a
+    round trip through pickle to 7.
     """
-    names = tuple(f.name for f in fields(cls))  # own and inherited fields, in __init__ order
-    targets = ", ".join(f"new.{n}" for n in names)
-    source = (
-        "def snapshot(self):\n"
-        f"    new = _new(_cls)\n    {targets} = {', '.join(f'self.{n}' for n in names)}\n"
-        "    return new\n"
-        "def from_values(values):\n"
-        f"    new = _new(_cls)\n    {targets}, = values\n    return new\n"
-        "def reduce(self):\n"
-        f"    return _rebuild, (_cls, ({', '.join(f'self.{n}' for n in names)},))\n"
-    )
-    scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_rebuild": _rebuild}
-    exec(source, scope)
-    cls._fields = names  # type: ignore[attr-defined]
-    cls.snapshot = scope["snapshot"]  # type: ignore[attr-defined]
-    cls._from_values = staticmethod(scope["from_values"])  # type: ignore[attr-defined]
-    cls.__reduce__ = scope["reduce"]  # type: ignore[attr-defined]
-    return cls
+
+    def decorate(cls: type) -> type:
+        codecs = {**getattr(cls, "_wire_kinds", {}), **wire}
+        names = tuple(f.name for f in fields(cls))  # own and inherited, in __init__ order
+        codes = {name: _wire_codes(name, kind) for name, kind in codecs.items()}
+        targets = ", ".join(f"new.{n}" for n in names)
+        written = ", ".join(codes[n][0] if n in codes else f"self.{n}" for n in names)
+        source = (
+            "def snapshot(self):\n"
+            f"    new = _new(_cls)\n    {targets} = {', '.join(f'self.{n}' for n in names)}\n"
+            "    return new\n"
+            "def from_values(values):\n"
+            f"    new = _new(_cls)\n    {targets}, = values\n    return new\n"
+            f"def wire(self):\n    return ({written},)\n"
+            f"def unwire(values):\n    new = _new(_cls)\n    {targets}, = values\n"
+            + "".join(code[1] for code in codes.values()) + "    return new\n"
+            "def reduce(self):\n    return _unwire, (wire(self),)\n"
+        )
+        scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+        for name, kind in codecs.items():
+            scope[f"_{name}_kind"] = kind
+            members = kind[0] if isinstance(kind, list) else kind
+            if isinstance(members, type) and issubclass(members, enum.Enum):
+                scope[f"_{name}_values"] = {m.value: m for m in members}
+        exec(source, scope)
+        unwire = scope["unwire"]
+        # Pickled by reference as ``mpstore.types.<Class>._unwire``.
+        unwire.__module__, unwire.__qualname__ = cls.__module__, f"{cls.__name__}._unwire"
+        scope["_unwire"] = unwire
+        cls._fields = names  # type: ignore[attr-defined]
+        cls._wire_kinds = codecs  # type: ignore[attr-defined]
+        cls.snapshot = scope["snapshot"]  # type: ignore[attr-defined]
+        cls._from_values = staticmethod(scope["from_values"])  # type: ignore[attr-defined]
+        cls._wire = scope["wire"]  # type: ignore[attr-defined]
+        cls._unwire = staticmethod(unwire)  # type: ignore[attr-defined]
+        cls.__reduce__ = scope["reduce"]  # type: ignore[attr-defined]
+        return cls
+
+    return decorate
 
 
-@_record
+@_record(retry_condition=[AttemptStatus])
 @dataclass(slots=True)
 class RolloutConfig:
     """Retry and timeout policy of a rollout (REF §1.2). Validated by ``mpstore.validate``."""
@@ -180,7 +241,7 @@ def _deep(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-@_record
+@_record(status=RolloutStatus, mode=RolloutMode, config=RolloutConfig)
 @dataclass(slots=True)
 class Rollout:
     rollout_id: str
@@ -201,7 +262,7 @@ class Rollout:
         return new
 
 
-@_record
+@_record(status=AttemptStatus)
 @dataclass(slots=True)
 class Attempt:
     rollout_id: str
@@ -220,7 +281,7 @@ class Attempt:
         return new
 
 
-@_record
+@_record(attempt=Attempt)
 @dataclass(slots=True)
 class AttemptedRollout(Rollout):
     """A rollout paired with one of its attempts (the one just created, for claims)."""
@@ -241,7 +302,7 @@ def _random_hex(digits: int) -> str:
     return os.urandom(digits // 2).hex()  # what secrets.token_hex does, minus two calls
 
 
-@_record
+@_record()
 @dataclass(slots=True)
 class Span:
     """A trace record (REF §1.6). ``status``, ``context``, ``parent`` and ``resource`` are
@@ -273,7 +334,7 @@ class Span:
         return new
 
 
-@_record
+@_record()
 @dataclass(slots=True)
 class LLM:
     endpoint: str
@@ -283,7 +344,7 @@ class LLM:
     resource_type: str = "llm"
 
 
-@_record
+@_record()
 @dataclass(slots=True)
 class ProxyLLM(LLM):
     resource_type: str = "proxy_llm"
@@ -297,7 +358,7 @@ class ProxyLLM(LLM):
         return base + suffix
 
 
-@_record
+@_record()
 @dataclass(slots=True)
 class PromptTemplate:
     template: str
@@ -316,7 +377,7 @@ RESOURCE_TYPES: dict[str, type] = {
 }
 
 
-@_record
+@_record()
 @dataclass(slots=True)
 class ResourcesUpdate:
     resources_id: str
