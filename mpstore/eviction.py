@@ -36,6 +36,8 @@ DEFAULT_SAFE_OF_EVICTION = 0.8
 FALLBACK_CAPACITY = 8 * 1024**3
 
 
+#: Types counted as ``_SCALAR`` without a call.
+_SCALARS = frozenset({int, float, bool, type(None)})
 #: Items of a list or dict walked; a longer container is extrapolated from them.
 _SAMPLE = 64
 #: Nesting walked; deeper values count as scalars (bounds the cost and the recursion).
@@ -71,7 +73,13 @@ def span_size(span: Span) -> int:
     attributes = span.attributes
     size = _SPAN_BASE + len(span.name) + len(attributes) * _ENTRY
     for value in attributes.values():
-        size += len(value) if type(value) is str else _payload(value)
+        kind = type(value)
+        if kind is str:
+            size += len(value)
+        elif kind in _SCALARS:  # numbers and flags, inline: add_span is the hottest call
+            size += _SCALAR
+        else:
+            size += _payload(value)
     if span.events or span.links:  # usually empty; exception events carry stack traces
         size += _payload(span.events) + _payload(span.links)
     return size
