@@ -9,6 +9,8 @@ evicted still has all its acknowledged spans.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -174,3 +176,24 @@ def test_span_flood_keeps_rss_bounded_and_evicts_by_d8_stress(server: ServerProc
     start = time.monotonic()
     result = run_memory(server, processes=4, rollouts=40, spans=400)  # ~3 GB of text
     print(f"\nmemory: {result} in {time.monotonic() - start:.1f} s")
+
+
+# --------------------------------------------------------------------------- the server's gc
+_GC_PROBE = """
+import gc
+from mpstore.manager.server import _tune_gc
+_tune_gc()
+at_start = gc.get_freeze_count()
+kept = [[i] for i in range(50_000)]  # lists: always tracked by the gc
+gc.collect()  # a full collection: what survives it is frozen
+print(at_start, gc.get_freeze_count())
+"""
+
+
+def test_the_server_freezes_what_survives_a_full_collection() -> None:
+    # In a child process: freezing is process-wide, and this one is pytest's.
+    out = subprocess.run([sys.executable, "-c", _GC_PROBE], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    at_start, after = int(out[0]), int(out[1])
+    assert at_start > 0  # the imports
+    assert after >= at_start + 50_000  # the kept lists, skipped by later collections

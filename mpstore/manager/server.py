@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import io
 import logging
 import os
@@ -426,6 +427,33 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
     return reason
 
 
+def _freeze_survivors(phase: str, info: dict[str, int]) -> None:
+    """``agl store``'s garbage-collector policy (a ``gc.callbacks`` entry): what survives a
+    full collection is frozen (``gc.freeze``), so later collections skip it.
+
+    Why: a store holds millions of container objects (spans, their dicts) and no reference
+    cycles among them, yet every full collection walks them all, and one runs each time the
+    heap has grown by a quarter: measured, 0.35 s of stalled server per 300,000 stored spans
+    (over a second with a million), and unpickling a span that is kept cost 11 µs, growing
+    with the heap, against 8 µs, flat, with this policy. Frozen objects are still freed by
+    reference counting; only a reference cycle that was alive at a full collection and
+    becomes garbage later is never collected (rare and small: an exception being handled at
+    that instant, say).
+    """
+    if phase == "stop" and info["generation"] == 2:
+        gc.freeze()
+
+
+def _tune_gc() -> None:
+    """Freeze what exists now (imports, a restored durable store) and after every full
+    collection; see :func:`_freeze_survivors`. For the process that serves, not a library
+    user's: ``run`` calls it."""
+    gc.collect()
+    gc.freeze()
+    if _freeze_survivors not in gc.callbacks:
+        gc.callbacks.append(_freeze_survivors)
+
+
 def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None = None,
         watchdog_interval: float = 1.0, eviction_threshold: float | int | None = None,
         safe_threshold: float | int | None = None, handshake_timeout: float = 5.0,
@@ -445,6 +473,7 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
     except StorageError as exc:
         log.error("%s", start_failure_message(host, port, reason=str(exc)))
         return 1
+    _tune_gc()
     try:
         if not is_loopback(host):
             log.warning("Listening on %s:%s, beyond this machine: anyone who can reach it and "
