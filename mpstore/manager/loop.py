@@ -239,9 +239,8 @@ class Dispatcher:
         if peer is None:
             self._drain_inbox()
             return
-        if peer is False or peer.closed:  # closed by an earlier event of this wake-up
-            return
-        assert isinstance(peer, _Peer)
+        if not isinstance(peer, _Peer) or peer.closed:
+            return  # False: closed by an earlier event of this wake-up (fd looked up before)
         if mask & select.EPOLLOUT:
             self._flush(peer)
         if mask & _READABLE and not peer.closed:
