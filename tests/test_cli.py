@@ -172,7 +172,18 @@ def test_store_defaults_are_handed_over(captured: dict[str, Any]) -> None:
                         "watchdog_interval": 1.0, "eviction_threshold": None,
                         "safe_threshold": None, "handshake_timeout": 5.0, "data_dir": None,
                         "synchronous": "normal", "max_connections": 1024,
-                        "max_message_size": 64 * 2**20}
+                        "max_message_size": 64 * 2**20, "busy_poll": 100e-6}
+
+
+def test_busy_poll_is_given_in_microseconds(captured: dict[str, Any]) -> None:
+    result = CliRunner().invoke(main, ["store", "--busy-poll", "0"])
+    assert result.exit_code == 0, result.output
+    assert captured["busy_poll"] == 0.0
+    result = CliRunner().invoke(main, ["store"], env={"MPSTORE_BUSY_POLL": "250"})
+    assert result.exit_code == 0, result.output
+    assert captured["busy_poll"] == 250e-6
+    for bad in ("-1", "0.5", "lots", "2000000"):
+        assert CliRunner().invoke(main, ["store", "--busy-poll", bad]).exit_code == 2, bad
 
 
 def test_connection_and_message_limits(captured: dict[str, Any]) -> None:

@@ -181,8 +181,8 @@ def test_span_flood_keeps_rss_bounded_and_evicts_by_d8_stress(server: ServerProc
 # --------------------------------------------------------------------------- the server's gc
 _GC_PROBE = """
 import gc
-from mpstore.manager.server import _tune_gc
-_tune_gc()
+from mpstore.manager.tuning import tune_gc
+tune_gc()
 at_start = gc.get_freeze_count()
 kept = [[i] for i in range(50_000)]  # lists: always tracked by the gc
 gc.collect()  # a full collection: what survives it is frozen

@@ -103,8 +103,12 @@ def test_version() -> None:
 
 def test_submodules_declare_all() -> None:
     for name in ("errors", "types", "transitions", "validate", "state", "store", "eviction",
-                 "log"):
+                 "log", "durable", "cli", "manager", "manager.auth", "manager.blocking",
+                 "manager.client", "manager.loop", "manager.ports", "manager.process",
+                 "manager.proxy", "manager.server", "manager.stock", "manager.tuning",
+                 "manager.wire"):
         module = importlib.import_module(f"mpstore.{name}")
         assert hasattr(module, "__all__"), name
+        assert module.__all__ == sorted(module.__all__, key=isort_key), name
         for item in module.__all__:
             assert hasattr(module, item), f"mpstore.{name}.{item}"

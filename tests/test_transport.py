@@ -423,3 +423,20 @@ def test_client_sets_tcp_nodelay(client: StoreClient) -> None:
     sock = socket.socket(fileno=os.dup(client._local.channel.fileno()))
     with sock:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+# --------------------------------------------------------------------------- busy polling
+def test_a_busy_polling_server_sleeps_once_calls_stop(tmp_path: Path) -> None:
+    # With --busy-poll 0.1 s the loop polls without sleeping while calls come close together;
+    # once they stop it may poll for 0.1 s more, then must sleep: a loop that kept polling
+    # would spend the whole idle second on the CPU.
+    with running_server(tmp_path, "--busy-poll", "100000") as server:
+        client = server.connect()
+        for _ in range(300):
+            assert client.ping()["pid"] == server.pid
+        process = psutil.Process(server.pid)
+        before = sum(process.cpu_times()[:2])
+        threading.Event().wait(1.0)  # the idle window being measured
+        assert sum(process.cpu_times()[:2]) - before < 0.5
+        assert client.ping()["pid"] == server.pid  # and it still answers
+        client.close()

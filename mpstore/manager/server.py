@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import io
 import logging
 import os
@@ -51,10 +50,12 @@ from typing import Any
 from ..errors import AuthenticationFailed, ServerStartError, StorageError
 from ..store import InMemoryStore
 from .auth import is_loopback, resolve_authkey
-from .loop import BLOCKING_SLICE, Dispatcher
+from .blocking import BLOCKING_SLICE
+from .loop import BUSY_POLL, Dispatcher
 from .ports import bind_failure, check_port_free, start_failure_message
 from .proxy import set_socket_timeouts, tune_socket
 from .stock import MAX_MESSAGE_SIZE, MessageTooLarge, StockClients
+from .tuning import raise_fd_limit, tune_gc
 from .wire import STORE_IDENT, remote_methods
 
 __all__ = [
@@ -122,7 +123,8 @@ class StoreServer(StockClients, Server):
     def __init__(self, registry: dict[str, Any], address: tuple[str, int], authkey: bytes,
                  serializer: str = "pickle", *, handshake_timeout: float = 5.0,
                  backlog: int = BACKLOG, max_connections: int = MAX_CONNECTIONS,
-                 max_message_size: int = MAX_MESSAGE_SIZE) -> None:
+                 max_message_size: int = MAX_MESSAGE_SIZE, busy_poll: float = BUSY_POLL
+                 ) -> None:
         # Not Server.__init__: it binds with a backlog of 16 through a Listener that
         # authenticates inside accept(). These are the attributes Server's methods use.
         if serializer != "pickle":
@@ -143,6 +145,7 @@ class StoreServer(StockClients, Server):
         self._conns_lock = threading.Lock()
         self._accepter: threading.Thread | None = None
         self.max_connections, self.max_message_size = max_connections, max_message_size
+        self.busy_poll = busy_poll
         self._peers = 0  # connections with a thread (authenticated or not); _conns_lock
         self._refused, self._refusal_logged = 0, -1e9  # accepter thread only
 
@@ -153,7 +156,7 @@ class StoreServer(StockClients, Server):
         self._methods = {name: getattr(store, name) for name in exposed}
         self._dispatcher = Dispatcher(
             self._methods, max_message_size=self.max_message_size,
-            on_close=self._peer_closed, fallback=self._fallback,
+            on_close=self._peer_closed, fallback=self._fallback, busy_poll=self.busy_poll,
             # Only a durable store's commits are worth batching; an in-memory store's
             # replies go out as soon as they are ready.
             batch=store.deferred_commits if getattr(store, "durable", False) else None)
@@ -356,18 +359,6 @@ def _ignore(signum: int, frame: Any) -> None:
     log.info("Received %s while stopping; still stopping", signal.Signals(signum).name)
 
 
-def _raise_fd_limit() -> None:
-    """One file descriptor per client connection: lift the soft limit to the hard one."""
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ImportError, ValueError, OSError):
-        pass
-
-
 def _tick(store: Any, interval: float, stop: threading.Event) -> None:
     """The watchdog ticker (D12): timeouts fire even when no client calls."""
     while not stop.wait(interval):
@@ -386,14 +377,16 @@ def _registry(store: Any) -> dict[str, Any]:
 def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: bytes,
           watchdog_interval: float | None = 1.0, handshake_timeout: float = 5.0,
           max_connections: int = MAX_CONNECTIONS, max_message_size: int = MAX_MESSAGE_SIZE,
-          stop: threading.Event | None = None,
+          busy_poll: float = BUSY_POLL, stop: threading.Event | None = None,
           on_ready: Callable[[tuple[str, int]], None] | None = None) -> str:
     """Serve ``store`` on ``host:port`` until ``stop`` is set or, when called from the main
     thread, SIGINT or SIGTERM arrives; then stop gracefully and return why ("SIGTERM" ...).
 
     ``watchdog_interval``: seconds between background watchdog passes (None: no ticker).
     ``max_connections``: peers served at once (more are refused); ``max_message_size``: the
-    largest request in bytes (a larger one gets InvalidArgument).
+    largest request in bytes (a larger one gets InvalidArgument); ``busy_poll``: seconds the
+    dispatcher polls without sleeping while requests come close together (0: never; see
+    :class:`~mpstore.manager.loop.Dispatcher`).
     ``on_ready(address)`` is called once the server accepts connections. Raises
     ServerStartError if it cannot listen (the SPEC §6 message)."""
     stop = stop if stop is not None else threading.Event()
@@ -402,14 +395,14 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
     reason = "stop"
     with _stop_on_signals(threading.current_thread() is threading.main_thread()) as quiet:
         try:
-            _raise_fd_limit()
+            raise_fd_limit()
             if watchdog_interval is not None:
                 threading.Thread(target=_tick, name="mpstore-watchdog", daemon=True,
                                  args=(store, watchdog_interval, ticking)).start()
             server = StoreServer(_registry(store), (host, port), authkey,
                                  handshake_timeout=handshake_timeout,
                                  max_connections=max_connections,
-                                 max_message_size=max_message_size)
+                                 max_message_size=max_message_size, busy_poll=busy_poll)
             server.serve_store(store)
             log.info("Starting server at %s:%s", host, server.address[1])
             server.start()
@@ -427,39 +420,12 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
     return reason
 
 
-def _freeze_survivors(phase: str, info: dict[str, int]) -> None:
-    """``agl store``'s garbage-collector policy (a ``gc.callbacks`` entry): what survives a
-    full collection is frozen (``gc.freeze``), so later collections skip it.
-
-    Why: a store holds millions of container objects (spans, their dicts) and no reference
-    cycles among them, yet every full collection walks them all, and one runs each time the
-    heap has grown by a quarter: measured, 0.35 s of stalled server per 300,000 stored spans
-    (over a second with a million); in a loop that keeps what it unpickles, a span cost 11 µs,
-    growing with the heap, against 8 µs, flat, with this policy. Frozen objects are still freed by
-    reference counting; only a reference cycle that was alive at a full collection and
-    becomes garbage later is never collected (rare and small: an exception being handled at
-    that instant, say).
-    """
-    if phase == "stop" and info["generation"] == 2:
-        gc.freeze()
-
-
-def _tune_gc() -> None:
-    """Freeze what exists now (imports, a restored durable store) and after every full
-    collection; see :func:`_freeze_survivors`. For the process that serves, not a library
-    user's: ``run`` calls it."""
-    gc.collect()
-    gc.freeze()
-    if _freeze_survivors not in gc.callbacks:
-        gc.callbacks.append(_freeze_survivors)
-
-
 def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None = None,
         watchdog_interval: float = 1.0, eviction_threshold: float | int | None = None,
         safe_threshold: float | int | None = None, handshake_timeout: float = 5.0,
         data_dir: str | None = None, synchronous: str = "normal",
-        max_connections: int = MAX_CONNECTIONS, max_message_size: int = MAX_MESSAGE_SIZE
-        ) -> int:
+        max_connections: int = MAX_CONNECTIONS, max_message_size: int = MAX_MESSAGE_SIZE,
+        busy_poll: float = BUSY_POLL) -> int:
     """``agl store``: serve a store (in memory, or durable in ``data_dir``) until
     SIGINT/SIGTERM. Returns the exit code: 0 after a graceful stop, 1 if the server could not
     start (the reason is logged: port taken, key unusable, data directory locked or damaged).
@@ -473,7 +439,7 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
     except StorageError as exc:
         log.error("%s", start_failure_message(host, port, reason=str(exc)))
         return 1
-    _tune_gc()
+    tune_gc()
     try:
         if not is_loopback(host):
             log.warning("Listening on %s:%s, beyond this machine: anyone who can reach it and "
@@ -490,7 +456,7 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
             log.info("Data directory %s (synchronous=%s)", data_dir, synchronous)
         serve(store, host, port, authkey=key.key, watchdog_interval=watchdog_interval,
               handshake_timeout=handshake_timeout, max_connections=max_connections,
-              max_message_size=max_message_size)
+              max_message_size=max_message_size, busy_poll=busy_poll)
     except ServerStartError as exc:
         log.error("%s", exc)
         return 1

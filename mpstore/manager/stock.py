@@ -19,7 +19,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ..errors import InvalidArgument
-from .loop import BLOCKING, Abandoned, sliced, too_large
+from .blocking import BLOCKING, Abandoned, sliced
+from .loop import too_large
 from .wire import STORE_IDENT, dump_error, dump_reply
 
 __all__ = ["MAX_MESSAGE_SIZE", "MessageTooLarge", "StockClients"]
