@@ -43,7 +43,17 @@ from ..errors import InvalidArgument, StoreUnavailable
 from ..store import InMemoryStore
 from .auth import resolve_authkey
 from .proxy import Channel, TransportError, fork_epoch
-from .wire import ARG0, ARG0_ITEMS, ERROR, PROTOCOL, RETURN, STORE_IDENT, remote_methods
+from .wire import (
+    ARG0,
+    ARG0_ITEMS,
+    ERROR,
+    PACKED_IDENT,
+    PROTOCOL,
+    RETURN,
+    STORE_IDENT,
+    pack,
+    remote_methods,
+)
 
 if TYPE_CHECKING:  # type checkers see the store's methods on the client
     _Base = InMemoryStore
@@ -112,6 +122,14 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     if not host or not 0 < number < 65536:
         raise InvalidArgument(f"address must be 'host:port' with a port 1-65535, not {address!r}")
     return str(host), number
+
+
+def _request(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """The pickled request; records of the hottest calls packed (see :mod:`.wire`)."""
+    packed = pack(name, args)
+    if packed is not None:
+        return _dumps((PACKED_IDENT, name, packed, kwargs), PROTOCOL)
+    return _dumps((STORE_IDENT, name, args, kwargs), PROTOCOL)
 
 
 def _unpack(data: bytes, args: tuple[Any, ...]) -> Any:
@@ -185,7 +203,7 @@ class StoreClient(_Base):
         if timeout is None:
             return self._in_pieces(name, args, kwargs)
         try:
-            payload = _dumps((STORE_IDENT, name, args, kwargs), PROTOCOL)
+            payload = _request(name, args, kwargs)
         except Exception as exc:  # a lock, a lambda, a generator ...: nothing was sent
             raise InvalidArgument(
                 f"{name}: the arguments cannot be pickled ({type(exc).__name__}: {exc}); they "
@@ -254,8 +272,7 @@ class StoreClient(_Base):
                 kwargs = {**kwargs, "timeout": max(own_end - time.monotonic(), 0.0)}
             timeout = self._timeout if name not in BLOCKING else self._reply_timeout(name, kwargs)
             try:
-                data = channel.request(_dumps((STORE_IDENT, name, args, kwargs), PROTOCOL),
-                                       timeout)
+                data = channel.request(_request(name, args, kwargs), timeout)
             except TransportError as exc:
                 self._discard(channel)
                 if exc.delivered and name not in RETRIED:

@@ -42,7 +42,7 @@ from typing import Any
 
 from ..errors import InvalidArgument, StorageError
 from .blocking import BLOCKING, Abandoned, blocks, sliced
-from .wire import STORE_IDENT, dump_error, dump_reply, dump_result
+from .wire import PACKED_IDENT, STORE_IDENT, dump_error, dump_reply, dump_result, unpack
 
 __all__ = ["BUSY_POLL", "Dispatcher", "too_large"]
 
@@ -306,14 +306,17 @@ class Dispatcher:
                 "arguments must be built from types it can import (builtins, mpstore's "
                 "records, modules installed on the server)")))
             return
-        if not (isinstance(request, tuple) and len(request) == 4) or request[0] != STORE_IDENT:
+        if not (isinstance(request, tuple) and len(request) == 4) or (
+                request[0] != STORE_IDENT and request[0] != PACKED_IDENT):
             self._hand_over(peer, data)
             return
-        _, name, args, kwds = request
+        ident, name, args, kwds = request
         func = self._methods.get(name)
         try:
             if func is None:
                 raise AttributeError(f"the mpstore server has no method {name!r}")
+            if ident == PACKED_IDENT:
+                args = unpack(name, args)
             if isinstance(kwds, dict) and blocks(name, kwds):
                 ready = self._without_waiting(name, func, args, kwds)
                 if ready is None:

@@ -7,8 +7,13 @@ message of ``multiprocessing.connection``. The served store has the fixed ident 
 so a client needs no ``create``/``incref`` round trips before its first call (a stock
 ``BaseProxy`` still works, through ``StoreManager.get_store()``).
 
-Two additions:
+Three additions:
 
+* a request with the ident ``"store+"`` (``PACKED_IDENT``) carries its first argument
+  *packed*: a span as its field tuple (``Span._wire()``), a list of spans as a list of them,
+  for the calls in ``PACKED``. Pickling a record refers to its loader by name, which costs
+  about 1 µs to write and 1 µs to read; ``add_span`` is the hottest call. Anything else
+  (a dict for a span, a subclass) is sent as it is, under ``"store"``;
 * a ``#ERROR`` exception is pickled with its traceback (tblib), so the caller's formatted
   traceback shows the server-side frames down to the store function that raised;
 * ``#ARG0`` (no payload) means "the result is your first argument, as you sent it", and
@@ -28,11 +33,16 @@ from typing import Any
 
 from tblib.pickling_support import pickle_exception, pickle_traceback
 
+from ..errors import InvalidArgument
+from ..types import Span
+
 __all__ = [
     "ARG0",
     "ARG0_ITEMS",
     "ERROR",
     "NOT_SERVED",
+    "PACKED",
+    "PACKED_IDENT",
     "PROTOCOL",
     "RETURN",
     "STORE_IDENT",
@@ -41,10 +51,16 @@ __all__ = [
     "dump_error",
     "dump_reply",
     "dump_result",
+    "pack",
     "remote_methods",
+    "unpack",
 ]
 
 STORE_IDENT = "store"
+PACKED_IDENT = "store+"
+#: Calls whose first argument travels packed: (record class, True if a list of them).
+PACKED: dict[str, tuple[type, bool]] = {"add_span": (Span, False),
+                                        "add_many_spans": (Span, True)}
 RETURN, ERROR, TRACEBACK, UNSERIALIZABLE = "#RETURN", "#ERROR", "#TRACEBACK", "#UNSERIALIZABLE"
 ARG0, ARG0_ITEMS = "#ARG0", "#ARG0ITEMS"
 _ARG0 = pickle.dumps((ARG0, None), pickle.HIGHEST_PROTOCOL)
@@ -113,3 +129,37 @@ def dump_reply(result: Any) -> bytes:
         return pickle.dumps((RETURN, result), PROTOCOL)
     except Exception:
         return pickle.dumps((UNSERIALIZABLE, format_exc()), PROTOCOL)
+
+
+def pack(name: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """``args`` with the first one packed (see the module docstring), or None if this call's
+    arguments are sent as they are (not in ``PACKED``, or not exactly its records)."""
+    spec = PACKED.get(name)
+    if spec is None or not args:
+        return None
+    cls, many = spec
+    first = args[0]
+    if many:
+        if type(first) is not list or not all(type(r) is cls for r in first):
+            return None
+        return ([r._wire() for r in first], *args[1:])  # type: ignore[attr-defined]
+    if type(first) is not cls:
+        return None
+    return (first._wire(), *args[1:])  # type: ignore[attr-defined]
+
+
+def unpack(name: str, args: Any) -> tuple[Any, ...]:
+    """The inverse of :func:`pack`, for the server. Raises InvalidArgument if ``args`` are
+    not what ``pack`` makes (only a client that is not mpstore's sends that)."""
+    spec = PACKED.get(name)
+    if spec is None or not isinstance(args, tuple) or not args:
+        raise InvalidArgument(f"{name}: the server cannot unpack these arguments")
+    cls, many = spec
+    size = len(cls._fields)  # type: ignore[attr-defined]
+    packed = args[0] if many else [args[0]]
+    if not isinstance(packed, list) or not all(
+            type(v) is tuple and len(v) == size for v in packed):
+        raise InvalidArgument(f"{name}: malformed packed {cls.__name__} (expected tuples of "
+                              f"{size} fields)")
+    records = [cls._unwire(v) for v in packed]  # type: ignore[attr-defined]
+    return (records if many else records[0], *args[1:])
