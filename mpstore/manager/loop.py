@@ -59,6 +59,8 @@ _READ_SIZE = 64 * 1024
 #: epoll events that call for a read: data, or the peer hung up / the socket failed (the read
 #: then sees EOF or the error and closes the connection).
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+#: Rounds of ready requests one commit may cover (bounds how long the first reply waits).
+_BATCH_ROUNDS = 4
 #: Seconds a worker thread with no blocking call to run waits for one before it ends.
 WORKER_IDLE = 2.0
 _loads = pickle.loads
@@ -189,8 +191,16 @@ class Dispatcher:
         self._outbox = []
         try:
             with self._batch():
-                for peer, mask in events:
-                    self._event(peer, mask)
+                for rounds in range(1, _BATCH_ROUNDS + 1):
+                    for peer, mask in events:
+                        self._event(peer, mask)
+                    if rounds == _BATCH_ROUNDS:
+                        break  # what is ready now is reported again (level-triggered)
+                    # Requests that came while these were answered join the same commit.
+                    events = [(self._by_fd.get(fd, False), mask)
+                              for fd, mask in self._epoll.poll(0)]
+                    if not events:
+                        break
         except Exception as exc:  # no reply of this batch may claim success
             if isinstance(exc, StorageError):
                 log.error("Committing a batch of requests failed: %s", exc)
