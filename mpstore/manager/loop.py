@@ -185,8 +185,9 @@ class Dispatcher:
         return poll()
 
     def _answer_batch(self, events: list[tuple[Any, int]]) -> None:
-        """Answer ``events`` under one ``batch()`` and send the replies once it has ended:
-        none may leave before the changes it reports are committed."""
+        """Answer ``events``, and requests that arrive meanwhile (up to ``_BATCH_ROUNDS``
+        rounds), under one ``batch()``: one commit for all of them. The replies are sent once
+        it has ended: none may leave before the changes it reports are committed."""
         assert self._batch is not None
         self._outbox = []
         try:
