@@ -131,25 +131,31 @@ def _cycle_step(client: Any, worker: int) -> Step:
     return step
 
 
-def _batched_step(client: Any, worker: int, batch: int) -> Step:
+def batched_cycle(client: Any, worker: int, first: int, size: int) -> tuple[int, int, int]:
+    """One batched cycle of ``size`` rollouts (inputs numbered from ``first``):
+    enqueue_many -> dequeue_many -> add_many_spans (10 per rollout) -> update_attempt each.
+    Returns (rollouts claimed, spans added, store calls made)."""
     from mpstore import Span
 
+    client.enqueue_many_rollouts(
+        [{"input": task_input(worker, first + i)} for i in range(size)])
+    claimed = client.dequeue_many_rollouts(size)
+    spans = [make_span(Span, r.rollout_id, r.attempt.attempt_id, seq)
+             for r in claimed for seq in range(1, SPANS_PER_CYCLE + 1)]
+    if spans:
+        client.add_many_spans(spans)
+    for r in claimed:
+        client.update_attempt(r.rollout_id, r.attempt.attempt_id, status="succeeded")
+    return len(claimed), len(spans), 2 + (1 if spans else 0) + len(claimed)
+
+
+def _batched_step(client: Any, worker: int, batch: int) -> Step:
     counter = [0]
 
     def step() -> tuple[int, int]:
-        requests = []
-        for _ in range(batch):
-            counter[0] += 1
-            requests.append({"input": task_input(worker, counter[0])})
-        client.enqueue_many_rollouts(requests)
-        claimed = client.dequeue_many_rollouts(batch)
-        spans = [make_span(Span, r.rollout_id, r.attempt.attempt_id, seq)
-                 for r in claimed for seq in range(1, SPANS_PER_CYCLE + 1)]
-        if spans:
-            client.add_many_spans(spans)
-        for r in claimed:
-            client.update_attempt(r.rollout_id, r.attempt.attempt_id, status="succeeded")
-        return len(claimed), 2 + (1 if spans else 0) + len(claimed)
+        claimed, _, calls = batched_cycle(client, worker, counter[0] + 1, batch)
+        counter[0] += batch
+        return claimed, calls
 
     return step
 
@@ -267,24 +273,14 @@ def fill(target: dict[str, Any], rollouts: int, batch: int, deadline: float,
     """Put ``rollouts`` finished rollouts with 10 spans each into the store, in batches
     (enqueue_many / dequeue_many / add_many_spans, then update_attempt per rollout); stops
     at ``deadline`` (``time.time()``) if the store is slower than hoped."""
-    from mpstore import Span
-
     client = session(target)
     done = spans = calls = 0
     while done < rollouts and time.time() < deadline:
         size = min(batch, rollouts - done)
-        client.enqueue_many_rollouts(
-            [{"input": task_input(worker, done + i)} for i in range(size)])
-        claimed = client.dequeue_many_rollouts(size)
-        batch_spans = [make_span(Span, r.rollout_id, r.attempt.attempt_id, seq)
-                       for r in claimed for seq in range(1, SPANS_PER_CYCLE + 1)]
-        if batch_spans:
-            client.add_many_spans(batch_spans)
-        for r in claimed:
-            client.update_attempt(r.rollout_id, r.attempt.attempt_id, status="succeeded")
+        _, added, made = batched_cycle(client, worker, done, size)
         # Fillers share the queue, but each dequeues what it enqueued, so a dequeue always
         # finds ``size`` rollouts waiting: counting ``size`` keeps the loop bounded.
         done += size
-        spans += len(batch_spans)
-        calls += 3 + len(claimed)
+        spans += added
+        calls += made
     return {"worker": worker, "rollouts": done, "spans": spans, "calls": calls}

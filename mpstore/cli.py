@@ -148,6 +148,11 @@ def store_command(host: str, port: int, authkey_file: str | None, log_level: str
     sys.exit(code)
 
 
+#: --timeout of the commands that ask a running server.
+_TIMEOUT = click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
+                        show_default=True, help="Seconds to wait for the answer.")
+
+
 def _ask(host: str, port: int, authkey_file: str | None, timeout: float, method: str,
          failure: str) -> Any:
     """The answer of one call to the server; exit 1, with ``failure: reason`` on stderr, if
@@ -165,8 +170,7 @@ def _ask(host: str, port: int, authkey_file: str | None, timeout: float, method:
 
 @main.command("health")
 @_address_options
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
-              show_default=True, help="Seconds to wait for the answer.")
+@_TIMEOUT
 def health_command(host: str, port: int, authkey_file: str | None, timeout: float) -> None:
     """Exit 0 if a server answers ping with the right key, else 1 (the reason on stderr)."""
     info = _ask(host, port, authkey_file, timeout, "ping", "unhealthy")
@@ -175,8 +179,7 @@ def health_command(host: str, port: int, authkey_file: str | None, timeout: floa
 
 @main.command("stats")
 @_address_options
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
-              show_default=True, help="Seconds to wait for the answer.")
+@_TIMEOUT
 def stats_command(host: str, port: int, authkey_file: str | None, timeout: float) -> None:
     """Print the server's statistics() as JSON; exit 1 if it does not answer."""
     stats = _ask(host, port, authkey_file, timeout, "statistics", "error")
