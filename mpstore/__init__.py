@@ -10,8 +10,15 @@ From another process (a server started with ``agl store``)::
 
     from mpstore import connect
     store = connect("127.0.0.1:4747")
+
+``InMemoryStore`` is imported on first use (``from mpstore import InMemoryStore`` works as
+usual): a process that only connects to a server never loads the store, its SQLite
+persistence or their imports (see :mod:`mpstore.api`).
 """
 
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
 from .errors import (
     AttemptNotFound,
     AuthenticationFailed,
@@ -26,7 +33,6 @@ from .errors import (
     StoreUnavailable,
 )
 from .manager.client import StoreClient, connect
-from .store import InMemoryStore
 from .types import (
     LLM,
     UNSET,
@@ -44,7 +50,8 @@ from .types import (
     Unset,
 )
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from .store import InMemoryStore
 
 __all__ = [
     "LLM",
@@ -77,3 +84,16 @@ __all__ = [
     "__version__",
     "connect",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``InMemoryStore``, imported when first asked for (PEP 562)."""
+    if name == "InMemoryStore":
+        from .store import InMemoryStore
+
+        return InMemoryStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from . import transitions as tr
 from . import validate as v
+from ._version import __version__
 from .durable import Journal
 from .errors import InvalidArgument
 from .eviction import resolve_thresholds
@@ -50,12 +51,6 @@ T = TypeVar("T")
 NOT_GIVEN: Any = UNSET
 _QUEUING = RolloutStatus.QUEUING
 _PREPARING = RolloutStatus.PREPARING
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 class InMemoryStore:
@@ -508,7 +503,7 @@ class InMemoryStore:
         """Who answers: name, version, pid, the store clock's time and uptime."""
         return {
             "name": "mpstore",
-            "version": _version(),
+            "version": __version__,
             "pid": os.getpid(),
             "time": self._clock(),
             "uptime": time.monotonic() - self._started,

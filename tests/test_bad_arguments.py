@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpstore import InvalidArgument, Span, StoreClient, StoreError
-from mpstore.manager.client import REMOTE_METHODS
+from mpstore.api import SERVED as REMOTE_METHODS
 from tests.remote import running_server
 
 # Per method (~20 methods): a few seconds in all; MPSTORE_STRESS=1 tries ten times as many.

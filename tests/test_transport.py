@@ -37,8 +37,9 @@ from mpstore import (
     StoreUnavailable,
     connect,
 )
+from mpstore.api import SERVED as REMOTE_METHODS
 from mpstore.manager import StoreManager, serve
-from mpstore.manager.client import REMOTE_METHODS, parse_address
+from mpstore.manager.client import parse_address
 from mpstore.manager.ports import free_port
 from mpstore.manager.process import ServerProcess, start_server
 from tests.remote import running_server

@@ -1,9 +1,12 @@
 """``connect()`` and ``StoreClient``: the store API of a server in another process.
 
-``StoreClient`` has exactly ``InMemoryStore``'s public methods, generated from the class so
-they cannot drift: each forwards its arguments as given (defaults, ``UNSET`` and keyword-only
-arguments are applied by the server's real method) and ``inspect.signature`` shows the store's
-signature. One request is one server-side method call (SPEC §5).
+``StoreClient`` has exactly the served methods of the call table (:data:`mpstore.api.CALLS`,
+which a test holds equal to ``InMemoryStore``'s public methods): each forwards its arguments
+as given (defaults, ``UNSET`` and keyword-only arguments are applied by the server's real
+method) and ``inspect.signature`` shows the store's signature. One request is one server-side
+method call (SPEC §5). The client depends on the table, not on the store: a process that only
+connects never imports ``mpstore.store`` (nor SQLite); ``inspect.signature`` and ``help()``
+import it when asked.
 
 Connections (see :class:`~mpstore.manager.proxy.Channel`): one per thread, opened on the
 thread's first call and closed when the thread ends; a forked child never uses its parent's
@@ -13,14 +16,16 @@ Failures, per call:
 
 * The connection was found dead before the request was sent (the server restarted), or it
   could not be opened: reconnect and send, retrying for up to ``retry_for`` seconds.
-* The connection broke after the request was sent: the server may have run it. Reads,
-  ``wait_for_rollouts``, ``ping``, ``statistics`` and the idempotent ``add_span`` /
-  ``add_many_spans`` (D7) are sent again, within ``retry_for`` seconds of the failure; any other
-  write raises ``StoreUnavailable`` at once rather than risk applying twice.
+* The connection broke after the request was sent: the server may have run it. The calls
+  the table marks ``retried`` (reads, ``wait_for_rollouts``, ``ping``, ``statistics`` and the
+  idempotent ``add_span`` / ``add_many_spans``, D7) are sent again, within ``retry_for`` seconds
+  of the failure; any other write raises ``StoreUnavailable`` at once rather than risk applying
+  twice.
 * No reply within ``timeout`` seconds (beyond a blocking call's own wait) counts as broken:
   a stopped or unreachable server cannot hold a call forever. A wait longer than ``timeout``
   (or unbounded: ``wait_for_rollouts(timeout=None)``) is sent as successive waits of at most
-  ``timeout`` seconds, so it too ends within about twice ``timeout`` of the server stopping.
+  ``timeout`` seconds (:func:`mpstore.api.in_slices`), so it too ends within about twice
+  ``timeout`` of the server stopping.
 
 So after a server dies, no call lasts longer than ``retry_for`` (a ``wait_for_rollouts`` with a
 shorter remaining ``timeout``: that), then raises ``StoreUnavailable``. A wrong key raises
@@ -30,7 +35,6 @@ server-side frames in their traceback.
 
 from __future__ import annotations
 
-import functools
 import pickle
 import threading
 import time
@@ -39,8 +43,8 @@ from collections.abc import Callable
 from multiprocessing.managers import RemoteError
 from typing import TYPE_CHECKING, Any
 
+from ..api import BLOCKING, RETRIED, SERVED, Wait, in_slices, is_seconds
 from ..errors import InvalidArgument, StoreUnavailable
-from ..store import InMemoryStore
 from .auth import resolve_authkey
 from .proxy import Channel, TransportError, fork_epoch
 from .wire import (
@@ -52,20 +56,18 @@ from .wire import (
     RETURN,
     STORE_IDENT,
     pack,
-    remote_methods,
 )
 
 if TYPE_CHECKING:  # type checkers see the store's methods on the client
+    from ..store import InMemoryStore
+
     _Base = InMemoryStore
 else:
     _Base = object
 
 __all__ = [
-    "BLOCKING",
     "DEFAULT_ADDRESS",
     "DEFAULT_PORT",
-    "REMOTE_METHODS",
-    "RETRIED",
     "StoreClient",
     "connect",
     "parse_address",
@@ -74,28 +76,9 @@ __all__ = [
 DEFAULT_PORT = 4747
 DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
 
-#: Calls that are safe to send again after the connection broke mid-call: they change nothing
-#: (reads run the time-driven watchdog, which is idempotent) or are idempotent by D7.
-RETRIED = frozenset({
-    "add_many_spans", "add_span", "get_latest_attempt", "get_latest_resources",
-    "get_resources_by_id", "get_rollout_by_id", "ping", "query_attempts", "query_rollouts",
-    "query_spans", "statistics", "wait_for_rollouts",
-})
-#: Calls that may block on the server, and the keyword argument that bounds how long.
-BLOCKING = {"dequeue_many_rollouts": "wait", "dequeue_rollout": "wait",
-            "wait_for_rollouts": "timeout"}
-#: The store's methods served remotely (``close`` is the client's own: it must not close the
-#: server's store).
-REMOTE_METHODS = remote_methods(InMemoryStore)
-
 _dumps, _loads = pickle.dumps, pickle.loads
 #: The longest reply timeout given to the kernel (a year).
 _LONGEST = 365 * 24 * 3600.0
-
-
-def _is_seconds(value: Any) -> bool:
-    """A real, finite-or-infinite number of seconds (not a bool, not NaN)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -199,9 +182,12 @@ class StoreClient(_Base):
         """Run ``name(*args, **kwargs)`` on the server: the fast path, one round trip on this
         thread's connection; anything unusual goes to :meth:`_recover`."""
         started = time.monotonic()
-        timeout = self._timeout if name not in BLOCKING else self._reply_timeout(name, kwargs)
-        if timeout is None:
-            return self._in_pieces(name, args, kwargs)
+        timeout = self._timeout
+        if name in BLOCKING:
+            wait = BLOCKING[name]
+            if wait.longer_than(kwargs, timeout):  # or unbounded: sent in slices
+                return in_slices(wait, lambda kw: self._call(name, args, kw), kwargs, timeout)
+            timeout = self._reply_timeout(wait, kwargs)
         try:
             payload = _request(name, args, kwargs)
         except Exception as exc:  # a lock, a lambda, a generator ...: nothing was sent
@@ -218,40 +204,17 @@ class StoreClient(_Base):
             return self._recover(name, args, kwargs, started, failure)
         return _unpack(data, args)
 
-    def _reply_timeout(self, name: str, kwargs: dict[str, Any]) -> float | None:
-        """How long a blocking call may take: its own wait plus ``timeout``; None for a wait
-        longer than ``timeout`` or unbounded (``wait_for_rollouts(timeout=None)``), which
-        :meth:`_in_pieces` sends in pieces."""
-        wait = kwargs.get(BLOCKING[name], None if name == "wait_for_rollouts" else 0.0)
-        if wait is None:
-            return None
+    def _reply_timeout(self, wait: Wait, kwargs: dict[str, Any]) -> float:
+        """How long a blocking call whose wait is at most ``timeout`` may take: its own wait
+        plus ``timeout`` (just ``timeout`` for a wait that is not a number: the server
+        rejects it at once)."""
         try:
-            seconds = max(float(wait), 0.0)
+            seconds = max(float(wait.of(kwargs)), 0.0)
         except (TypeError, ValueError):
-            return self._timeout  # not a number: the server rejects it at once
+            return self._timeout
         if seconds != seconds:
-            return self._timeout  # NaN: rejected at once too
-        if seconds > self._timeout and _is_seconds(wait):
-            return None
+            return self._timeout  # NaN
         return min(seconds + self._timeout, _LONGEST)  # (a str like "1e300": rejected too)
-
-    def _in_pieces(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """A wait longer than ``timeout`` (or unbounded) as successive waits of at most
-        ``timeout`` seconds, each answered in time or broken: a server that stops answering
-        (stopped, deadlocked, unreachable without a reset) is noticed within about twice
-        ``timeout``, however long the wait. Same result as one call: a piece that returns
-        before its time is up has the answer; the last piece answers at the end."""
-        key = BLOCKING[name]
-        total = kwargs.get(key)
-        end = None if total is None else time.monotonic() + total
-        longest = self._timeout
-        while True:
-            piece = longest if end is None else min(longest, max(end - time.monotonic(), 0.0))
-            began = time.monotonic()
-            result = self._call(name, args, {**kwargs, key: piece})
-            if (piece < longest or time.monotonic() - began < piece
-                    or (result and name != "wait_for_rollouts")):
-                return result
 
     def _recover(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                  started: float, failure: TransportError | None) -> Any:
@@ -261,16 +224,22 @@ class StoreClient(_Base):
         if failure is not None and failure.delivered and name not in RETRIED:
             raise self._unsafe(name, failure)
         deadline, own_end = time.monotonic() + self._retry_for, None
-        if name == "wait_for_rollouts" and _is_seconds(kwargs.get("timeout")):
-            own_end = started + max(float(kwargs["timeout"]), 0.0)
+        wait = BLOCKING.get(name)
+        if wait is not None and name in RETRIED and is_seconds(wait.of(kwargs)):
+            # A wait that is sent again (wait_for_rollouts) keeps its caller's time limit: it
+            # waits for what is left of it and gives up at its end. (A claim is never sent
+            # again once delivered; before that it is retried like any write.)
+            own_end = started + max(float(wait.of(kwargs)), 0.0)
             deadline = min(deadline, own_end)
         delay, first = 0.01, True
         while True:
             channel = self._open(deadline, first, failure)
             first = False
-            if own_end is not None:  # a re-sent wait only waits for what is left of it
-                kwargs = {**kwargs, "timeout": max(own_end - time.monotonic(), 0.0)}
-            timeout = self._timeout if name not in BLOCKING else self._reply_timeout(name, kwargs)
+            timeout = self._timeout
+            if wait is not None:
+                if own_end is not None:
+                    kwargs = {**kwargs, wait.keyword: max(own_end - time.monotonic(), 0.0)}
+                timeout = self._reply_timeout(wait, kwargs)
             try:
                 data = channel.request(_request(name, args, kwargs), timeout)
             except TransportError as exc:
@@ -347,8 +316,26 @@ class StoreClient(_Base):
             self._open(time.monotonic() + self._retry_for, True, None)
 
 
-def _remote_method(name: str, template: Callable[..., Any]) -> Callable[..., Any]:
-    """A method forwarding to the server's ``name``, looking like ``template`` to
+class _StoreSignature:
+    """The ``__wrapped__`` of a client method: ``inspect.signature`` (and so ``help()``)
+    follows it and finds the store method's signature, importing the store only then."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    @property
+    def __signature__(self) -> Any:
+        import inspect
+
+        from ..store import InMemoryStore
+
+        return inspect.signature(getattr(InMemoryStore, self._name))
+
+
+def _remote_method(name: str) -> Callable[..., Any]:
+    """A method forwarding to the server's ``name``, with the store method's signature for
     ``inspect``/``help()`` and named ``name`` in tracebacks."""
 
     def method(self: StoreClient, *args: Any, **kwargs: Any) -> Any:
@@ -358,13 +345,14 @@ def _remote_method(name: str, template: Callable[..., Any]) -> Callable[..., Any
     if hasattr(code, "co_qualname"):  # 3.11+: tracebacks print the qualified name
         code = code.replace(co_qualname=f"StoreClient.{name}")
     method.__code__ = code
-    functools.update_wrapper(method, template)  # __wrapped__: inspect.signature follows it
-    method.__module__, method.__qualname__ = __name__, f"StoreClient.{name}"
+    method.__name__, method.__qualname__ = name, f"StoreClient.{name}"
+    method.__doc__ = f"``InMemoryStore.{name}`` run by the server (see its documentation)."
+    method.__wrapped__ = _StoreSignature(name)  # type: ignore[attr-defined]
     return method
 
 
-for _name in REMOTE_METHODS:
-    setattr(StoreClient, _name, _remote_method(_name, getattr(InMemoryStore, _name)))
+for _name in SERVED:
+    setattr(StoreClient, _name, _remote_method(_name))
 del _name
 
 

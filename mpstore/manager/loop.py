@@ -6,8 +6,9 @@ about twice the CPU per call of the transport's own echo. One thread on ``epoll`
 whatever requests are ready in turn, without hand-offs; the store's operations are short, so
 nobody waits long behind anybody.
 
-The exceptions are calls that block by design (``wait_for_rollouts``, ``dequeue_rollout`` with
-a ``wait``) and cannot be answered at once: they run in a worker thread each, in slices (see
+The exceptions are calls that block by design (those with a ``wait`` in
+:data:`mpstore.api.CALLS`: ``wait_for_rollouts``, ``dequeue_rollout`` with a ``wait`` ...) and
+cannot be answered at once: they run in a worker thread each, in slices (see
 :mod:`.blocking`). While a blocking call is in flight its connection is not read (a client
 sends nothing before its reply anyway), and the worker hands the reply back to the loop,
 which sends it.
@@ -40,8 +41,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..api import BLOCKING
 from ..errors import InvalidArgument, StorageError
-from .blocking import BLOCKING, Abandoned, blocks, sliced
+from .blocking import Abandoned, blocks, sliced
 from .wire import PACKED_IDENT, STORE_IDENT, dump_error, dump_reply, dump_result, unpack
 
 __all__ = ["BUSY_POLL", "Dispatcher", "too_large"]
@@ -347,12 +349,9 @@ class Dispatcher:
         """The answer of a blocking call if it needs no wait (a rollout to claim, every
         rollout waited for already finished), as a 1-tuple; None if it must wait. Spares the
         common case a worker thread."""
-        result = func(*args, **{**kwds, BLOCKING[name]: 0.0})
-        if name == "wait_for_rollouts":
-            ids = kwds.get("rollout_ids")
-            finished = {r.rollout_id for r in result}
-            return (result,) if isinstance(ids, list) and finished.issuperset(ids) else None
-        return (result,) if result else None
+        wait = BLOCKING[name]
+        result = func(*args, **{**kwds, wait.keyword: 0.0})
+        return (result,) if wait.done(result, kwds) else None
 
     def _start_blocking(self, peer: _Peer, name: str, func: Callable[..., Any],
                         args: tuple[Any, ...], kwds: dict[str, Any]) -> None:

@@ -47,6 +47,7 @@ from multiprocessing.managers import AutoProxy, BaseManager, Server
 from multiprocessing.process import AuthenticationString
 from typing import Any
 
+from ..api import SERVED
 from ..errors import AuthenticationFailed, ServerStartError, StorageError
 from ..store import InMemoryStore
 from .auth import is_loopback, resolve_authkey
@@ -56,7 +57,7 @@ from .ports import bind_failure, check_port_free, start_failure_message
 from .proxy import set_socket_timeouts, tune_socket
 from .stock import MAX_MESSAGE_SIZE, MessageTooLarge, StockClients
 from .tuning import raise_fd_limit, tune_gc
-from .wire import STORE_IDENT, remote_methods
+from .wire import STORE_IDENT
 
 __all__ = [
     "BACKLOG",
@@ -150,10 +151,10 @@ class StoreServer(StockClients, Server):
         self._refused, self._refusal_logged = 0, -1e9  # accepter thread only
 
     def serve_store(self, store: Any) -> None:
-        """Serve ``store``'s public methods (except ``close``) under the ident ``"store"``."""
-        exposed = remote_methods(type(store))
-        self.id_to_obj[STORE_IDENT] = (store, frozenset(exposed), None)
-        self._methods = {name: getattr(store, name) for name in exposed}
+        """Serve ``store``'s methods that the call table marks ``served`` under the ident
+        ``"store"``."""
+        self.id_to_obj[STORE_IDENT] = (store, frozenset(SERVED), None)
+        self._methods = {name: getattr(store, name) for name in SERVED}
         self._dispatcher = Dispatcher(
             self._methods, max_message_size=self.max_message_size,
             on_close=self._peer_closed, fallback=self._fallback, busy_poll=self.busy_poll,
@@ -318,7 +319,7 @@ class StoreManager(BaseManager):
     _Server = StoreServer
 
 
-StoreManager.register("get_store", exposed=remote_methods(InMemoryStore))
+StoreManager.register("get_store", exposed=SERVED)
 
 
 class _StopSignal(BaseException):
@@ -371,7 +372,7 @@ def _tick(store: Any, interval: float, stop: threading.Event) -> None:
 def _registry(store: Any) -> dict[str, Any]:
     """StoreManager's registry with ``get_store`` answering this store (for stock proxies)."""
     return {**StoreManager._registry,  # type: ignore[attr-defined]
-            "get_store": (lambda: store, remote_methods(type(store)), None, AutoProxy)}
+            "get_store": (lambda: store, SERVED, None, AutoProxy)}
 
 
 def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: bytes,

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ..api import BLOCKING
 from ..errors import InvalidArgument
-from .blocking import BLOCKING, Abandoned, sliced
+from .blocking import Abandoned, sliced
 from .loop import too_large
 from .wire import STORE_IDENT, dump_error, dump_reply
 

@@ -11,9 +11,10 @@ Three additions:
 
 * a request with the ident ``"store+"`` (``PACKED_IDENT``) carries its first argument
   *packed*: a span as its field tuple (``Span._wire()``), a list of spans as a list of them,
-  for the calls in ``PACKED``. Pickling a record refers to its loader by name, which costs
-  about 1 µs to write and 1 µs to read; ``add_span`` is the hottest call. Anything else
-  (a dict for a span, a subclass) is sent as it is, under ``"store"``;
+  for the calls whose row in :data:`mpstore.api.CALLS` says ``packed``. Pickling a record
+  refers to its loader by name, which costs about 1 µs to write and 1 µs to read;
+  ``add_span`` is the hottest call. Anything else (a dict for a span, a subclass) is sent as
+  it is, under ``"store"``;
 * a ``#ERROR`` exception is pickled with its traceback (tblib), so the caller's formatted
   traceback shows the server-side frames down to the store function that raised;
 * ``#ARG0`` (no payload) means "the result is your first argument, as you sent it", and
@@ -33,15 +34,13 @@ from typing import Any
 
 from tblib.pickling_support import pickle_exception, pickle_traceback
 
+from ..api import PACKED
 from ..errors import InvalidArgument
-from ..types import Span
 
 __all__ = [
     "ARG0",
     "ARG0_ITEMS",
     "ERROR",
-    "NOT_SERVED",
-    "PACKED",
     "PACKED_IDENT",
     "PROTOCOL",
     "RETURN",
@@ -52,15 +51,11 @@ __all__ = [
     "dump_reply",
     "dump_result",
     "pack",
-    "remote_methods",
     "unpack",
 ]
 
 STORE_IDENT = "store"
 PACKED_IDENT = "store+"
-#: Calls whose first argument travels packed: (record class, True if a list of them).
-PACKED: dict[str, tuple[type, bool]] = {"add_span": (Span, False),
-                                        "add_many_spans": (Span, True)}
 RETURN, ERROR, TRACEBACK, UNSERIALIZABLE = "#RETURN", "#ERROR", "#TRACEBACK", "#UNSERIALIZABLE"
 ARG0, ARG0_ITEMS = "#ARG0", "#ARG0ITEMS"
 _ARG0 = pickle.dumps((ARG0, None), pickle.HIGHEST_PROTOCOL)
@@ -95,21 +90,6 @@ def dump_error(exc: BaseException) -> bytes:
         return pickle.dumps((UNSERIALIZABLE, "".join(format_exception(exc))), PROTOCOL)
 
 
-def remote_methods(cls: type) -> tuple[str, ...]:
-    """The methods of a store class that are served: its public methods except those that
-    are the server's own business (``close``, ``deferred_commits``)."""
-    return tuple(sorted(
-        name for name in dir(cls)
-        if not name.startswith("_") and name not in NOT_SERVED and callable(getattr(cls, name))
-    ))
-
-
-#: Store methods that are the server's own business: ``close`` releases its store (a client's
-#: ``close`` closes the client's connections instead); ``deferred_commits`` batches commits
-#: within one thread of the server.
-NOT_SERVED = frozenset({"close", "deferred_commits"})
-
-
 def dump_result(result: Any, args: tuple[Any, ...]) -> bytes:
     """The reply to a call with positional ``args`` that returned ``result``: ``#ARG0`` or
     ``#ARG0ITEMS`` when the result is (made of) what the caller sent, else ``dump_reply``."""
@@ -133,7 +113,8 @@ def dump_reply(result: Any) -> bytes:
 
 def pack(name: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """``args`` with the first one packed (see the module docstring), or None if this call's
-    arguments are sent as they are (not in ``PACKED``, or not exactly its records)."""
+    arguments are sent as they are (not ``packed`` in the call table, or not exactly its
+    records)."""
     spec = PACKED.get(name)
     if spec is None or not args:
         return None
