@@ -172,9 +172,17 @@ def _ask(host: str, port: int, authkey_file: str | None, timeout: float, method:
 @_address_options
 @_TIMEOUT
 def health_command(host: str, port: int, authkey_file: str | None, timeout: float) -> None:
-    """Exit 0 if a server answers ping with the right key, else 1 (the reason on stderr)."""
+    """Exit 0 if a server answers ping with the right key and takes writes; 3 if it answers
+    but is read-only (its data directory could not be written, e.g. a full disk; it retries
+    on its own); 1 if it does not answer (the reason on stderr)."""
     info = _ask(host, port, authkey_file, timeout, "ping", "unhealthy")
-    click.echo(f"ok: mpstore {info.get('version')} at {host}:{port} (pid {info.get('pid')})")
+    where = f"mpstore {info.get('version')} at {host}:{port} (pid {info.get('pid')})"
+    if info.get("writable", True):
+        click.echo(f"ok: {where}, writable")
+        return
+    click.echo(f"read-only: {where} answers, but its data directory cannot be written now "
+               f"(see `agl stats`: storage)")
+    sys.exit(3)
 
 
 @main.command("stats")

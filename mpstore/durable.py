@@ -1,49 +1,67 @@
 """Durability: the store's changes written to SQLite (stdlib ``sqlite3``, WAL mode).
 
-Storage only moves bytes: records are pickled whole, rows are keyed by id, and this module
-knows nothing of statuses or queues beyond "a rollout row has a queue position". Reads never
-touch the database; it is read once, on open, to restore the state.
+Storage only moves bytes: records are encoded by :mod:`mpstore.schema` (plain values in
+named, versioned layouts), rows are keyed by id, and this module knows nothing of statuses or
+queues beyond "a rollout row has a queue position". Reads never touch the database; it is
+read once, on open, to restore the state (and again after a failed write, see below).
 
-Write path (group commit). Under the store lock, ``stage()`` turns the state's ``Changes``
-into SQL statements (pickling the records right there, so what is written is exactly what the
-lock protected) and gives the change a ticket. After the lock is released, the caller's
-``wait(ticket)`` returns once that ticket is committed: the first waiter to find no commit in
-progress commits *every* staged change in one transaction, the others wait for it. So a reply
-never leaves the server before its change is on disk, and concurrent callers share commits.
+Write path (group commit). Under the store lock, ``stage()`` takes a
+:class:`~mpstore.state.ChangeSet` (what one critical section changed, pushed by the state)
+and turns it into SQL statements, encoding the records right there, so what is written is
+exactly what the lock protected; the change gets a ticket. After the lock is released, the
+caller's ``wait(ticket)`` returns once that ticket is committed: the first waiter to find no
+commit in progress commits *every* staged change in one transaction, the others wait for it.
+So a reply never leaves the server before its change is on disk, and concurrent callers share
+commits.
+
+A failed commit (a full disk, an I/O error) fails every ticket staged until then: those
+changes were applied in memory but not on disk, so the journal is *broken* until the store has
+reloaded its state from the database (``recover``), which then again is exactly what is on
+disk. After a failure the journal refuses writes for ``RETRY_AFTER`` seconds (doubling on each
+further failure, up to ``RETRY_AFTER_MAX``), then lets the next write try the disk again;
+``status()`` says which it is doing.
 
 ``synchronous`` (SPEC §9): ``normal`` (default) - in WAL mode a commit survives a killed server
 process but not a power loss or OS crash; ``full`` - also survives those, at an fsync per commit.
 
 Errors: :class:`~mpstore.errors.StorageError` for a foreign, damaged or newer database, for a
-directory already used by another server, and for a failed write (after which every write is
-refused: memory and disk would disagree).
+directory already used by another server, and for a failed or refused write.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import pickle
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import schema
 from .errors import StorageError
-from .state import Saved, StoreState
+from .state import ChangeSet, RolloutRow, Saved
 
-__all__ = ["SYNCHRONOUS", "Journal"]
+__all__ = ["RETRY_AFTER", "RETRY_AFTER_MAX", "SYNCHRONOUS", "Journal"]
 
 logger = logging.getLogger(__name__)
 
 #: Identifies mpstore's files (PRAGMA application_id; "mpst" in ASCII) and their layout.
 APPLICATION_ID = 0x6D707374
-SCHEMA_VERSION = 1  # bump on any change to _SCHEMA or to what a record holds
+SCHEMA_VERSION = schema.SCHEMA_VERSION
 DB_NAME = "mpstore.sqlite3"
 LOCK_NAME = "mpstore.lock"
 #: The accepted ``synchronous`` levels and what SQLite calls them.
 SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
+#: Seconds writes are refused after a failed commit, then doubled per further failure.
+RETRY_AFTER = 1.0
+RETRY_AFTER_MAX = 30.0
+#: How many failed ticket ranges are remembered for their waiters (each is woken at once).
+_FAILURES_KEPT = 64
 
 _SCHEMA = """
 CREATE TABLE rollouts (rollout_id TEXT PRIMARY KEY, created INTEGER NOT NULL,
@@ -65,6 +83,10 @@ _EVICT = "INSERT OR IGNORE INTO evicted VALUES (?)"
 _DROP_SPANS = "DELETE FROM spans WHERE rollout_id = ?"
 _PUT_RESOURCES = "INSERT OR REPLACE INTO resources VALUES (?, ?)"
 _PUT_META = "INSERT OR REPLACE INTO meta VALUES (?, ?)"
+_LAYOUTS_KEY = "layouts"
+#: What reading a damaged file or record raises (a record's pickle, its layout).
+_UNREADABLE = (sqlite3.DatabaseError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+               KeyError, AttributeError, IndexError)
 
 Statement = tuple[str, tuple[Any, ...]]
 
@@ -73,14 +95,37 @@ def _dumps(value: Any) -> bytes:
     return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def _rollout_row(row: RolloutRow, ticket: int) -> tuple[Any, ...]:
+    record = _dumps(schema.encode_rollout(row.rollout, row.attempts))
+    return (row.rollout.rollout_id, row.created, row.queue_position, row.counter, ticket,
+            record)
+
+
+def statements(changes: ChangeSet, ticket: int) -> list[Statement]:
+    """The SQL that writes ``changes`` under ``ticket``."""
+    out: list[Statement] = [(_PUT_ROLLOUT, _rollout_row(row, ticket))
+                            for row in changes.rollouts]
+    out.extend((_PUT_COUNTER, pair) for pair in changes.counters)
+    out.extend((_ADD_SPAN, (s.rollout_id, ticket, arrived, _dumps(schema.encode_span(s))))
+               for s, arrived in changes.spans)
+    for rid in changes.evicted:
+        out.extend(((_EVICT, (rid,)), (_DROP_SPANS, (rid,))))
+    out.extend((_PUT_RESOURCES, (r.resources_id, _dumps(schema.encode_resources(r))))
+               for r in changes.resources)
+    if changes.resources:
+        out.append((_PUT_META, ("latest_resources_id", changes.latest_resources_id)))
+    return out
+
+
 class Journal:
     """One server's SQLite file in ``data_dir``; see the module docstring."""
 
-    def __init__(self, data_dir: str | os.PathLike[str], synchronous: str = "normal") -> None:
-        """Lock ``data_dir`` and open (or create) its database.
+    def __init__(self, data_dir: str | os.PathLike[str], synchronous: str = "normal",
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        """Lock ``data_dir`` and open (or create, or migrate) its database.
 
         Raises StorageError if another server holds the directory, or if the file is not an
-        mpstore database of this schema version, or is damaged.
+        mpstore database, is of a newer schema version, or is damaged.
         """
         if synchronous not in SYNCHRONOUS:
             raise StorageError(f"synchronous must be one of {sorted(SYNCHRONOUS)}")
@@ -92,12 +137,17 @@ class Journal:
         except BaseException:
             self._lock_file.close()
             raise
+        self._monotonic = monotonic
         self._cond = threading.Condition()
         self._pending: list[Statement] = []
         self._staged = 0  # last ticket handed out
         self._committed = 0  # last ticket on disk
         self._writing = False
-        self._failure: BaseException | None = None
+        self._failed: list[tuple[int, int]] = []  # (first, last) ticket of failed commits
+        self._broken: str | None = None  # memory is ahead of disk until recover()
+        self._error: str | None = None  # the last failure, until a commit succeeds
+        self._failures = 0  # consecutive failed commits
+        self._refuse_until = 0.0  # monotonic; writes are refused before it
 
     # ------------------------------------------------------------------ open
     def _lock_directory(self) -> Any:
@@ -119,10 +169,11 @@ class Journal:
 
     def _open(self, file: Path, synchronous: str) -> sqlite3.Connection:
         fresh = not file.exists() or file.stat().st_size == 0
+        db = None
         try:
             db = sqlite3.connect(file, check_same_thread=False, isolation_level=None)
             if not fresh:
-                self._check(db, file)
+                version = self._check(db, file)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={synchronous}")
             if fresh:
@@ -130,102 +181,89 @@ class Journal:
                     f"BEGIN; {_SCHEMA} PRAGMA application_id={APPLICATION_ID}; "
                     f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
                 )
-        except sqlite3.DatabaseError as exc:
+                db.execute(_PUT_META, (_LAYOUTS_KEY, json.dumps(schema.LAYOUTS)))
+            else:
+                migrate(db, version)
+        except _UNREADABLE as exc:
+            if db is not None:
+                db.close()
             raise StorageError(f"{file} is damaged or not an mpstore database: {exc}") from None
         return db
 
     @staticmethod
-    def _check(db: sqlite3.Connection, file: Path) -> None:
+    def _check(db: sqlite3.Connection, file: Path) -> int:
+        """The database's schema version, if this mpstore can read it."""
         app, version = (db.execute(f"PRAGMA {p}").fetchone()[0]
                         for p in ("application_id", "user_version"))
         if app != APPLICATION_ID:
             raise StorageError(f"{file} is not an mpstore database (application_id {app:#x})")
-        if version != SCHEMA_VERSION:
+        if version not in MIGRATIONS and version != SCHEMA_VERSION:
             raise StorageError(
-                f"{file} has schema version {version}; this mpstore reads version "
-                f"{SCHEMA_VERSION} (upgrade mpstore, or use another --data-dir)"
+                f"{file} has schema version {version}; this mpstore reads versions "
+                f"{sorted({*MIGRATIONS, SCHEMA_VERSION})} (upgrade mpstore, or use another "
+                f"--data-dir)"
             )
         result = db.execute("PRAGMA quick_check").fetchone()[0]
         if result != "ok":
             raise StorageError(f"{file} is damaged: {result}")
+        return int(version)
 
     def load(self) -> Saved:
-        """Everything stored, for ``StoreState.restore``. Raises StorageError if a record
-        cannot be read back."""
-        saved, db = Saved(), self._db
+        """Everything stored, for ``StoreState.restore``; also the next ticket's base on first
+        open. Raises StorageError if a record cannot be read back."""
         try:
-            for created, position, counter, ticket, record in db.execute(
-                "SELECT created, queue_position, counter, ticket, record FROM rollouts "
-                "ORDER BY created"
-            ):
-                rollout, attempts = pickle.loads(record)
-                saved.rollouts.append((created, position, counter, ticket, rollout, attempts))
-            saved.counters = dict(db.execute("SELECT rollout_id, value FROM counters"))
-            saved.spans = [
-                (ticket, arrived, pickle.loads(record)) for ticket, arrived, record in
-                db.execute("SELECT ticket, arrived, record FROM spans ORDER BY id")
-            ]
-            last = db.execute("SELECT MAX(ticket) FROM (SELECT ticket FROM rollouts "
-                              "UNION ALL SELECT ticket FROM spans)").fetchone()[0]
-            self._staged = self._committed = last or 0
-            saved.evicted = [rid for (rid,) in db.execute("SELECT rollout_id FROM evicted")]
-            saved.resources = [pickle.loads(r) for (r,) in
-                               db.execute("SELECT record FROM resources")]
-            row = db.execute("SELECT value FROM meta WHERE key = 'latest_resources_id'")
-            latest = row.fetchone()
-            saved.latest_resources_id = latest[0] if latest else None
-        except (sqlite3.DatabaseError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+            saved = read(self._db)
+        except _UNREADABLE as exc:
             raise StorageError(f"{self.path / DB_NAME} is damaged: {exc}") from None
+        if not self._staged:
+            last = self._db.execute("SELECT MAX(ticket) FROM (SELECT ticket FROM rollouts "
+                                    "UNION ALL SELECT ticket FROM spans)").fetchone()[0]
+            self._staged = self._committed = last or 0
         return saved
 
     # ------------------------------------------------------------------ write
-    def stage(self, state: StoreState) -> int:
-        """Turn the state's changes into statements (call with the store lock held).
+    def stage(self, changes: ChangeSet) -> int:
+        """Turn one critical section's changes into statements (call with the store lock
+        held, right after the changes were made). Returns the ticket to ``wait`` for.
 
-        Returns the ticket to ``wait`` for, or 0 when nothing changed. Raises StorageError
-        if an earlier write failed.
+        Raises StorageError while writes are refused or the journal is broken (after a failed
+        commit): the caller must then ``recover`` before releasing the lock, since the
+        changes were already applied in memory.
         """
-        changes = state.changes
-        if not changes:
-            return 0
-        if self._failure is not None:
-            raise StorageError(f"The data directory can no longer be written: {self._failure}")
+        if self._broken is not None or self._monotonic() < self._refuse_until:
+            raise StorageError(self.refusal())
         ticket = self._staged + 1  # only stage() moves it, and stage() runs under the lock
-        statements: list[Statement] = []
-        for rid in changes.rollouts:
-            rollout = state.rollouts.get(rid)
-            counter = state.sequence.get(rid, 0)
-            if rollout is None:  # REF counts sequence ids for any id, known or not
-                statements.append((_PUT_COUNTER, (rid, counter)))
-                continue
-            record = _dumps((rollout, state.attempts[rid]))
-            row = (rid, state.created[rid], state.queue.get(rid), counter, ticket, record)
-            statements.append((_PUT_ROLLOUT, row))
-        statements.extend(
-            (_ADD_SPAN, (s.rollout_id, ticket, arrived, _dumps(s))) for s, arrived in changes.spans
-        )
-        for rid in changes.evicted:
-            statements.extend(((_EVICT, (rid,)), (_DROP_SPANS, (rid,))))
-        for resources_id in changes.resources:
-            record = _dumps(state.resources[resources_id])
-            statements.append((_PUT_RESOURCES, (resources_id, record)))
-        if changes.resources:
-            statements.append((_PUT_META, ("latest_resources_id", state.latest_resources_id)))
-        state.changes = type(changes)()
+        batch = statements(changes, ticket)
         with self._cond:
-            self._pending.extend(statements)
+            self._pending.extend(batch)
             self._staged = ticket
         return ticket
+
+    def refusal(self) -> str:
+        """Why writes are refused now, for the StorageError that says so."""
+        return (f"The data directory {self.path} cannot be written ({self._error}); writes "
+                f"are refused, and tried again in "
+                f"{max(self._refuse_until - self._monotonic(), 0.0):.1f} s")
+
+    @property
+    def last_staged(self) -> int:
+        """The last ticket staged: a read waits for it, so that what it saw is on disk."""
+        return self._staged if self._staged > self._committed else 0
 
     def wait(self, ticket: int) -> None:
         """Block until ``ticket`` is committed (call without the store lock).
 
-        Raises StorageError if the commit failed.
+        Raises StorageError if its commit failed (the store must then ``recover``).
         """
         with self._cond:
-            while self._committed < ticket:
-                if self._failure is not None:
-                    raise StorageError(f"Writing to the data directory failed: {self._failure}")
+            while True:
+                for first, last in self._failed:
+                    if first <= ticket <= last:
+                        raise StorageError(
+                            f"Writing to the data directory {self.path} failed: {self._error}"
+                        )
+                if self._committed >= ticket:
+                    return
                 if self._writing:
                     self._cond.wait()
                     continue
@@ -233,40 +271,149 @@ class Journal:
 
     def _commit_pending(self) -> None:
         """Commit everything staged so far in one transaction (``_cond`` held on entry/exit)."""
-        batch, last = self._pending, self._staged
+        batch, first, last = self._pending, self._committed + 1, self._staged
         self._pending, self._writing = [], True
         self._cond.release()
         try:
             self._write(batch)
-        except BaseException as exc:
-            failure: BaseException | None = exc
+        except Exception as exc:
+            failure: Exception | None = exc
             logger.error("Writing to %s failed: %s", self.path, exc)
         else:
             failure = None
         finally:
             self._cond.acquire()
             self._writing = False
-        if failure is not None:
-            self._failure = failure
+        if failure is None:
+            self._committed, self._failures, self._error = last, 0, None
         else:
-            self._committed = last
+            self._fail(first, failure)
         self._cond.notify_all()
+
+    def _fail(self, first: int, failure: Exception) -> None:
+        """Fail every ticket from ``first`` on, staged or not yet committed (``_cond`` held)."""
+        last = self._staged
+        self._failed = [*self._failed[-_FAILURES_KEPT + 1:], (first, last)]
+        self._pending = []
+        self._committed = last  # nothing below it is waited for any more: it failed or landed
+        self._error = self._broken = f"{type(failure).__name__}: {failure}"
+        self._failures += 1
+        pause = min(RETRY_AFTER * 2 ** (self._failures - 1), RETRY_AFTER_MAX)
+        self._refuse_until = self._monotonic() + pause
 
     def _write(self, batch: list[Statement]) -> None:
         db = self._db
-        db.execute("BEGIN")
         try:
+            db.execute("BEGIN")
             for sql, params in batch:
                 db.execute(sql, params)
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ failure
+    @property
+    def broken(self) -> bool:
+        """True after a failed commit, until ``recover``: memory is ahead of disk."""
+        return self._broken is not None
+
+    def recover(self) -> Saved:
+        """What is on disk, for the store to rebuild its state from after a failed commit
+        (call with the store lock held). Raises StorageError if it cannot be read."""
+        saved = self.load()
+        self._broken = None
+        logger.warning("Reloaded the state from %s after a failed write; writes are tried "
+                       "again from %s s on", self.path, f"{self._refuse_until:.1f}")
+        return saved
+
+    def writable(self) -> bool:
+        """False while writes are refused (after a failed commit, see the module docstring)."""
+        return self._broken is None and self._monotonic() >= self._refuse_until
+
+    def status(self) -> dict[str, Any]:
+        """The data directory's state, for ``statistics()``."""
+        return {
+            "path": str(self.path),
+            "writable": self.writable(),
+            "last_error": self._error,
+            "consecutive_failures": self._failures,
+            "retry_in_seconds": max(self._refuse_until - self._monotonic(), 0.0),
+        }
 
     def close(self) -> None:
         """Commit what is staged, then close the database and release the directory."""
         try:
-            self.wait(self._staged)
+            if self._broken is None:
+                self.wait(self._staged)
         finally:
             self._db.close()
             self._lock_file.close()
+
+
+# ---------------------------------------------------------------------- reading and migrating
+def read(db: sqlite3.Connection) -> Saved:
+    """Everything a database of the current schema holds. Raises ValueError (and the
+    errors of sqlite3 and pickle) for a row that cannot be read back."""
+    layouts = {kind: tuple(names) for kind, names in json.loads(
+        db.execute("SELECT value FROM meta WHERE key = ?", (_LAYOUTS_KEY,)).fetchone()[0]
+    ).items()}
+    decode, saved = schema.Decoder(layouts), Saved()
+    for created, position, counter, ticket, record in db.execute(
+        "SELECT created, queue_position, counter, ticket, record FROM rollouts ORDER BY created"
+    ):
+        rollout, attempts = decode.rollout(pickle.loads(record))
+        saved.rollouts.append((RolloutRow(rollout, attempts, created, position, counter), ticket))
+    saved.counters = dict(db.execute("SELECT rollout_id, value FROM counters"))
+    saved.spans = [
+        (ticket, arrived, decode.span(pickle.loads(record))) for ticket, arrived, record in
+        db.execute("SELECT ticket, arrived, record FROM spans ORDER BY id")
+    ]
+    saved.evicted = [rid for (rid,) in db.execute("SELECT rollout_id FROM evicted")]
+    saved.resources = [decode.resources(pickle.loads(r))
+                       for (r,) in db.execute("SELECT record FROM resources")]
+    latest = db.execute("SELECT value FROM meta WHERE key = 'latest_resources_id'").fetchone()
+    saved.latest_resources_id = latest[0] if latest else None
+    return saved
+
+
+def _from_version_1(db: sqlite3.Connection) -> None:
+    """Version 1 (mpstore 0.1.0) stored records as pickles of the record objects themselves
+    (their loader and field tuple); this version's classes still read them. Rewrite every
+    record in the explicit layouts of :mod:`mpstore.schema`."""
+    rows = db.execute("SELECT rollout_id, record FROM rollouts").fetchall()
+    for rid, record in rows:
+        rollout, attempts = pickle.loads(record)
+        db.execute("UPDATE rollouts SET record = ? WHERE rollout_id = ?",
+                   (_dumps(schema.encode_rollout(rollout, attempts)), rid))
+    for span_id, record in db.execute("SELECT id, record FROM spans").fetchall():
+        db.execute("UPDATE spans SET record = ? WHERE id = ?",
+                   (_dumps(schema.encode_span(pickle.loads(record))), span_id))
+    for rid, record in db.execute("SELECT resources_id, record FROM resources").fetchall():
+        db.execute("UPDATE resources SET record = ? WHERE resources_id = ?",
+                   (_dumps(schema.encode_resources(pickle.loads(record))), rid))
+    db.execute(_PUT_META, (_LAYOUTS_KEY, json.dumps(schema.LAYOUTS)))
+
+
+#: How to bring a database of each older schema version to the next one.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _from_version_1}
+
+
+def migrate(db: sqlite3.Connection, version: int) -> None:
+    """Bring a database to the current schema, in one transaction (all or nothing)."""
+    if version == SCHEMA_VERSION:
+        return
+    logger.warning("Migrating the data directory from schema version %d to %d",
+                   version, SCHEMA_VERSION)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        while version != SCHEMA_VERSION:
+            MIGRATIONS[version](db)
+            version += 1
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise

@@ -26,7 +26,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import transitions as tr
 from .errors import AttemptNotFound, NoAttempts, RolloutNotFound, SpansEvicted
@@ -42,7 +42,7 @@ from .types import (
     new_rollout_id,
 )
 
-__all__ = ["Changes", "Saved", "StoreState"]
+__all__ = ["ChangeSet", "RolloutRow", "Saved", "StoreState"]
 
 logger = logging.getLogger("mpstore.store")
 
@@ -55,10 +55,11 @@ def _span_key(span: Span) -> int:
 
 
 class Changes:
-    """What changed since the last time a journal took the changes (durable stores only).
+    """Which records a durable state changed since the journal last took them (the state's
+    own bookkeeping; the journal only ever sees the :class:`ChangeSet` built from it).
 
     A rollout id in ``rollouts`` means "its record, attempts, queue position or span counter
-    changed": the journal rewrites all of those, which is simpler than tracking each field and
+    changed": its whole row is written again, which is simpler than tracking each field and
     costs little (a rollout has a handful of attempts).
     """
 
@@ -74,15 +75,41 @@ class Changes:
         return bool(self.rollouts or self.spans or self.evicted or self.resources)
 
 
+class RolloutRow(NamedTuple):
+    """Everything stored about one rollout: its record, attempts and indexes."""
+
+    rollout: Rollout
+    attempts: list[Attempt]
+    created: int  # creation number, for ordering
+    queue_position: int | None
+    counter: int  # the span sequence counter
+
+
+class ChangeSet:
+    """What one critical section changed, as values a journal writes without knowing the
+    state: whole rollout rows, counters of ids that are not rollouts (REF counts sequence ids
+    for any id), new spans with their arrival times, evicted rollout ids, resources and the
+    latest resources id (None: unchanged)."""
+
+    __slots__ = ("counters", "evicted", "latest_resources_id", "resources", "rollouts", "spans")
+
+    def __init__(self) -> None:
+        self.rollouts: list[RolloutRow] = []
+        self.counters: list[tuple[str, int]] = []
+        self.spans: list[tuple[Span, float]] = []
+        self.evicted: list[str] = []
+        self.resources: list[ResourcesUpdate] = []
+        self.latest_resources_id: str | None = None
+
+
 class Saved:
     """Everything a journal restores, in the order it must be applied."""
 
     __slots__ = ("counters", "evicted", "latest_resources_id", "resources", "rollouts", "spans")
 
     def __init__(self) -> None:
-        #: (creation number, queue position or None, span counter, ticket, rollout, its
-        #: attempts), in creation order; the ticket orders the row against span rows
-        self.rollouts: list[tuple[int, int | None, int, int, Rollout, list[Attempt]]] = []
+        #: (row, ticket) in creation order; the ticket orders the row against span rows
+        self.rollouts: list[tuple[RolloutRow, int]] = []
         self.counters: dict[str, int] = {}  # span counters of ids that are not rollouts
         self.spans: list[tuple[int, float, Span]] = []  # (ticket, arrival, span), arrival order
         self.evicted: list[str] = []
@@ -115,7 +142,8 @@ class StoreState:
         self._tiebreak = itertools.count()
         self._creation = itertools.count()
         self._queue_position = itertools.count()
-        #: Set by a durable store; None keeps the in-memory store free of the bookkeeping.
+        #: Set by a durable store (``track_changes``); None keeps an in-memory store free of
+        #: the bookkeeping.
         self.changes: Changes | None = None
         # Bumped on every write the waiters care about; the store compares them to notify.
         self.terminal_writes = 0
@@ -146,9 +174,38 @@ class StoreState:
         attempts = self.attempts.get(rollout_id)
         return attempts[-1] if attempts else None
 
+    # ----------------------------------------------------------------- change tracking
+    def track_changes(self) -> None:
+        """From now on, record what changes, for :meth:`take_changes` (durable stores)."""
+        self.changes = Changes()
+
     def touch(self, rollout_id: str) -> None:
+        """Mark a rollout's row as changed. Called by the few primitives that write a rollout,
+        an attempt or a counter (``write_status``, ``_set``, ``create``, ``next_sequence_id``
+        ...), never by the operations built on them; tests/test_staging.py checks after every
+        public method that what was taken equals the state."""
         if self.changes is not None:
             self.changes.rollouts.add(rollout_id)
+
+    def take_changes(self) -> ChangeSet | None:
+        """What changed since the last call, as rows (None: nothing); resets the record."""
+        changes = self.changes
+        if not changes:
+            return None
+        out = ChangeSet()
+        for rid in changes.rollouts:
+            rollout = self.rollouts.get(rid)
+            if rollout is None:
+                out.counters.append((rid, self.sequence.get(rid, 0)))
+            else:
+                out.rollouts.append(RolloutRow(rollout, self.attempts[rid], self.created[rid],
+                                               self.queue.get(rid), self.sequence.get(rid, 0)))
+        out.spans, out.evicted = changes.spans, changes.evicted
+        out.resources = [self.resources[r] for r in changes.resources]
+        if changes.resources:
+            out.latest_resources_id = self.latest_resources_id
+        self.changes = Changes()
+        return out
 
     def _enqueue(self, rollout_id: str) -> None:
         self.queue[rollout_id] = next(self._queue_position)
@@ -234,8 +291,7 @@ class StoreState:
             return
         verdict = tr.watchdog_verdict(latest, rollout.config, now)
         if verdict.attempt_status is not None:
-            self.touch(rid)
-            latest.status = verdict.attempt_status
+            self._set(latest, {"status": verdict.attempt_status})
         if verdict.propagate:
             self.propagate(rollout, now)
 
@@ -248,8 +304,10 @@ class StoreState:
             heapq.heappush(self._heap, (self._scheduled[rid], next(self._tiebreak), rid))
 
     # ----------------------------------------------------------------- creating and claiming
-    def create(self, fields: dict[str, Any], status: RolloutStatus, now: float) -> Rollout:
-        """A new rollout; ``fields`` were validated by the caller."""
+    def create(self, fields: dict[str, Any], status: RolloutStatus, now: float,
+               worker_id: str | None = None) -> Rollout:
+        """A new rollout; ``fields`` were validated by the caller. Not queuing: claimed at
+        once, by attempt 1 of ``worker_id`` (E2)."""
         resources_id = fields["resources_id"] or self.latest_resources_id  # REF Q12
         rid = new_rollout_id()
         while rid in self.rollouts:  # 48 random bits: a clash is rare, never fatal
@@ -268,7 +326,7 @@ class StoreState:
         if status is RolloutStatus.QUEUING:
             self._enqueue(rid)
         else:
-            self.new_attempt(rollout, None, now)
+            self.new_attempt(rollout, worker_id, now)
         return rollout
 
     def new_attempt(self, rollout: Rollout, worker_id: str | None, now: float) -> Attempt:
@@ -290,11 +348,15 @@ class StoreState:
         return rollout, self.new_attempt(rollout, worker_id, now)
 
     # ----------------------------------------------------------------- updates
+    def _set(self, record: Rollout | Attempt, fields: dict[str, Any]) -> None:
+        """Write fields of a stored rollout or attempt: the one primitive for it."""
+        self.touch(record.rollout_id)
+        for name, value in fields.items():
+            setattr(record, name, value)
+
     def update_attempt(self, attempt: Attempt, changes: dict[str, Any], now: float) -> None:
         """Apply validated ``changes``; propagate only when a status was set (D3)."""
-        self.touch(attempt.rollout_id)
-        for name, value in changes.items():
-            setattr(attempt, name, value)
+        self._set(attempt, changes)
         if "status" in changes and changes["status"] in tr.ATTEMPT_ENDED:
             attempt.end_time = now
         rollout = self.rollouts[attempt.rollout_id]
@@ -306,10 +368,8 @@ class StoreState:
             self.schedule(rollout.rollout_id, now)
 
     def update_rollout(self, rollout: Rollout, changes: dict[str, Any], now: float) -> None:
-        self.touch(rollout.rollout_id)
         status = changes.pop("status", None)
-        for name, value in changes.items():
-            setattr(rollout, name, value)
+        self._set(rollout, changes)
         if status is not None:
             self.write_status(rollout, status, now)
         elif "config" in changes and rollout.status in tr.WATCHED:
@@ -437,7 +497,7 @@ class StoreState:
     def restore(self, saved: Saved, now: float) -> None:
         """Rebuild an empty state, indexes included, from what a journal saved."""
         tickets: dict[str, int] = {}
-        for created, position, counter, ticket, rollout, attempts in saved.rollouts:
+        for (rollout, attempts, created, position, counter), ticket in saved.rollouts:
             rid = rollout.rollout_id
             tickets[rid] = ticket
             self.sequence[rid] = counter

@@ -31,9 +31,9 @@ from . import transitions as tr
 from . import validate as v
 from ._version import __version__
 from .durable import Journal
-from .errors import InvalidArgument
+from .errors import InvalidArgument, StorageError
 from .eviction import resolve_thresholds
-from .state import Changes, StoreState
+from .state import StoreState
 from .types import (
     UNSET,
     Attempt,
@@ -87,7 +87,7 @@ class InMemoryStore:
             except BaseException:
                 self._journal.close()
                 raise
-            self._state.changes = Changes()
+            self._state.track_changes()
         self._clock = clock
         self._interval = float(watchdog_interval)
         self._lock = threading.Lock()
@@ -111,15 +111,24 @@ class InMemoryStore:
         return self._journal is not None
 
     # ----------------------------------------------------------------- helpers
-    def _step(self, fn: Callable[[float], T], watchdog: bool) -> tuple[T, int]:
-        """``fn(now)`` with the lock held, after the watchdog (REF's method set, D12). Wakes
-        whoever the writes concern and stages them for the journal; returns the result and
-        the journal ticket to wait for (0: nothing to wait for)."""
-        state = self._state
+    def _step(self, fn: Callable[[float], T], watchdog: bool, write: bool) -> tuple[T, int]:
+        """The one path of every call, lock held: refuse a write the journal cannot take,
+        run the watchdog (REF's method set, D12), ``fn(now)``, wake whoever the writes concern,
+        and stage the changes for the journal. Returns the result and the journal ticket to
+        wait for: the call's own, or for a call that changed nothing the last one staged, so
+        that no reply shows what is not on disk yet (0: nothing to wait for).
+
+        Raises StorageError, with the state as it is on disk, if the journal refuses writes
+        or cannot stage them."""
+        journal, state = self._journal, self._state
         appended = state.queue_appends
         now = self._clock()
+        writable = journal is None or journal.writable()
+        if write and not writable:
+            assert journal is not None
+            raise StorageError(journal.refusal())
         try:
-            if watchdog:
+            if watchdog and writable:
                 state.watchdog(now)
             result = fn(now)
         finally:
@@ -127,39 +136,85 @@ class InMemoryStore:
                 self._wake_watchers(state.finished)
             if state.queue_appends != appended:
                 self._queued.notify(state.queue_appends - appended)
-            ticket = self._journal.stage(state) if self._journal is not None else 0
+            ticket = self._stage() if journal is not None else 0
         return result, ticket
+
+    def _stage(self) -> int:
+        """Stage what the state changed (lock held); see :meth:`_step`."""
+        assert self._journal is not None
+        changes = self._state.take_changes()
+        if changes is None:
+            return self._journal.last_staged
+        try:
+            return self._journal.stage(changes)
+        except StorageError:
+            self._recover()  # the changes are in memory only: back to what is on disk
+            raise
+
+    def _recover(self) -> None:
+        """Rebuild the state from the data directory after a failed write (lock held), and
+        wake every waiter to look again."""
+        assert self._journal is not None
+        if not self._journal.broken:
+            return
+        state = StoreState(self._state.thresholds)
+        state.restore(self._journal.recover(), self._clock())
+        state.track_changes()
+        self._state = state
+        self._queued.notify_all()
+        for conditions in self._watchers.values():
+            for condition in conditions:
+                condition.notify()
 
     def _persisted(self, ticket: int) -> None:
         """Return only once the change is on disk (lock released: others go on meanwhile),
-        or, inside :meth:`deferred_commits`, leave that to its end."""
+        or, inside :meth:`deferred_commits`, leave that to its end. Raises StorageError if
+        the commit failed, once the state is back to what is on disk."""
         if ticket:
             assert self._journal is not None
             if getattr(self._deferral, "active", False):
                 self._deferral.ticket = max(self._deferral.ticket, ticket)
                 return
+            self._committed(ticket)
+
+    def _committed(self, ticket: int) -> None:
+        assert self._journal is not None
+        try:
             self._journal.wait(ticket)
+        except StorageError:
+            with self._lock:
+                self._recover()
+            raise
 
     @contextlib.contextmanager
     def deferred_commits(self) -> Iterator[None]:
         """Within this block (on this thread), calls of a durable store return before their
         change is committed; all of them are committed together when the block ends, which
-        raises StorageError if that failed. For a server that answers several requests at
-        once: it must send none of their replies before the block has ended. Not served
-        remotely."""
+        raises StorageError if that failed (then none of the block's results may be
+        reported: the state is back to what is on disk). For a server that answers several
+        requests at once: it must send none of their replies before the block has ended.
+        Not served remotely."""
         self._deferral.active, self._deferral.ticket = True, 0
         try:
             yield
         finally:
             self._deferral.active = False
             if self._deferral.ticket and self._journal is not None:
-                self._journal.wait(self._deferral.ticket)
+                self._committed(self._deferral.ticket)
 
-    def _section(self, fn: Callable[[float], T], *, watchdog: bool = True) -> T:
-        """Run ``fn(now)`` as one critical section; see :meth:`_step`."""
+    def _section(self, fn: Callable[[float], T], *, watchdog: bool = True,
+                 write: bool = True) -> T:
+        """Run ``fn(now)`` as one critical section; see :meth:`_step`. ``write=False``
+        declares a read: it is served while writes are refused, and if a commit it waited
+        for fails, it is answered again from what is on disk."""
         with self._lock:
-            result, ticket = self._step(fn, watchdog)
-        self._persisted(ticket)
+            result, ticket = self._step(fn, watchdog, write)
+        try:
+            self._persisted(ticket)
+        except StorageError:
+            if write:
+                raise
+            return self._section(fn, watchdog=False, write=False)
         return result
 
     def _maybe(self, record: Any) -> Any:
@@ -224,10 +279,9 @@ class InMemoryStore:
         worker = v.optional_str(worker_id, "worker_id")
 
         def run(now: float) -> AttemptedRollout:
-            rollout = self._state.create(fields, _PREPARING, now)
+            rollout = self._state.create(fields, _PREPARING, now, worker)
             attempt = self._state.latest_attempt(rollout.rollout_id)
             assert attempt is not None
-            attempt.worker_id = worker
             return self._attempted((rollout, attempt))
 
         return self._section(run)
@@ -267,12 +321,11 @@ class InMemoryStore:
         worker = v.optional_str(worker_id, "worker_id")
         wait = v.optional_float(wait, "wait") or 0.0
         deadline = time.monotonic() + wait
-        state = self._state
 
         def claim(now: float) -> list[AttemptedRollout]:
             claimed = []
             while len(claimed) < limit:
-                pair = state.dequeue(worker, now)
+                pair = self._state.dequeue(worker, now)
                 if pair is None:
                     break
                 claimed.append(self._attempted(pair))
@@ -280,7 +333,7 @@ class InMemoryStore:
 
         with self._lock:
             while True:
-                claimed, ticket = self._step(claim, True)
+                claimed, ticket = self._step(claim, True, True)
                 if claimed or limit == 0 or not self._wait(self._queued, deadline):
                     break
         self._persisted(ticket)
@@ -308,23 +361,27 @@ class InMemoryStore:
         ]
         ids = None if rollout_ids is None else v.string_list(rollout_ids, "rollout_ids")
         return self._section(
-            lambda now: [self._out(r) for r in self._state.query_rollouts(statuses, ids)]
+            lambda now: [self._out(r) for r in self._state.query_rollouts(statuses, ids)],
+            write=False,
         )
 
     def get_rollout_by_id(self, rollout_id: str) -> Rollout | None:
         v.identifier(rollout_id, "rollout_id")
-        return self._section(lambda now: self._maybe(self._state.rollouts.get(rollout_id)))
+        return self._section(lambda now: self._maybe(self._state.rollouts.get(rollout_id)),
+                             write=False)
 
     def query_attempts(self, rollout_id: str) -> list[Attempt]:
         """The rollout's attempts by sequence_id; [] for an unknown rollout (REF Q11)."""
         v.identifier(rollout_id, "rollout_id")
         return self._section(
-            lambda now: [self._out(a) for a in self._state.attempts.get(rollout_id, ())]
+            lambda now: [self._out(a) for a in self._state.attempts.get(rollout_id, ())],
+            write=False,
         )
 
     def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
         v.identifier(rollout_id, "rollout_id")
-        return self._section(lambda now: self._maybe(self._state.latest_attempt(rollout_id)))
+        return self._section(lambda now: self._maybe(self._state.latest_attempt(rollout_id)),
+                             write=False)
 
     # ----------------------------------------------------------------- wait
     def wait_for_rollouts(self, *, rollout_ids: Sequence[str], timeout: float | None = None
@@ -335,16 +392,16 @@ class InMemoryStore:
         ids = v.string_list(rollout_ids, "rollout_ids")
         timeout = v.optional_float(timeout, "timeout")
         deadline = None if timeout is None else time.monotonic() + timeout
-        rollouts = self._state.rollouts
 
         def pending(now: float) -> bool:
+            rollouts = self._state.rollouts  # read anew: a failed write reloads the state
             return any(rid in rollouts and rollouts[rid].status not in tr.TERMINAL for rid in ids)
 
         condition = threading.Condition(self._lock)
         with self._lock:
             try:
                 while True:
-                    waiting, ticket = self._step(pending, True)
+                    waiting, ticket = self._step(pending, True, False)
                     if not waiting:
                         break
                     for rid in ids:
@@ -353,11 +410,15 @@ class InMemoryStore:
                         break
             finally:
                 self._unwatch(ids, condition)
+            rollouts = self._state.rollouts
             done = [
                 self._out(rollouts[rid]) for rid in ids
                 if rid in rollouts and rollouts[rid].status in tr.TERMINAL
             ]
-        self._persisted(ticket)
+        try:
+            self._persisted(ticket)
+        except StorageError:  # what it saw was not committed: answer from what is on disk
+            return self.wait_for_rollouts(rollout_ids=ids, timeout=0)
         return done
 
     def _unwatch(self, ids: list[str], condition: threading.Condition) -> None:
@@ -428,8 +489,10 @@ class InMemoryStore:
     def get_many_span_sequence_ids(self, pairs: Sequence[tuple[str, str]]) -> list[int]:
         """One sequence id per (rollout_id, attempt_id), allocated in order."""
         checked = v.pairs(pairs)
-        with self._lock:
-            return [self._state.next_sequence_id(rid) for rid, _ in checked]
+        return self._section(
+            lambda now: [self._state.next_sequence_id(rid) for rid, _ in checked],
+            watchdog=False,
+        )
 
     def add_span(self, span: Span) -> Span:
         """Store a span and count it as its attempt's heartbeat (E7, D4). Idempotent (D7): a
@@ -437,9 +500,9 @@ class InMemoryStore:
         and nothing else happens. Raises RolloutNotFound / AttemptNotFound."""
         checked = v.span(span)
         kept = self._inp(checked)
-        state = self._state
 
         def run(now: float) -> Span:
+            state = self._state
             duplicate = state.add_span(kept, state.check_span(kept), now)
             return checked if duplicate is None else self._out(duplicate)
 
@@ -452,9 +515,9 @@ class InMemoryStore:
             raise InvalidArgument("add_many_spans takes a list of spans")
         given = [v.span(s) for s in spans]
         stored = [self._inp(s) for s in given]
-        state = self._state
 
         def run(now: float) -> list[Span]:
+            state = self._state
             attempts = [state.check_span(s) for s in stored]
             out = []
             for span, kept, attempt in zip(given, stored, attempts, strict=False):
@@ -469,7 +532,8 @@ class InMemoryStore:
         [] for an unknown rollout; SpansEvicted once its spans were evicted (D8)."""
         v.identifier(rollout_id, "rollout_id")
         v.optional_str(attempt_id, "attempt_id")
-        spans = self._section(lambda now: self._state.query_spans(rollout_id, attempt_id))
+        spans = self._section(lambda now: self._state.query_spans(rollout_id, attempt_id),
+                              write=False)
         # Stored spans are never mutated, so outside the lock is safe; the server returns
         # them as they are (pickling copies them).
         return [s.clone() for s in spans] if self._copy else spans
@@ -490,33 +554,44 @@ class InMemoryStore:
 
     def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate | None:
         v.identifier(resources_id, "resources_id")
-        return self._section(lambda now: self._maybe(self._state.resources.get(resources_id)))
+        return self._section(lambda now: self._maybe(self._state.resources.get(resources_id)),
+                             write=False)
 
     def get_latest_resources(self) -> ResourcesUpdate | None:
-        state = self._state
-        return self._section(
-            lambda now: self._maybe(state.resources.get(state.latest_resources_id or ""))
-        )
+        def latest(now: float) -> ResourcesUpdate | None:
+            state = self._state
+            return self._maybe(state.resources.get(state.latest_resources_id or ""))
+
+        return self._section(latest, write=False)
 
     # ----------------------------------------------------------------- ops
     def ping(self) -> dict[str, Any]:
-        """Who answers: name, version, pid, the store clock's time and uptime."""
+        """Who answers: name, version, pid, the store clock's time, uptime, and whether
+        it takes writes (False while a durable store refuses them after a failed write)."""
         return {
             "name": "mpstore",
             "version": __version__,
             "pid": os.getpid(),
             "time": self._clock(),
             "uptime": time.monotonic() - self._started,
+            "writable": self._journal is None or self._journal.writable(),
         }
 
     def statistics(self) -> dict[str, Any]:
-        """Counts in O(1): totals, queue length, span bytes, rollouts per status, uptime."""
-        stats = self._section(lambda now: self._state.statistics())
+        """Counts in O(1): totals, queue length, span bytes, rollouts per status, uptime; for
+        a durable store also ``storage``, the data directory's state (``writable``,
+        ``last_error``, ``consecutive_failures``, ``retry_in_seconds``, ``path``)."""
+        stats = self._section(lambda now: self._state.statistics(), write=False)
         stats["uptime"] = time.monotonic() - self._started
+        if self._journal is not None:
+            stats["storage"] = self._journal.status()
         return stats
 
     def run_watchdog(self) -> int:
-        """One watchdog pass now (for a server's ticker); returns how many rollouts were due."""
+        """One watchdog pass now (for a server's ticker); returns how many rollouts were due.
+        Skipped (0) while a durable store refuses writes: its verdicts could not be kept."""
+        if self._journal is not None and not self._journal.writable():
+            return 0
         return self._section(lambda now: self._state.watchdog(now), watchdog=False)
 
     def close(self) -> None:
