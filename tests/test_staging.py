@@ -9,18 +9,15 @@ change path) makes the two differ at that method.
 
 from __future__ import annotations
 
-import inspect
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from mpstore import LLM, InMemoryStore, PromptTemplate, Span
+from mpstore.api import CALLS
 from mpstore.durable import DB_NAME, read
 from mpstore.state import StoreState
 from tests.conftest import FakeClock
-
-#: Methods that are not calls on the store's data.
-NOT_DATA = {"close", "deferred_commits", "durable"}
 
 
 def dump(state: StoreState) -> dict[str, Any]:
@@ -68,7 +65,8 @@ def script(store: InMemoryStore, clock: FakeClock) -> list[tuple[str, Any]]:
 
     def span(n: int) -> Span:
         c = made["c"]
-        return Span(c.rollout_id, c.attempt.attempt_id, n, f"s{n}", attributes={"n": n, "text": "t" * 1_000})
+        text = "t" * 1_000
+        return Span(c.rollout_id, c.attempt.attempt_id, n, f"s{n}", attributes={"n": n, "t": text})
 
     def timed_out() -> Any:
         clock.advance(6.0)
@@ -118,8 +116,7 @@ def test_every_public_method_has_its_change_on_disk_when_it_returns(tmp_path: Pa
     store = InMemoryStore(clock=clock, data_dir=data_dir, eviction_threshold=2_500,
                           safe_threshold=1_000)
     steps = script(store, clock)
-    public = {name for name, _ in inspect.getmembers(InMemoryStore)
-              if not name.startswith("_")} - NOT_DATA
+    public = {name for name, call in CALLS.items() if call.served}
     assert {name for name, _ in steps} == public, "a public method is not in the script"
     changed = []
     for name, call in steps:
