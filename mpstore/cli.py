@@ -1,5 +1,5 @@
 """The ``agl`` command (also ``mpstore`` and ``python -m mpstore``): ``store``, ``health``,
-``stats`` (SPEC §6).
+``stats`` (SPEC §6), ``dashboard``.
 
 This module only parses options and hands over: ``agl store`` to
 :func:`mpstore.manager.server.run`, the others to :func:`mpstore.connect`. Exit codes: 0
@@ -192,3 +192,41 @@ def stats_command(host: str, port: int, authkey_file: str | None, timeout: float
     """Print the server's statistics() as JSON; exit 1 if it does not answer."""
     stats = _ask(host, port, authkey_file, timeout, "statistics", "error")
     click.echo(json.dumps(stats, indent=2, sort_keys=True, default=str))
+
+
+@main.command("dashboard")
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="MPSTORE_DASHBOARD_HOST",
+              show_envvar=True, help="Address the dashboard listens on. Whoever reaches it "
+                                     "reads the whole store: keep it on loopback.")
+@click.option("--port", type=click.IntRange(1, 65535), default=4748, show_default=True,
+              envvar="MPSTORE_DASHBOARD_PORT", show_envvar=True, help="Its TCP port.")
+@click.option("--store", "store_address", default="127.0.0.1:4747", show_default=True,
+              envvar="MPSTORE_DASHBOARD_STORE", show_envvar=True,
+              help="HOST:PORT of the agl store server to show.")
+@click.option("--authkey-file", type=click.Path(dir_okay=False), default=None,
+              envvar="MPSTORE_AUTHKEY_FILE", show_envvar=True,
+              help="File holding the store's authkey. Default: MPSTORE_AUTHKEY, else the key "
+                   "file the server wrote for that host and port.")
+@click.option("--log-level", type=click.Choice(_LEVELS, case_sensitive=False), default="INFO",
+              show_default=True, envvar="MPSTORE_LOG_LEVEL", show_envvar=True,
+              help="Log level (log lines go to stderr).")
+def dashboard_command(host: str, port: int, store_address: str, authkey_file: str | None,
+                      log_level: str) -> None:
+    """Serve a read-only web dashboard of a running store (needs mpstore[dashboard]).
+
+    Open http://HOST:PORT/ in a browser: rollouts, traces, resources and runners, refreshed
+    live. It starts even when the store does not answer (the pages say why). Exits 0 after
+    SIGINT/SIGTERM, 1 if it cannot serve (port taken, extra not installed), 2 for a usage
+    error."""
+    configure_logging(log_level)
+    try:
+        from .dashboard import run
+    except ImportError as exc:
+        click.echo(f"agl dashboard needs its extra: pip install 'mpstore[dashboard]' ({exc})",
+                   err=True)
+        sys.exit(1)
+    try:
+        code = run(store_address, host, port, authkey_file=authkey_file, log_level=log_level)
+    except InvalidArgument as exc:
+        raise click.UsageError(f"--store: {exc}") from None
+    sys.exit(code)
