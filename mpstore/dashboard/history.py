@@ -97,18 +97,20 @@ class History:
 
 
 def chart(rates: list[Rate], pick: Callable[[Rate], float], width: int = 600,
-          height: int = 120, window: float = 300.0) -> dict[str, Any]:
+          height: int = 120, window: float = 300.0, least: float = 60.0) -> dict[str, Any]:
     """What the SVG line chart of one rate needs: a polyline's points over the last
-    ``window`` seconds (newest at the right), the peak and the latest value."""
+    ``window`` seconds (newest at the right; a shorter history is spread over at least
+    ``least`` seconds), the peak and the latest value."""
     if not rates:
         return {"points": "", "peak": 0.0, "latest": None, "width": width, "height": height,
-                "window": window}
+                "window": least}
     end = rates[-1].at
     shown = [r for r in rates if r.at >= end - window]
+    span = min(max(end - shown[0].at, least), window)
     values = [pick(r) for r in shown]
     peak = max(values) or 1.0
     points = " ".join(
-        f"{width * (1 - (end - r.at) / window):.1f},{height - 4 - (height - 8) * v / peak:.1f}"
+        f"{width * (1 - (end - r.at) / span):.1f},{height - 4 - (height - 8) * v / peak:.1f}"
         for r, v in zip(shown, values, strict=True))
     return {"points": points, "peak": max(values), "latest": values[-1], "width": width,
-            "height": height, "window": window}
+            "height": height, "window": span}

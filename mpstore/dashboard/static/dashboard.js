@@ -46,7 +46,7 @@
       if (details) details.open = true;
     }
     updated.textContent = "updated " + new Date().toLocaleTimeString();
-    live.dispatchEvent(new CustomEvent("mpstore:refreshed", {bubbles: true}));
+    live.dataset.refreshes = String((parseInt(live.dataset.refreshes, 10) || 0) + 1);
   }
 
   async function loop() {
