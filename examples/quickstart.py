@@ -15,7 +15,7 @@ In your own code the server usually runs on its own:
 from __future__ import annotations
 
 from mpstore import Span
-from mpstore.manager import start_server
+from mpstore.testing import start_server
 
 
 def main() -> None:

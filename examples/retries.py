@@ -22,7 +22,7 @@ import threading
 import time
 
 from mpstore import RolloutConfig, Span, StoreClient
-from mpstore.manager import start_server
+from mpstore.testing import start_server
 
 CONFIG = RolloutConfig(timeout_seconds=2.0, unresponsive_seconds=0.5, max_attempts=3,
                        retry_condition=["timeout", "unresponsive"])

@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 
 from mpstore import LLM, PromptTemplate, Span, StoreClient
-from mpstore.manager import start_server
+from mpstore.testing import start_server
 
 
 def runner(store: StoreClient, name: str) -> None:

@@ -2,7 +2,7 @@
 ``stats`` (SPEC §6), ``dashboard``.
 
 This module only parses options and hands over: ``agl store`` to
-:func:`mpstore.manager.server.run`, the others to :func:`mpstore.connect`. Exit codes: 0
+:func:`mpstore.startup.run`, the others to :func:`mpstore.connect`. Exit codes: 0
 success, 1 failure (server could not start, server unhealthy), 2 usage error (click's).
 Every option can also come from an environment variable, named in ``--help``.
 """
@@ -135,7 +135,7 @@ def store_command(host: str, port: int, authkey_file: str | None, log_level: str
     holding it can run code in this process, so keep it secret. Exits 0 after a graceful
     stop, 1 if the server cannot start (e.g. the port is taken: the holder is named)."""
     configure_logging(log_level)
-    from .manager.server import run
+    from .startup import run
 
     try:
         code = run(host, port, authkey_file=authkey_file, watchdog_interval=watchdog_interval,

@@ -16,9 +16,9 @@ from typing import Any
 
 import psutil
 
-from mpstore.manager.process import ServerProcess
-from mpstore.manager.proxy import set_socket_timeouts
+from mpstore.manager.sockets import set_socket_timeouts
 from mpstore.manager.wire import PROTOCOL, STORE_IDENT
+from mpstore.testing import ServerProcess
 
 __all__ = [
     "ABANDONED",

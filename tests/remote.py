@@ -24,7 +24,7 @@ from typing import Any
 from mpstore import InMemoryStore, StoreClient, connect
 from mpstore.manager import serve
 from mpstore.manager.ports import free_port
-from mpstore.manager.process import ServerProcess, start_server, write_key_file
+from mpstore.testing import ServerProcess, start_server, write_key_file
 from tests.conftest import FakeClock
 
 __all__ = ["ClockedServer", "ValueClock", "fresh_remote_store", "running_server"]

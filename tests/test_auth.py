@@ -24,7 +24,7 @@ from mpstore.manager.auth import (
     resolve_authkey,
 )
 from mpstore.manager.ports import free_port
-from mpstore.manager.process import ServerProcess, start_server, write_key_file
+from mpstore.testing import ServerProcess, start_server, write_key_file
 from tests.remote import running_server
 
 

@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from mpstore import startup
 from mpstore.cli import main
-from mpstore.manager import ports, server
+from mpstore.manager import ports
 from mpstore.manager.ports import free_port
-from mpstore.manager.process import write_key_file
+from mpstore.testing import write_key_file
 from tests.remote import running_server
 
 AGL = [sys.executable, "-m", "mpstore"]
@@ -161,7 +162,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         seen.update(options, host=host, port=port)
         return 0
 
-    monkeypatch.setattr(server, "run", fake_run)
+    monkeypatch.setattr(startup, "run", fake_run)
     return seen
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from mpstore import Span, StoreUnavailable
-from mpstore.manager.process import ServerProcess, start_server, write_key_file
+from mpstore.testing import ServerProcess, start_server, write_key_file
 
 ROUNDS_CI = 3
 ROUNDS_STRESS = 25

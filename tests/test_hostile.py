@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from mpstore import AuthenticationFailed, InvalidArgument, StoreUnavailable, connect
-from mpstore.manager.process import ServerProcess
 from mpstore.manager.server import BLOCKING_SLICE
+from mpstore.testing import ServerProcess
 from tests.faults import (
     ABANDONED,
     Usage,

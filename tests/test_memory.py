@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from mpstore import Span, SpansEvicted, StoreClient
-from mpstore.manager.process import ServerProcess
+from mpstore.testing import ServerProcess
 from tests.faults import mp_context, usage
 from tests.remote import running_server
 
@@ -181,7 +181,7 @@ def test_span_flood_keeps_rss_bounded_and_evicts_by_d8_stress(server: ServerProc
 # --------------------------------------------------------------------------- the server's gc
 _GC_PROBE = """
 import gc
-from mpstore.manager.tuning import tune_gc
+from mpstore.startup import tune_gc
 tune_gc()
 at_start = gc.get_freeze_count()
 kept = [[i] for i in range(50_000)]  # lists: always tracked by the gc

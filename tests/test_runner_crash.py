@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 
 from mpstore import Span, connect
-from mpstore.manager.process import ServerProcess
 from mpstore.manager.server import BLOCKING_SLICE
+from mpstore.testing import ServerProcess
 from tests.faults import ABANDONED, blocked_reading, mp_context, wait_until
 from tests.remote import running_server
 

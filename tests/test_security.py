@@ -22,7 +22,7 @@ from mpstore import AuthenticationFailed, connect
 from mpstore.manager import StoreManager
 from mpstore.manager.auth import ENV_AUTHKEY, default_key_file
 from mpstore.manager.ports import free_port
-from mpstore.manager.process import ServerProcess, start_server
+from mpstore.testing import ServerProcess, start_server
 from tests.faults import raw_socket, wait_until
 from tests.remote import running_server
 

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from mpstore import StoreClient, StoreUnavailable
-from mpstore.manager.process import ServerProcess, start_server, write_key_file
+from mpstore.testing import ServerProcess, start_server, write_key_file
 from tests.faults import blocked_reading, mp_context, wait_until
 from tests.remote import running_server
 

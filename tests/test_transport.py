@@ -41,7 +41,7 @@ from mpstore.api import SERVED as REMOTE_METHODS
 from mpstore.manager import StoreManager, serve
 from mpstore.manager.client import parse_address
 from mpstore.manager.ports import free_port
-from mpstore.manager.process import ServerProcess, start_server
+from mpstore.testing import ServerProcess, start_server
 from tests.remote import running_server
 
 

@@ -1,53 +1,62 @@
 """The transport: serve one store over TCP with ``multiprocessing.managers`` and reach it with
-:func:`connect`. No store logic lives here; what it knows of each call comes from the call
+:func:`connect`. No store logic lives here: what it knows of each call comes from the call
 table, :mod:`mpstore.api`.
 
-Layers (each only talks to the one below): :mod:`.client` (the store API, retries) →
-:mod:`.proxy` (one authenticated connection per thread) → :mod:`.wire` (the manager's messages)
-← :mod:`.server` (accepts, authenticates, calls the store). :mod:`.auth` resolves the authkey
-for both sides, :mod:`.ports` explains a taken port, :mod:`.process` runs ``agl store`` as a
-subprocess (for examples and tests).
+=============  ==========  ===============================================================
+module         side        holds
+=============  ==========  ===============================================================
+``client``     client      ``connect()``, ``StoreClient``: the store API, retries, slices
+``channel``    client      ``Channel``: one authenticated connection per thread, fork-safe
+``wire``       shared      framing, requests and replies, packed spans, the size limit
+``sockets``    shared      TCP options and the kernel's timeouts
+``auth``       shared      the authkey: explicit, environment, key files
+``server``     server      ``serve()``, ``StoreServer``: accept, authenticate, hand over
+``loop``       server      ``Dispatcher``: one epoll thread answers every connection
+``blocking``   server      blocking calls in worker threads, a caller's hang-up noticed
+``stock``      server      stock ``BaseProxy`` clients, served as the stock server does
+``ports``      server      who holds a port; SPEC §6's start-failure messages
+=============  ==========  ===============================================================
+
+A client imports only the client-side and shared modules. Elsewhere: ``agl store``'s
+start-up (the store from options, process tuning) is :mod:`mpstore.startup`, beside the CLI;
+the harness that runs a server in a subprocess for tests and examples is
+:mod:`mpstore.testing`.
 
 The client-side names are imported with the package; the server-side ones (``serve``,
-``StoreServer`` ...) when first asked for, so that a process that only connects does not load
-the server, nor the store it serves.
+``StoreServer``, ``StoreManager``) when first asked for, so that a process that only connects
+loads neither the server nor the store it serves.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 from .auth import resolve_authkey
 from .client import StoreClient, connect, parse_address
 
 if TYPE_CHECKING:
-    from .process import ServerProcess, start_server
-    from .server import StoreManager, StoreServer, run, serve
+    from .server import StoreManager, StoreServer, serve
 
 __all__ = [
-    "ServerProcess",
     "StoreClient",
     "StoreManager",
     "StoreServer",
     "connect",
     "parse_address",
     "resolve_authkey",
-    "run",
     "serve",
-    "start_server",
 ]
 
-#: Names imported on first use, and their modules.
-_LAZY = {"ServerProcess": ".process", "StoreManager": ".server", "StoreServer": ".server",
-         "run": ".server", "serve": ".server", "start_server": ".process"}
+#: The server-side names, imported on first use (PEP 562).
+_SERVER_SIDE = frozenset({"StoreManager", "StoreServer", "serve"})
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    if name not in _SERVER_SIDE:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module, __name__), name)
+    from . import server
+
+    return getattr(server, name)
 
 
 def __dir__() -> list[str]:

@@ -8,7 +8,7 @@ method call (SPEC §5). The client depends on the table, not on the store: a pro
 connects never imports ``mpstore.store`` (nor SQLite); ``inspect.signature`` and ``help()``
 import it when asked.
 
-Connections (see :class:`~mpstore.manager.proxy.Channel`): one per thread, opened on the
+Connections (see :class:`~mpstore.manager.channel.Channel`): one per thread, opened on the
 thread's first call and closed when the thread ends; a forked child never uses its parent's
 (it opens its own); a pickled client (e.g. a ``spawn`` child's argument) reconnects lazily.
 
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from ..api import BLOCKING, RETRIED, SERVED, Wait, in_slices, is_seconds
 from ..errors import InvalidArgument, StoreUnavailable
 from .auth import resolve_authkey
-from .proxy import Channel, TransportError, fork_epoch
+from .channel import Channel, TransportError, fork_epoch
 from .wire import (
     ARG0,
     ARG0_ITEMS,

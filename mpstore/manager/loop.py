@@ -35,18 +35,27 @@ import pickle
 import queue
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from ..api import BLOCKING
-from ..errors import InvalidArgument, StorageError
+from ..errors import StorageError
 from .blocking import Abandoned, blocks, sliced
-from .wire import PACKED_IDENT, STORE_IDENT, dump_error, dump_reply, dump_result, unpack
+from .wire import (
+    PACKED_IDENT,
+    STORE_IDENT,
+    dump_error,
+    dump_reply,
+    dump_result,
+    frame,
+    too_large,
+    unpack,
+    unpickle_failure,
+)
 
-__all__ = ["BUSY_POLL", "Dispatcher", "too_large"]
+__all__ = ["BUSY_POLL", "Dispatcher"]
 
 log = logging.getLogger("mpstore.manager.server")
 
@@ -66,22 +75,6 @@ _BATCH_ROUNDS = 4
 #: Seconds a worker thread with no blocking call to run waits for one before it ends.
 WORKER_IDLE = 2.0
 _loads = pickle.loads
-
-
-def too_large(size: int, limit: int) -> bytes:
-    """The error reply to a request of ``size`` bytes over the ``limit``."""
-    log.warning("Refused a request of %d bytes (--max-message-size %d)", size, limit)
-    return dump_error(InvalidArgument(
-        f"the request is {size} bytes, larger than this server's limit of {limit} bytes "
-        f"(agl store --max-message-size); send less per call (e.g. split a batch) or "
-        f"raise the limit"))
-
-
-def _frame(data: bytes) -> bytes:
-    size = len(data)
-    if size <= 0x7FFFFFFF:
-        return struct.pack("!i", size) + data
-    return struct.pack("!iQ", -1, size) + data
 
 
 class _Peer:
@@ -314,10 +307,7 @@ class Dispatcher:
         try:
             request = _loads(data)
         except Exception as exc:  # e.g. a class the server cannot import
-            self._send(peer, dump_error(InvalidArgument(
-                f"the server cannot unpickle the request ({type(exc).__name__}: {exc}); "
-                "arguments must be built from types it can import (builtins, mpstore's "
-                "records, modules installed on the server)")))
+            self._send(peer, unpickle_failure(exc))
             return
         if not (isinstance(request, tuple) and len(request) == 4) or (
                 request[0] != STORE_IDENT and request[0] != PACKED_IDENT):
@@ -413,7 +403,7 @@ class Dispatcher:
         if self._outbox is not None:  # answering a batch: sent once it is committed
             self._outbox.append((peer, reply))
             return
-        data = _frame(reply)
+        data = frame(reply)
         try:
             sent = peer.sock.send(data)
         except BlockingIOError:

@@ -8,7 +8,7 @@ with) with these changes, each because the stock one falls short:
 * it authenticates each peer in that peer's own thread, with a time limit (stock: in the one
   accept loop, so a single silent peer stalls every newcomer), logs a failed handshake with the
   peer's address and goes on serving;
-* it sets ``TCP_NODELAY`` on every connection (see :mod:`.proxy`);
+* it sets ``TCP_NODELAY`` on every connection (see :mod:`.channel`);
 * it bounds what peers can take: at most ``max_connections`` at once (more are closed at
   once, with a log line), requests of at most ``max_message_size`` bytes (a larger frame is
   read and discarded in small chunks, never buffered, and answered with InvalidArgument), and
@@ -25,7 +25,7 @@ Stock ``BaseProxy`` clients still work (``StoreManager(address, authkey).connect
 moves calls: every request is one method of the store.
 
 :func:`serve` serves a given store object (tests inject one with a controlled clock);
-:func:`run` is ``agl store``: it builds the store from options and returns the exit code.
+``agl store`` builds its store and tunes its process first (:mod:`mpstore.startup`).
 """
 
 from __future__ import annotations
@@ -48,26 +48,19 @@ from multiprocessing.process import AuthenticationString
 from typing import Any
 
 from ..api import SERVED
-from ..errors import AuthenticationFailed, ServerStartError, StorageError
-from ..store import InMemoryStore
-from .auth import is_loopback, resolve_authkey
 from .blocking import BLOCKING_SLICE
 from .loop import BUSY_POLL, Dispatcher
-from .ports import bind_failure, check_port_free, start_failure_message
-from .proxy import set_socket_timeouts, tune_socket
-from .stock import MAX_MESSAGE_SIZE, MessageTooLarge, StockClients
-from .tuning import raise_fd_limit, tune_gc
-from .wire import STORE_IDENT
+from .ports import bind_failure
+from .sockets import set_socket_timeouts, tune_socket
+from .stock import StockClients
+from .wire import MAX_MESSAGE_SIZE, STORE_IDENT
 
 __all__ = [
     "BACKLOG",
     "BLOCKING_SLICE",
     "MAX_CONNECTIONS",
-    "MAX_MESSAGE_SIZE",
-    "MessageTooLarge",
     "StoreManager",
     "StoreServer",
-    "run",
     "serve",
 ]
 
@@ -396,7 +389,6 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
     reason = "stop"
     with _stop_on_signals(threading.current_thread() is threading.main_thread()) as quiet:
         try:
-            raise_fd_limit()
             if watchdog_interval is not None:
                 threading.Thread(target=_tick, name="mpstore-watchdog", daemon=True,
                                  args=(store, watchdog_interval, ticking)).start()
@@ -419,48 +411,3 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
             server.stop()
             log.info("Server stopped")
     return reason
-
-
-def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None = None,
-        watchdog_interval: float = 1.0, eviction_threshold: float | int | None = None,
-        safe_threshold: float | int | None = None, handshake_timeout: float = 5.0,
-        data_dir: str | None = None, synchronous: str = "normal",
-        max_connections: int = MAX_CONNECTIONS, max_message_size: int = MAX_MESSAGE_SIZE,
-        busy_poll: float = BUSY_POLL) -> int:
-    """``agl store``: serve a store (in memory, or durable in ``data_dir``) until
-    SIGINT/SIGTERM. Returns the exit code: 0 after a graceful stop, 1 if the server could not
-    start (the reason is logged: port taken, key unusable, data directory locked or damaged).
-
-    Raises InvalidArgument for option values the store rejects (a usage error)."""
-    try:
-        store = InMemoryStore(eviction_threshold=eviction_threshold,
-                              safe_threshold=safe_threshold,
-                              watchdog_interval=watchdog_interval, copy_records=False,
-                              data_dir=data_dir, synchronous=synchronous)
-    except StorageError as exc:
-        log.error("%s", start_failure_message(host, port, reason=str(exc)))
-        return 1
-    tune_gc()
-    try:
-        if not is_loopback(host):
-            log.warning("Listening on %s:%s, beyond this machine: anyone who can reach it and "
-                        "holds the authkey can run arbitrary code in this server (the wire "
-                        "format is pickle). Keep the key secret; prefer an SSH tunnel.",
-                        host, port)
-        check_port_free(host, port)
-        try:
-            key = resolve_authkey(host, port, authkey_file=authkey_file, create=True)
-        except AuthenticationFailed as exc:
-            raise ServerStartError(start_failure_message(host, port, reason=str(exc))) from None
-        log.info("Authkey from %s", key.source)
-        if data_dir is not None:
-            log.info("Data directory %s (synchronous=%s)", data_dir, synchronous)
-        serve(store, host, port, authkey=key.key, watchdog_interval=watchdog_interval,
-              handshake_timeout=handshake_timeout, max_connections=max_connections,
-              max_message_size=max_message_size, busy_poll=busy_poll)
-    except ServerStartError as exc:
-        log.error("%s", exc)
-        return 1
-    finally:
-        store.close()
-    return 0

@@ -19,16 +19,19 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ..api import BLOCKING
-from ..errors import InvalidArgument
 from .blocking import Abandoned, sliced
-from .loop import too_large
-from .wire import STORE_IDENT, dump_error, dump_reply
+from .wire import (
+    MAX_MESSAGE_SIZE,
+    STORE_IDENT,
+    dump_error,
+    dump_reply,
+    too_large,
+    unpickle_failure,
+)
 
-__all__ = ["MAX_MESSAGE_SIZE", "MessageTooLarge", "StockClients"]
+__all__ = ["MessageTooLarge", "StockClients"]
 
 log = logging.getLogger("mpstore.manager.server")
-#: Default largest request (``agl store --max-message-size``).
-MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 _DRAIN_CHUNK = 1024 * 1024
 _loads = pickle.loads
 
@@ -37,10 +40,7 @@ class MessageTooLarge(Exception):
     """A request frame larger than the server's limit (already drained from the stream)."""
 
     def __init__(self, size: int, limit: int) -> None:
-        super().__init__(
-            f"the request is {size} bytes, larger than this server's limit of {limit} bytes "
-            f"(agl store --max-message-size); send less per call (e.g. split a batch) or "
-            f"raise the limit")
+        super().__init__(f"a request of {size} bytes, over the limit of {limit}")
         self.size, self.limit = size, limit
 
 
@@ -135,7 +135,8 @@ class StockClients:
             except (EOFError, OSError):
                 return
             except MessageTooLarge as exc:
-                reply = _too_large(exc)  # drained from the stream: answer it and go on
+                # Drained from the stream: answer it and go on.
+                reply = too_large(exc.size, exc.limit)
             if reply is None:
                 return  # the caller of a blocking call went away
             data = None
@@ -150,10 +151,7 @@ class StockClients:
         try:
             request = _loads(data)
         except Exception as exc:  # e.g. a class the server cannot import
-            return dump_error(InvalidArgument(
-                f"the server cannot unpickle the request ({type(exc).__name__}: {exc}); "
-                "arguments must be built from types it can import (builtins, mpstore's "
-                "records, modules installed on the server)"))
+            return unpickle_failure(exc)
         try:
             ident, name, args, kwds = request
             if ident == STORE_IDENT:
@@ -184,6 +182,3 @@ class StockClients:
             return functools.partial(self.fallback_mapping[name], self, conn, ident, obj)
         raise AttributeError(f"method {name!r} of {type(obj)!r} is not exposed")
 
-
-def _too_large(exc: MessageTooLarge) -> bytes:
-    return too_large(exc.size, exc.limit)

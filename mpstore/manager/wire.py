@@ -1,4 +1,5 @@
-"""The messages on the wire, shared by the server and the client.
+"""The messages on the wire (shared by the client and the server): framing, requests,
+replies, the size limit and the errors about malformed requests.
 
 They are ``multiprocessing.managers``' own: a request is ``(ident, methodname, args, kwds)``
 and a reply ``(kind, payload)`` with kind ``#RETURN``, ``#ERROR`` (payload: the exception),
@@ -26,8 +27,10 @@ Three additions:
 from __future__ import annotations
 
 import io
+import logging
 import operator
 import pickle
+import struct
 from traceback import format_exc, format_exception
 from types import TracebackType
 from typing import Any
@@ -41,6 +44,7 @@ __all__ = [
     "ARG0",
     "ARG0_ITEMS",
     "ERROR",
+    "MAX_MESSAGE_SIZE",
     "PACKED_IDENT",
     "PROTOCOL",
     "RETURN",
@@ -50,9 +54,14 @@ __all__ = [
     "dump_error",
     "dump_reply",
     "dump_result",
+    "frame",
     "pack",
+    "too_large",
     "unpack",
+    "unpickle_failure",
 ]
+
+log = logging.getLogger("mpstore.manager.server")
 
 STORE_IDENT = "store"
 PACKED_IDENT = "store+"
@@ -61,6 +70,36 @@ ARG0, ARG0_ITEMS = "#ARG0", "#ARG0ITEMS"
 _ARG0 = pickle.dumps((ARG0, None), pickle.HIGHEST_PROTOCOL)
 _ARG0_ITEMS = pickle.dumps((ARG0_ITEMS, None), pickle.HIGHEST_PROTOCOL)
 PROTOCOL = pickle.HIGHEST_PROTOCOL
+#: Default largest request, in bytes (``agl store --max-message-size``).
+MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+_HUGE = 0x7FFFFFFF  # frames this large or larger get the 8-byte length
+
+
+def frame(payload: bytes) -> bytes:
+    """``multiprocessing.connection``'s framing of one message: a 4-byte big-endian signed
+    length, or for 2 GiB and more -1 and an 8-byte length, then the bytes."""
+    size = len(payload)
+    if size <= _HUGE:
+        return struct.pack("!i", size) + payload
+    return struct.pack("!iQ", -1, size) + payload
+
+
+def too_large(size: int, limit: int) -> bytes:
+    """The error reply to a request of ``size`` bytes over the server's ``limit`` (which
+    discarded it unread); logs it."""
+    log.warning("Refused a request of %d bytes (--max-message-size %d)", size, limit)
+    return dump_error(InvalidArgument(
+        f"the request is {size} bytes, larger than this server's limit of {limit} bytes "
+        f"(agl store --max-message-size); send less per call (e.g. split a batch) or "
+        f"raise the limit"))
+
+
+def unpickle_failure(exc: BaseException) -> bytes:
+    """The error reply to a request the server cannot unpickle (``exc``: why)."""
+    return dump_error(InvalidArgument(
+        f"the server cannot unpickle the request ({type(exc).__name__}: {exc}); "
+        "arguments must be built from types it can import (builtins, mpstore's "
+        "records, modules installed on the server)"))
 
 
 class _ErrorPickler(pickle.Pickler):

@@ -1,4 +1,5 @@
-"""``Channel``: one authenticated connection to the server, owned by one thread of one process.
+"""``Channel`` (client side): one authenticated connection to the server, owned by one thread
+of one process.
 
 A lean replacement for ``multiprocessing.managers.BaseProxy``'s connection handling. It speaks
 the manager's protocol (see :mod:`.wire`) over a ``multiprocessing.connection.Connection``
@@ -22,14 +23,15 @@ from __future__ import annotations
 import os
 import select
 import socket
-import struct
 import weakref
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 
 from ..errors import AuthenticationFailed
+from .sockets import set_socket_timeouts, tune_socket
+from .wire import frame
 
-__all__ = ["Channel", "TransportError", "fork_epoch", "set_socket_timeouts", "tune_socket"]
+__all__ = ["Channel", "TransportError", "fork_epoch"]
 
 # Errors that mean "the connection is gone or stuck", as opposed to an answer.
 _IO_ERRORS = (OSError, EOFError)
@@ -43,47 +45,6 @@ class TransportError(Exception):
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.cause = cause
         self.delivered = delivered
-
-
-def _timeval(seconds: float | None) -> bytes:
-    """A ``struct timeval``; 0 means "no timeout" to the kernel, so None maps to it."""
-    if seconds is None:
-        return struct.pack("ll", 0, 0)
-    seconds = max(seconds, 0.001)  # 0 would disable the timeout
-    whole = int(seconds)
-    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-
-
-def set_socket_timeouts(fd_or_sock: int | socket.socket, recv: float | None,
-                        send: float | None = -1.0) -> None:
-    """Set the kernel's receive (and, unless -1, send) timeout of a blocking socket."""
-    sock = fd_or_sock if isinstance(fd_or_sock, socket.socket) else socket.socket(
-        fileno=fd_or_sock)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(recv))
-        if send != -1.0:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send))
-    finally:
-        if sock is not fd_or_sock:
-            sock.detach()  # the fd belongs to a Connection: do not close it here
-
-
-def tune_socket(sock: socket.socket) -> None:
-    """TCP_NODELAY (see the module docstring) and keep-alive, so that a peer whose host
-    vanished without a FIN is noticed in about half a minute instead of hours."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
-        if hasattr(socket, name):  # Linux names; other systems keep their defaults
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-
-
-def _frame(payload: bytes) -> bytes:
-    """``multiprocessing.connection``'s framing: a 4-byte length (or -1 and 8 bytes)."""
-    size = len(payload)
-    if size <= 0x7FFFFFFF:
-        return struct.pack("!i", size) + payload
-    return struct.pack("!iQ", -1, size) + payload
 
 
 def _recv_message(sock: socket.socket) -> bytes | memoryview:
@@ -203,7 +164,7 @@ class Channel:
             if timeout != self._timeout:
                 set_socket_timeouts(sock, timeout)
                 self._timeout = timeout
-            sock.sendall(_frame(payload))
+            sock.sendall(frame(payload))
         except _IO_ERRORS as exc:
             # A failed write never completes a request, so the server cannot have run it.
             raise TransportError(exc, delivered=False) from None

@@ -1,5 +1,6 @@
-"""Run ``agl store`` in a subprocess and wait until it answers: for examples, notebooks and
-tests, which want a real server without a second terminal.
+"""A test and example harness: run ``agl store`` in a subprocess and wait until it answers,
+for examples, notebooks and tests, which want a real server without a second terminal. Not
+used by the store or the transport.
 
     with start_server() as server:          # a free port, a fresh key in a temporary dir
         store = server.connect()
@@ -19,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import AuthenticationFailed, ServerStartError, StoreUnavailable
-from .auth import resolve_authkey
-from .client import StoreClient, connect
-from .ports import free_port
+from .errors import AuthenticationFailed, ServerStartError, StoreUnavailable
+from .manager.auth import resolve_authkey
+from .manager.client import StoreClient, connect
+from .manager.ports import free_port
 
 __all__ = ["ServerProcess", "start_server", "write_key_file"]
 

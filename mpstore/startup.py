@@ -1,0 +1,118 @@
+"""``agl store``'s start-up (server side, beside the CLI): what happens between the parsed
+options and a serving server.
+
+:func:`run` builds the store from the options, tunes the process it runs in (below), checks
+the port, resolves the key, then hands over to :func:`mpstore.manager.server.serve`, and
+turns every reason it cannot start into SPEC §6's message and exit code 1. The transport
+(:mod:`mpstore.manager`) only serves a store it is given.
+
+Process-wide settings, made here and not in ``serve()`` so that a library user's process is
+left alone:
+
+* :func:`raise_fd_limit`: one file descriptor per client connection, so lift the soft limit
+  to the hard one.
+* :func:`tune_gc`: freeze what survives a full garbage collection (see
+  :func:`freeze_survivors`).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+from .errors import AuthenticationFailed, ServerStartError, StorageError
+from .manager.auth import is_loopback, resolve_authkey
+from .manager.loop import BUSY_POLL
+from .manager.ports import check_port_free, start_failure_message
+from .manager.server import MAX_CONNECTIONS, serve
+from .manager.wire import MAX_MESSAGE_SIZE
+from .store import InMemoryStore
+
+__all__ = ["freeze_survivors", "raise_fd_limit", "run", "tune_gc"]
+
+log = logging.getLogger("mpstore.manager.server")
+
+
+def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None = None,
+        watchdog_interval: float = 1.0, eviction_threshold: float | int | None = None,
+        safe_threshold: float | int | None = None, handshake_timeout: float = 5.0,
+        data_dir: str | None = None, synchronous: str = "normal",
+        max_connections: int = MAX_CONNECTIONS, max_message_size: int = MAX_MESSAGE_SIZE,
+        busy_poll: float = BUSY_POLL) -> int:
+    """``agl store``: serve a store (in memory, or durable in ``data_dir``) until
+    SIGINT/SIGTERM. Returns the exit code: 0 after a graceful stop, 1 if the server could not
+    start (the reason is logged: port taken, key unusable, data directory locked or damaged).
+
+    Raises InvalidArgument for option values the store rejects (a usage error)."""
+    raise_fd_limit()
+    try:
+        store = InMemoryStore(eviction_threshold=eviction_threshold,
+                              safe_threshold=safe_threshold,
+                              watchdog_interval=watchdog_interval, copy_records=False,
+                              data_dir=data_dir, synchronous=synchronous)
+    except StorageError as exc:
+        log.error("%s", start_failure_message(host, port, reason=str(exc)))
+        return 1
+    tune_gc()
+    try:
+        if not is_loopback(host):
+            log.warning("Listening on %s:%s, beyond this machine: anyone who can reach it and "
+                        "holds the authkey can run arbitrary code in this server (the wire "
+                        "format is pickle). Keep the key secret; prefer an SSH tunnel.",
+                        host, port)
+        check_port_free(host, port)
+        try:
+            key = resolve_authkey(host, port, authkey_file=authkey_file, create=True)
+        except AuthenticationFailed as exc:
+            raise ServerStartError(start_failure_message(host, port, reason=str(exc))) from None
+        log.info("Authkey from %s", key.source)
+        if data_dir is not None:
+            log.info("Data directory %s (synchronous=%s)", data_dir, synchronous)
+        serve(store, host, port, authkey=key.key, watchdog_interval=watchdog_interval,
+              handshake_timeout=handshake_timeout, max_connections=max_connections,
+              max_message_size=max_message_size, busy_poll=busy_poll)
+    except ServerStartError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
+def raise_fd_limit() -> None:
+    """Lift the soft limit of open files to the hard one (best effort)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def freeze_survivors(phase: str, info: dict[str, int]) -> None:
+    """A ``gc.callbacks`` entry: what survives a full collection is frozen (``gc.freeze``),
+    so later collections skip it.
+
+    Why: a store holds millions of container objects (spans, their dicts) and no reference
+    cycles among them, yet every full collection walks them all, and one runs each time the
+    heap has grown by a quarter: measured, 0.35 s of stalled server per 300,000 stored spans
+    (over a second with a million); in a loop that keeps what it unpickles, a span cost 11 µs,
+    growing with the heap, against 8 µs, flat, with this policy; the benchmark's batched
+    cycle runs 19 % faster with it. Frozen objects are still
+    freed by reference counting; only a reference cycle that was alive at a full collection
+    and becomes garbage later is never collected (rare and small: an exception being handled
+    at that instant, say).
+    """
+    if phase == "stop" and info["generation"] == 2:
+        gc.freeze()
+
+
+def tune_gc() -> None:
+    """Freeze what exists now (imports, a restored durable store) and what survives every
+    full collection from now on (idempotent)."""
+    gc.collect()
+    gc.freeze()
+    if freeze_survivors not in gc.callbacks:
+        gc.callbacks.append(freeze_survivors)
