@@ -141,6 +141,8 @@ def close_handle(handle: Any) -> None:
         return
     if isinstance(handle, tuple):
         _, proxy = handle
+        # CPython internal: BaseProxy keeps its connection in _tls.connection (best effort:
+        # if it moves, the connection is left to the garbage collector).
         conn = getattr(getattr(proxy, "_tls", None), "connection", None)
         if conn is not None:
             conn.close()

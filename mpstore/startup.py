@@ -105,6 +105,8 @@ def freeze_survivors(phase: str, info: dict[str, int]) -> None:
     and becomes garbage later is never collected (rare and small: an exception being handled
     at that instant, say).
     """
+    # gc.freeze and gc.callbacks (with info["generation"]) are documented CPython APIs
+    # (3.7+), not internals.
     if phase == "stop" and info["generation"] == 2:
         gc.freeze()
 

@@ -124,6 +124,9 @@ class Channel:
             sock.close()
             raise
         try:
+            # CPython internal: multiprocessing.connection's answer_challenge and
+            # deliver_challenge (not documented; the digest negotiation changed in 3.12),
+            # as the server's _authenticate uses them in the other order.
             answer_challenge(conn, authkey)
             deliver_challenge(conn, authkey)
         except AuthenticationError as exc:

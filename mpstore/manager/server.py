@@ -24,6 +24,14 @@ Stock ``BaseProxy`` clients still work (``StoreManager(address, authkey).connect
 ``.get_store()``): their connections are served by a thread (:mod:`.stock`). This module only
 moves calls: every request is one method of the store.
 
+CPython internals this module leans on (each marked "CPython internal" where it is used, and
+checked on the running Python by ``tests/test_cpython_internals.py``, which names the internal
+and the version when one changes): ``Server``'s instance attributes (``registry``,
+``authkey``, ``id_to_obj`` and its ``(obj, exposed, method_to_typeid)`` entries,
+``id_to_refcount``, ``id_to_local_proxy_obj``, ``mutex``, ``stop_event``) that its inherited
+``create``/``incref``/``decref``/... read; ``Server.public``; ``BaseManager._registry``;
+``Connection._recv`` and ``_handle``.
+
 :func:`serve` serves a given store object (tests inject one with a controlled clock);
 ``agl store`` builds its store and tunes its process first (:mod:`mpstore.startup`).
 """
@@ -79,6 +87,8 @@ class _Handshake(Connection):
         super().__init__(handle)
         self.deadline = deadline
 
+    # CPython internal: Connection._recv(size, read) -> io.BytesIO is what every read of
+    # the handshake (recv_bytes) goes through, and _handle is the descriptor.
     def _recv(self, size: int, read: Callable[[int, int], bytes] = os.read) -> io.BytesIO:
         buf, remaining = io.BytesIO(), size
         poller = select.poll()
@@ -112,6 +122,7 @@ class StoreServer(StockClients, Server):
     """A manager server that serves one store; see the module docstring."""
 
     # No remote "shutdown": the server stops on SIGINT/SIGTERM or its stop event.
+    # CPython internal: Server.public, the manager functions a stock client may call.
     public = [name for name in Server.public if name != "shutdown"]
 
     def __init__(self, registry: dict[str, Any], address: tuple[str, int], authkey: bytes,
@@ -120,7 +131,9 @@ class StoreServer(StockClients, Server):
                  max_message_size: int = MAX_MESSAGE_SIZE, busy_poll: float = BUSY_POLL
                  ) -> None:
         # Not Server.__init__: it binds with a backlog of 16 through a Listener that
-        # authenticates inside accept(). These are the attributes Server's methods use.
+        # authenticates inside accept(). CPython internal: these are the attributes
+        # Server.__init__ sets and Server's inherited methods (create, incref, decref,
+        # debug_info ...) use; the shape of id_to_obj's entries is theirs too.
         if serializer != "pickle":
             raise ValueError("StoreServer speaks pickle only")
         self.registry = registry
@@ -273,6 +286,8 @@ class StoreServer(StockClients, Server):
 
     def _authenticate(self, conn: Connection, peer: Any) -> bool:
         """The stock mutual challenge; False (and a log line naming the peer) on failure."""
+        # CPython internal: deliver_challenge/answer_challenge, as Listener.accept() runs
+        # them (see Channel for the client's side).
         try:
             deliver_challenge(conn, self.authkey)
             answer_challenge(conn, self.authkey)
@@ -364,6 +379,8 @@ def _tick(store: Any, interval: float, stop: threading.Event) -> None:
 
 def _registry(store: Any) -> dict[str, Any]:
     """StoreManager's registry with ``get_store`` answering this store (for stock proxies)."""
+    # CPython internal: BaseManager._registry, filled by register(): typeid -> (callable,
+    # exposed, method_to_typeid, proxytype), as Server.create reads it.
     return {**StoreManager._registry,  # type: ignore[attr-defined]
             "get_store": (lambda: store, SERVED, None, AutoProxy)}
 

@@ -4,6 +4,11 @@ mpstore's own client speaks to the dispatcher (:mod:`.loop`); a connection whose
 is a stock manager request (ident None: ``accept_connection``, ``create``, ``incref`` ...) is
 handed to a thread running the code below, so ``StoreManager(address, authkey).connect()`` and
 ``.get_store()`` keep working. Requests are length-limited as in the dispatcher.
+
+CPython internals (see ``tests/test_cpython_internals.py``): the stock manager protocol (a
+request ``(ident, methodname, args, kwds)``, ident None for the manager's own functions, and
+``#RETURN``/``#ERROR``... replies), ``Server.fallback_mapping`` and the entries of
+``id_to_obj``/``id_to_local_proxy_obj``, and ``Connection._recv``/``_recv_bytes``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class _LimitedConnection(Connection):
 
     max_size = MAX_MESSAGE_SIZE
 
+    # CPython internal: recv_bytes() calls _recv_bytes(maxsize), which reads through
+    # _recv(size) -> io.BytesIO; the framing is multiprocessing.connection's.
     def _recv_bytes(self, maxsize: int | None = None) -> Any:
         size, = struct.unpack("!i", self._recv(4).getvalue())
         if size == -1:  # a frame of 2 GiB or more: an 8-byte length follows
@@ -172,6 +179,8 @@ class StockClients:
 
     def _lookup(self, conn: Connection, ident: str, name: str) -> Callable[..., Any]:
         """A method of another registered object, as stock ``serve_client`` resolves it."""
+        # CPython internal: id_to_obj / id_to_local_proxy_obj entries are (obj, exposed,
+        # method_to_typeid); fallback_mapping answers __str__, __repr__ and #GETVALUE.
         try:
             obj, exposed, _ = self.id_to_obj[ident]
         except KeyError:

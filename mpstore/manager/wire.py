@@ -65,6 +65,8 @@ log = logging.getLogger("mpstore.manager.server")
 
 STORE_IDENT = "store"
 PACKED_IDENT = "store+"
+# CPython internal: the reply kinds of multiprocessing.managers (dispatch() and
+# convert_to_error() read them; tests/test_cpython_internals.py checks they still do).
 RETURN, ERROR, TRACEBACK, UNSERIALIZABLE = "#RETURN", "#ERROR", "#TRACEBACK", "#UNSERIALIZABLE"
 ARG0, ARG0_ITEMS = "#ARG0", "#ARG0ITEMS"
 _ARG0 = pickle.dumps((ARG0, None), pickle.HIGHEST_PROTOCOL)
