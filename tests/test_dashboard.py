@@ -20,7 +20,7 @@ pytest.importorskip("uvicorn", reason="needs mpstore[dashboard]")
 
 from mpstore.dashboard.data import ROLLOUT_STATUSES
 from mpstore.manager.ports import free_port
-from mpstore.manager.process import ServerProcess, start_server, write_key_file
+from mpstore.testing import ServerProcess, start_server, write_key_file
 from tests.dashboard_env import EVIL, Dashboard, Filled, fetch, fill, running_dashboard
 from tests.remote import running_server
 
