@@ -13,7 +13,17 @@ from typing import Any
 import pytest
 
 from mpstore import InMemoryStore, Rollout, RolloutStatus, StoreClient
-from mpstore.api import BLOCKING, CALLS, MUTATING, PACKED, RETRIED, SERVED, Wait, in_slices
+from mpstore.api import (
+    BLOCKING,
+    CALLS,
+    MUTATING,
+    PACKED,
+    RETRIED,
+    SERVED,
+    Packed,
+    Wait,
+    in_slices,
+)
 from tests.conftest import FakeClock
 from tests.remote import running_server
 
@@ -43,10 +53,11 @@ def test_a_wait_is_the_stores_keyword_only_argument_with_its_default() -> None:
 
 def test_packed_calls_take_records_first() -> None:
     assert set(PACKED) == {"add_span", "add_many_spans"}
-    for name, packed in PACKED.items():
+    for name, (record, many) in PACKED.items():
         first = list(inspect.signature(getattr(InMemoryStore, name)).parameters)[1]
-        assert first in ("span", "spans"), name
-        assert hasattr(packed.record, "_wire") and hasattr(packed.record, "_unwire")
+        assert first == ("spans" if many else "span"), name
+        assert hasattr(record, "_wire") and hasattr(record, "_unwire")
+        assert CALLS[name].packed == Packed(record, many)
 
 
 def test_reads_are_retried_and_unsafe_writes_are_not() -> None:

@@ -32,8 +32,9 @@ class Abandoned(Exception):
 
 def blocks(name: str, kwds: dict[str, Any]) -> bool:
     """True if the call may wait: a blocking method with a wait that is None or > 0."""
-    wait = BLOCKING.get(name)
-    return wait is not None and wait.longer_than(kwds, 0.0)
+    if name not in BLOCKING:  # the common case, asked of every request: one lookup
+        return False
+    return BLOCKING[name].longer_than(kwds, 0.0)
 
 
 def hung_up(fd: int) -> bool:
