@@ -124,15 +124,23 @@ def main() -> None:
               help="Microseconds to poll for the next request without sleeping, while "
                    "requests come less than this apart: ~13 us less latency per call, for up "
                    "to one core spent polling at such rates (0: never poll).")
+@click.option("--allow-class", "allow_classes", multiple=True, metavar="MODULE.NAME",
+              envvar="MPSTORE_ALLOW_CLASS", show_envvar=True,
+              help="A class (or function) that requests may contain beyond builtin "
+                   "containers and scalars and mpstore's records; repeatable (the variable: "
+                   "names separated by spaces). Anything else in a request is refused before "
+                   "it is built, and its caller gets InvalidArgument. A key holder can call "
+                   "what you allow with any arguments: allow plain data classes only.")
 def store_command(host: str, port: int, authkey_file: str | None, log_level: str,
                   watchdog_interval: float, eviction_threshold: float | int | None,
                   safe_threshold: float | int | None, data_dir: str | None, synchronous: str,
                   handshake_timeout: float, max_connections: int, max_message_size: int,
-                  busy_poll: int) -> None:
+                  busy_poll: int, allow_classes: tuple[str, ...]) -> None:
     """Run the store server in the foreground until SIGINT or SIGTERM.
 
-    It listens on 127.0.0.1 unless --host says otherwise. Clients need its authkey: anyone
-    holding it can run code in this process, so keep it secret. Exits 0 after a graceful
+    It listens on 127.0.0.1 unless --host says otherwise. Clients need its authkey, which
+    gives full access to the store: keep it secret. Requests are decoded with an allow-list
+    (see --allow-class), so a key holder cannot make the server run code. Exits 0 after a graceful
     stop, 1 if the server cannot start (e.g. the port is taken: the holder is named)."""
     configure_logging(log_level)
     from .startup import run
@@ -142,7 +150,8 @@ def store_command(host: str, port: int, authkey_file: str | None, log_level: str
                    eviction_threshold=eviction_threshold, safe_threshold=safe_threshold,
                    handshake_timeout=handshake_timeout, data_dir=data_dir,
                    synchronous=synchronous.lower(), max_connections=max_connections,
-                   max_message_size=max_message_size, busy_poll=busy_poll / 1e6)
+                   max_message_size=max_message_size, busy_poll=busy_poll / 1e6,
+                   allow_classes=allow_classes)
     except InvalidArgument as exc:
         raise click.UsageError(str(exc)) from None
     sys.exit(code)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Iterable
 
 from .errors import AuthenticationFailed, ServerStartError, StorageError
 from .manager.auth import is_loopback, resolve_authkey
 from .manager.loop import BUSY_POLL
 from .manager.ports import check_port_free, start_failure_message
+from .manager.safe_pickle import AllowList
 from .manager.server import MAX_CONNECTIONS, serve
 from .manager.wire import MAX_MESSAGE_SIZE
 from .store import InMemoryStore
@@ -38,12 +40,15 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
         safe_threshold: float | int | None = None, handshake_timeout: float = 5.0,
         data_dir: str | None = None, synchronous: str = "normal",
         max_connections: int = MAX_CONNECTIONS, max_message_size: int = MAX_MESSAGE_SIZE,
-        busy_poll: float = BUSY_POLL) -> int:
+        busy_poll: float = BUSY_POLL, allow_classes: Iterable[str] = ()) -> int:
     """``agl store``: serve a store (in memory, or durable in ``data_dir``) until
     SIGINT/SIGTERM. Returns the exit code: 0 after a graceful stop, 1 if the server could not
     start (the reason is logged: port taken, key unusable, data directory locked or damaged).
 
-    Raises InvalidArgument for option values the store rejects (a usage error)."""
+    Raises InvalidArgument for option values the store rejects (a usage error), or an
+    ``allow_classes`` name that cannot be imported."""
+    allow_classes = list(allow_classes)
+    AllowList.for_requests(allow_classes)  # a name that cannot be imported: a usage error
     raise_fd_limit()
     try:
         store = InMemoryStore(eviction_threshold=eviction_threshold,
@@ -57,8 +62,8 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
     try:
         if not is_loopback(host):
             log.warning("Listening on %s:%s, beyond this machine: anyone who can reach it and "
-                        "holds the authkey can run arbitrary code in this server (the wire "
-                        "format is pickle). Keep the key secret; prefer an SSH tunnel.",
+                        "holds the authkey has full access to the store. Keep the key "
+                        "secret; without TLS the traffic is readable on the network.",
                         host, port)
         check_port_free(host, port)
         try:
@@ -70,7 +75,8 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
             log.info("Data directory %s (synchronous=%s)", data_dir, synchronous)
         serve(store, host, port, authkey=key.key, watchdog_interval=watchdog_interval,
               handshake_timeout=handshake_timeout, max_connections=max_connections,
-              max_message_size=max_message_size, busy_poll=busy_poll)
+              max_message_size=max_message_size, busy_poll=busy_poll,
+              allow_classes=allow_classes)
     except ServerStartError as exc:
         log.error("%s", exc)
         return 1

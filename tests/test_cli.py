@@ -173,7 +173,20 @@ def test_store_defaults_are_handed_over(captured: dict[str, Any]) -> None:
                         "watchdog_interval": 1.0, "eviction_threshold": None,
                         "safe_threshold": None, "handshake_timeout": 5.0, "data_dir": None,
                         "synchronous": "normal", "max_connections": 1024,
-                        "max_message_size": 64 * 2**20, "busy_poll": 100e-6}
+                        "max_message_size": 64 * 2**20, "busy_poll": 100e-6,
+                        "allow_classes": ()}
+
+
+def test_allow_class_is_repeatable_and_read_from_the_environment(
+        captured: dict[str, Any]) -> None:
+    result = CliRunner().invoke(main, ["store", "--allow-class", "datetime.datetime",
+                                       "--allow-class", "decimal.Decimal"])
+    assert result.exit_code == 0, result.output
+    assert captured["allow_classes"] == ("datetime.datetime", "decimal.Decimal")
+    result = CliRunner().invoke(main, ["store"],
+                                env={"MPSTORE_ALLOW_CLASS": "uuid.UUID datetime.date"})
+    assert result.exit_code == 0, result.output
+    assert captured["allow_classes"] == ("uuid.UUID", "datetime.date")
 
 
 def test_busy_poll_is_given_in_microseconds(captured: dict[str, Any]) -> None:
@@ -266,5 +279,5 @@ def test_non_loopback_host_is_warned_about(tmp_path: Path, listener: socket.sock
                                        "--authkey-file", str(write_key_file(tmp_path / "k"))])
     assert result.exit_code == 1
     assert "[WARNING]" in result.stderr
-    assert "anyone who can reach it and holds the authkey can run arbitrary code" in " ".join(
+    assert "anyone who can reach it and holds the authkey has full access" in " ".join(
         result.stderr.split())

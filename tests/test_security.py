@@ -131,7 +131,7 @@ def test_binding_beyond_loopback_is_warned_about(tmp_path: Path) -> None:
         assert listening(server) == [("0.0.0.0", server.port)]
         log = server.log()
         assert "[WARNING]" in log and "beyond this machine" in log
-        assert "run arbitrary code" in log
+        assert "has full access to the store" in log
 
 
 def test_a_key_others_could_have_written_is_warned_about(tmp_path: Path,

@@ -39,7 +39,7 @@ import pickle
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from multiprocessing.managers import RemoteError
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,7 @@ from ..api import BLOCKING, RETRIED, SERVED, Wait, in_slices, is_seconds
 from ..errors import InvalidArgument, StoreUnavailable
 from .auth import resolve_authkey
 from .channel import Channel, TransportError, fork_epoch
+from .safe_pickle import AllowList, Refused, refused_reply, resolve_class
 from .wire import (
     ARG0,
     ARG0_ITEMS,
@@ -76,7 +77,9 @@ __all__ = [
 DEFAULT_PORT = 4747
 DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
 
-_dumps, _loads = pickle.dumps, pickle.loads
+_dumps = pickle.dumps
+#: The decoder of replies for clients that allow nothing beyond the default (most of them).
+_DEFAULT_REPLIES: list[AllowList] = []
 #: The longest reply timeout given to the kernel (a year).
 _LONGEST = 365 * 24 * 3600.0
 
@@ -115,10 +118,23 @@ def _request(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     return _dumps((STORE_IDENT, name, args, kwargs), PROTOCOL)
 
 
-def _unpack(data: bytes, args: tuple[Any, ...]) -> Any:
-    """The result of a reply to a call with positional ``args``, or raise what the server
-    raised (with its traceback)."""
-    kind, result = _loads(data)
+def _replies(allow_classes: tuple[str, ...]) -> AllowList:
+    """The allow-list a client decodes replies with (see :mod:`.safe_pickle`)."""
+    if allow_classes:
+        return AllowList.for_replies(allow_classes)
+    if not _DEFAULT_REPLIES:
+        _DEFAULT_REPLIES.append(AllowList.for_replies())
+    return _DEFAULT_REPLIES[0]
+
+
+def _unpack(data: bytes, args: tuple[Any, ...], loads: Callable[[Any], Any], name: str) -> Any:
+    """The result of a reply to ``name`` called with positional ``args``, or raise what the
+    server raised (with its traceback). A reply naming a global that is not on the client's
+    allow-list raises InvalidArgument (nothing of it was built)."""
+    try:
+        kind, result = loads(data)
+    except Refused as exc:
+        raise refused_reply(exc, name) from None
     if kind == RETURN:
         return result
     if kind == ARG0:  # the server stored what we sent and says so instead of sending it back
@@ -135,12 +151,15 @@ class StoreClient(_Base):
     see the module docstring for connections, retries and timeouts."""
 
     def __init__(self, host: str, port: int, authkey: bytes, *, timeout: float = 30.0,
-                 retry_for: float = 5.0) -> None:
+                 retry_for: float = 5.0, allow_classes: Iterable[str | type] = ()) -> None:
         if not timeout > 0 or not retry_for >= 0:
             raise InvalidArgument(
                 f"timeout must be > 0 and retry_for >= 0, not {timeout!r}, {retry_for!r}")
         self._host, self._port, self._authkey = host, int(port), bytes(authkey)
         self._timeout, self._retry_for = float(timeout), float(retry_for)
+        # As names, so that a pickled client (a spawned child's) allows the same.
+        self._allow_classes = tuple(".".join(resolve_class(c)[0]) for c in allow_classes)
+        self._loads = _replies(self._allow_classes).loads
         self._local = threading.local()
         self._channels: weakref.WeakSet[Channel] = weakref.WeakSet()  # for close()
         self._channels_lock = threading.Lock()
@@ -157,10 +176,13 @@ class StoreClient(_Base):
         # The key travels with the client (to a spawned child, say), like the address: the
         # child needs both to connect. Connections do not travel; the copy opens its own.
         return (StoreClient, (self._host, self._port, self._authkey),
-                {"timeout": self._timeout, "retry_for": self._retry_for})
+                {"timeout": self._timeout, "retry_for": self._retry_for,
+                 "allow_classes": self._allow_classes})
 
-    def __setstate__(self, state: dict[str, float]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self._timeout, self._retry_for = state["timeout"], state["retry_for"]
+        self._allow_classes = tuple(state.get("allow_classes", ()))
+        self._loads = _replies(self._allow_classes).loads
 
     def __enter__(self) -> StoreClient:
         return self
@@ -202,7 +224,7 @@ class StoreClient(_Base):
         except TransportError as failure:
             self._discard(channel)
             return self._recover(name, args, kwargs, started, failure)
-        return _unpack(data, args)
+        return _unpack(data, args, self._loads, name)
 
     def _reply_timeout(self, wait: Wait, kwargs: dict[str, Any]) -> float:
         """How long a blocking call whose wait is at most ``timeout`` may take: its own wait
@@ -253,7 +275,7 @@ class StoreClient(_Base):
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.25)
                 continue
-            return _unpack(data, args)
+            return _unpack(data, args, self._loads, name)
 
     def _open(self, deadline: float, first: bool, failure: TransportError | None) -> Channel:
         """This thread's new connection, retried until ``deadline``. Raises
@@ -358,13 +380,18 @@ del _name
 
 def connect(address: str | tuple[str, int] = DEFAULT_ADDRESS, authkey: bytes | str | None = None,
             *, timeout: float = 30.0, retry_for: float = 5.0,
-            authkey_file: str | None = None) -> StoreClient:
+            authkey_file: str | None = None,
+            allow_classes: Iterable[str | type] = ()) -> StoreClient:
     """A client of the ``agl store`` server at ``address`` (``"host:port"``).
 
     ``authkey``: explicit key; else ``MPSTORE_AUTHKEY``, ``authkey_file``, or the key file a
     server on this machine wrote for that host and port (see :mod:`mpstore.manager.auth`).
     ``timeout``: seconds for connecting and for each reply (beyond a blocking call's own
     wait). ``retry_for``: seconds to keep retrying when the server cannot be reached.
+    ``allow_classes``: classes (``"module.Name"`` or the objects) that replies may contain
+    beyond builtin containers and scalars, mpstore's records and the store's exceptions
+    (see :mod:`~mpstore.manager.safe_pickle`); a reply with anything else raises
+    InvalidArgument, and nothing of it is built.
 
     The connection is opened now: raises StoreUnavailable if no server answers within
     ``retry_for`` seconds, AuthenticationFailed for a wrong or missing key, InvalidArgument
@@ -372,6 +399,7 @@ def connect(address: str | tuple[str, int] = DEFAULT_ADDRESS, authkey: bytes | s
     """
     host, port = parse_address(address)
     key = resolve_authkey(host, port, authkey, authkey_file).key
-    client = StoreClient(host, port, key, timeout=timeout, retry_for=retry_for)
+    client = StoreClient(host, port, key, timeout=timeout, retry_for=retry_for,
+                         allow_classes=allow_classes)
     client._connect_now()
     return client

@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import pickle
 import queue
 import select
 import socket
@@ -41,8 +40,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ..api import BLOCKING
-from ..errors import StorageError
+from ..errors import InvalidArgument, StorageError
 from .blocking import Abandoned, blocks, sliced
+from .safe_pickle import AllowList, Refused, refused_request
 from .wire import (
     PACKED_IDENT,
     STORE_IDENT,
@@ -55,7 +55,7 @@ from .wire import (
     unpickle_failure,
 )
 
-__all__ = ["BUSY_POLL", "Dispatcher"]
+__all__ = ["BUSY_POLL", "Dispatcher", "peer_name", "refused"]
 
 log = logging.getLogger("mpstore.manager.server")
 
@@ -74,7 +74,29 @@ _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _BATCH_ROUNDS = 4
 #: Seconds a worker thread with no blocking call to run waits for one before it ends.
 WORKER_IDLE = 2.0
-_loads = pickle.loads
+
+
+def peer_name(sock: socket.socket | int) -> str:
+    """``host:port`` of a connected socket (or its descriptor), for log lines."""
+    try:
+        if isinstance(sock, int):
+            probe = socket.socket(fileno=sock)
+            try:
+                address = probe.getpeername()
+            finally:
+                probe.detach()
+        else:
+            address = sock.getpeername()
+    except OSError:
+        return "a peer that has gone"
+    return f"{address[0]}:{address[1]}"
+
+
+def refused(exc: Refused, data: bytes, peer: str) -> InvalidArgument:
+    """Log a request refused by the allow-list (with its peer) and say why to its caller."""
+    error = refused_request(exc, data)
+    log.warning("Refused a request from %s: %s", peer, error)
+    return error
 
 
 class _Peer:
@@ -101,8 +123,11 @@ class Dispatcher:
                  on_close: Callable[[], None],
                  fallback: Callable[[socket.socket, bytes], None],
                  batch: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-                 busy_poll: float = BUSY_POLL) -> None:
+                 busy_poll: float = BUSY_POLL,
+                 loads: Callable[[bytes], Any] | None = None) -> None:
         self._methods = methods
+        # The restricted decoder of .safe_pickle: the server's allow-list.
+        self._loads = loads if loads is not None else AllowList.for_requests().loads
         # With ``batch`` (a durable store's deferred_commits), the requests ready at one
         # wake-up are answered under ``batch()`` (one commit for all of them) and their
         # replies sent after it. Without, each reply goes out at once.
@@ -305,7 +330,10 @@ class Dispatcher:
 
     def _handle(self, peer: _Peer, data: bytes) -> None:
         try:
-            request = _loads(data)
+            request = self._loads(data)
+        except Refused as exc:
+            self._send(peer, dump_error(refused(exc, data, peer_name(peer.sock))))
+            return
         except Exception as exc:  # e.g. a class the server cannot import
             self._send(peer, unpickle_failure(exc))
             return

@@ -48,7 +48,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from multiprocessing.managers import AutoProxy, BaseManager, Server
@@ -59,6 +59,7 @@ from ..api import SERVED
 from .blocking import BLOCKING_SLICE
 from .loop import BUSY_POLL, Dispatcher
 from .ports import bind_failure
+from .safe_pickle import AllowList
 from .sockets import set_socket_timeouts, tune_socket
 from .stock import StockClients
 from .wire import MAX_MESSAGE_SIZE, STORE_IDENT
@@ -128,8 +129,8 @@ class StoreServer(StockClients, Server):
     def __init__(self, registry: dict[str, Any], address: tuple[str, int], authkey: bytes,
                  serializer: str = "pickle", *, handshake_timeout: float = 5.0,
                  backlog: int = BACKLOG, max_connections: int = MAX_CONNECTIONS,
-                 max_message_size: int = MAX_MESSAGE_SIZE, busy_poll: float = BUSY_POLL
-                 ) -> None:
+                 max_message_size: int = MAX_MESSAGE_SIZE, busy_poll: float = BUSY_POLL,
+                 allow_classes: Iterable[str | type] = ()) -> None:
         # Not Server.__init__: it binds with a backlog of 16 through a Listener that
         # authenticates inside accept(). CPython internal: these are the attributes
         # Server.__init__ sets and Server's inherited methods (create, incref, decref,
@@ -153,6 +154,9 @@ class StoreServer(StockClients, Server):
         self._accepter: threading.Thread | None = None
         self.max_connections, self.max_message_size = max_connections, max_message_size
         self.busy_poll = busy_poll
+        # What requests may name (see .safe_pickle); raises InvalidArgument for a bad name.
+        self.allow = AllowList.for_requests(allow_classes)
+        self._loads = self.allow.loads
         self._peers = 0  # connections with a thread (authenticated or not); _conns_lock
         self._refused, self._refusal_logged = 0, -1e9  # accepter thread only
 
@@ -164,6 +168,7 @@ class StoreServer(StockClients, Server):
         self._dispatcher = Dispatcher(
             self._methods, max_message_size=self.max_message_size,
             on_close=self._peer_closed, fallback=self._fallback, busy_poll=self.busy_poll,
+            loads=self._loads,
             # Only a durable store's commits are worth batching; an in-memory store's
             # replies go out as soon as they are ready.
             batch=store.deferred_commits if getattr(store, "durable", False) else None)
@@ -388,7 +393,8 @@ def _registry(store: Any) -> dict[str, Any]:
 def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: bytes,
           watchdog_interval: float | None = 1.0, handshake_timeout: float = 5.0,
           max_connections: int = MAX_CONNECTIONS, max_message_size: int = MAX_MESSAGE_SIZE,
-          busy_poll: float = BUSY_POLL, stop: threading.Event | None = None,
+          busy_poll: float = BUSY_POLL, allow_classes: Iterable[str | type] = (),
+          stop: threading.Event | None = None,
           on_ready: Callable[[tuple[str, int]], None] | None = None) -> str:
     """Serve ``store`` on ``host:port`` until ``stop`` is set or, when called from the main
     thread, SIGINT or SIGTERM arrives; then stop gracefully and return why ("SIGTERM" ...).
@@ -397,7 +403,9 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
     ``max_connections``: peers served at once (more are refused); ``max_message_size``: the
     largest request in bytes (a larger one gets InvalidArgument); ``busy_poll``: seconds the
     dispatcher polls without sleeping while requests come close together (0: never; see
-    :class:`~mpstore.manager.loop.Dispatcher`).
+    :class:`~mpstore.manager.loop.Dispatcher`); ``allow_classes``: names (``"module.Name"``, or
+    the objects) that requests may contain beyond the default allow-list (see
+    :mod:`~mpstore.manager.safe_pickle`).
     ``on_ready(address)`` is called once the server accepts connections. Raises
     ServerStartError if it cannot listen (the SPEC §6 message)."""
     stop = stop if stop is not None else threading.Event()
@@ -412,7 +420,11 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
             server = StoreServer(_registry(store), (host, port), authkey,
                                  handshake_timeout=handshake_timeout,
                                  max_connections=max_connections,
-                                 max_message_size=max_message_size, busy_poll=busy_poll)
+                                 max_message_size=max_message_size, busy_poll=busy_poll,
+                                 allow_classes=allow_classes)
+            extra = server.allow.extra()
+            if extra:
+                log.info("Requests may also contain: %s (--allow-class)", ", ".join(extra))
             server.serve_store(store)
             log.info("Starting server at %s:%s", host, server.address[1])
             server.start()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import pickle
 import socket
 import struct
 import threading
@@ -25,6 +24,8 @@ from typing import Any
 
 from ..api import BLOCKING
 from .blocking import Abandoned, sliced
+from .loop import peer_name, refused
+from .safe_pickle import Refused
 from .wire import (
     MAX_MESSAGE_SIZE,
     STORE_IDENT,
@@ -38,7 +39,6 @@ __all__ = ["MessageTooLarge", "StockClients"]
 
 log = logging.getLogger("mpstore.manager.server")
 _DRAIN_CHUNK = 1024 * 1024
-_loads = pickle.loads
 
 
 class MessageTooLarge(Exception):
@@ -81,6 +81,7 @@ class StockClients:
     _conns_lock: threading.Lock
     _conns: set[Connection]
     _methods: dict[str, Callable[..., Any]]
+    _loads: Callable[[bytes], Any]  # the restricted decoder (see .safe_pickle)
     max_message_size: int
     public: list[str]
     id_to_obj: dict[str, Any]
@@ -112,7 +113,7 @@ class StockClients:
         """A stock manager request (ident None: accept_connection, create, incref ...) is
         answered as Server does; anything else is already the first call of a client."""
         try:
-            request = _loads(data)
+            request = self._loads(data)
         except Exception:
             request = None
         if not (isinstance(request, tuple) and len(request) == 4 and request[0] is None):
@@ -156,7 +157,9 @@ class StockClients:
         """The pickled reply to one pickled request; None if the caller of a blocking call
         disconnected meanwhile. Never raises."""
         try:
-            request = _loads(data)
+            request = self._loads(data)
+        except Refused as exc:
+            return dump_error(refused(exc, data, peer_name(conn.fileno())))
         except Exception as exc:  # e.g. a class the server cannot import
             return unpickle_failure(exc)
         try:

@@ -39,6 +39,7 @@ from tblib.pickling_support import pickle_exception, pickle_traceback
 
 from ..api import PACKED
 from ..errors import InvalidArgument
+from .safe_pickle import reply_list
 
 __all__ = [
     "ARG0",
@@ -106,14 +107,31 @@ def unpickle_failure(exc: BaseException) -> bytes:
 
 class _ErrorPickler(pickle.Pickler):
     """Pickles exceptions with their traceback, cause and context (tblib), without installing
-    tblib's reducers process-wide (``copyreg``): only error replies pay for it."""
+    tblib's reducers process-wide (``copyreg``): only error replies pay for it. An exception
+    of a class clients do not decode (not builtin, not mpstore's: see :mod:`.safe_pickle`)
+    travels as a RuntimeError naming it, with the same message and traceback."""
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, BaseException):
+            if type(obj) not in _SENDABLE:
+                obj = _stand_in(obj)
             return pickle_exception(obj)
         if isinstance(obj, TracebackType):
             return pickle_traceback(obj)
         return NotImplemented
+
+
+#: Exception classes every client decodes (see .safe_pickle.reply_list).
+_SENDABLE = frozenset(v for v in reply_list().values()
+                      if isinstance(v, type) and issubclass(v, BaseException))
+
+
+def _stand_in(exc: BaseException) -> RuntimeError:
+    cls = type(exc)
+    new = RuntimeError(f"{cls.__module__}.{cls.__qualname__}: {exc}")
+    new.__cause__, new.__context__ = exc.__cause__, exc.__context__
+    new.__suppress_context__ = exc.__suppress_context__
+    return new.with_traceback(exc.__traceback__)
 
 
 def dump_error(exc: BaseException) -> bytes:
