@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mpstore.manager.process import ServerProcess
 
 from mpstore import LLM, InvalidArgument, PromptTemplate, Span, StoreClient, connect
+from mpstore.api import SERVED as REMOTE_METHODS
 from mpstore.manager import StoreManager, wire
-from mpstore.manager.client import REMOTE_METHODS
 from mpstore.manager.safe_pickle import AllowList, Refused, method_of
+from mpstore.testing import ServerProcess
 from tests.remote import running_server
 
 
