@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from . import schema
+from .changes import ChangeSet, RolloutRow, Saved
 from .errors import StorageError
-from .state import ChangeSet, RolloutRow, Saved
 
 __all__ = ["RETRY_AFTER", "RETRY_AFTER_MAX", "SYNCHRONOUS", "Journal"]
 

@@ -26,9 +26,10 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 from . import transitions as tr
+from .changes import Changes, ChangeSet, RolloutRow, Saved
 from .errors import AttemptNotFound, NoAttempts, RolloutNotFound, SpansEvicted
 from .eviction import Thresholds, choose_victims, span_size
 from .types import (
@@ -42,7 +43,7 @@ from .types import (
     new_rollout_id,
 )
 
-__all__ = ["ChangeSet", "RolloutRow", "Saved", "StoreState"]
+__all__ = ["StoreState"]
 
 logger = logging.getLogger("mpstore.store")
 
@@ -52,69 +53,6 @@ _EARLY = 1e-6
 
 def _span_key(span: Span) -> int:
     return span.sequence_id
-
-
-class Changes:
-    """Which records a durable state changed since the journal last took them (the state's
-    own bookkeeping; the journal only ever sees the :class:`ChangeSet` built from it).
-
-    A rollout id in ``rollouts`` means "its record, attempts, queue position or span counter
-    changed": its whole row is written again, which is simpler than tracking each field and
-    costs little (a rollout has a handful of attempts).
-    """
-
-    __slots__ = ("evicted", "resources", "rollouts", "spans")
-
-    def __init__(self) -> None:
-        self.rollouts: set[str] = set()
-        self.spans: list[tuple[Span, float]] = []  # with their arrival time
-        self.evicted: list[str] = []
-        self.resources: set[str] = set()
-
-    def __bool__(self) -> bool:
-        return bool(self.rollouts or self.spans or self.evicted or self.resources)
-
-
-class RolloutRow(NamedTuple):
-    """Everything stored about one rollout: its record, attempts and indexes."""
-
-    rollout: Rollout
-    attempts: list[Attempt]
-    created: int  # creation number, for ordering
-    queue_position: int | None
-    counter: int  # the span sequence counter
-
-
-class ChangeSet:
-    """What one critical section changed, as values a journal writes without knowing the
-    state: whole rollout rows, counters of ids that are not rollouts (REF counts sequence ids
-    for any id), new spans with their arrival times, evicted rollout ids, resources and the
-    latest resources id (None: unchanged)."""
-
-    __slots__ = ("counters", "evicted", "latest_resources_id", "resources", "rollouts", "spans")
-
-    def __init__(self) -> None:
-        self.rollouts: list[RolloutRow] = []
-        self.counters: list[tuple[str, int]] = []
-        self.spans: list[tuple[Span, float]] = []
-        self.evicted: list[str] = []
-        self.resources: list[ResourcesUpdate] = []
-        self.latest_resources_id: str | None = None
-
-
-class Saved:
-    """Everything a journal restores, in the order it must be applied."""
-
-    __slots__ = ("counters", "evicted", "latest_resources_id", "resources", "rollouts", "spans")
-
-    def __init__(self) -> None:
-        #: (row, ticket) in creation order; the ticket orders the row against span rows
-        self.rollouts: list[tuple[RolloutRow, int]] = []
-        self.counters: dict[str, int] = {}  # span counters of ids that are not rollouts
-        self.spans: list[tuple[int, float, Span]] = []  # (ticket, arrival, span), arrival order
-        self.evicted: list[str] = []
-        self.resources: list[ResourcesUpdate] = []
-        self.latest_resources_id: str | None = None
 
 
 class StoreState:

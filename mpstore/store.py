@@ -1,17 +1,20 @@
 """``InMemoryStore``: the public, thread-safe store API.
 
-This layer adds exactly three things to :class:`~mpstore.state.StoreState`:
+Its public methods check their arguments and run as one critical section each through the
+path of :class:`~mpstore.sections.Sections`, which adds to :class:`~mpstore.state.StoreState`:
 
 * **one lock** around every operation, with the watchdog run inside the same critical section
   as the operation on entry of REF's method set (D12), so a read after a deadline already sees
   its effect;
-* **waiting** (``wait_for_rollouts``, ``dequeue_rollout(wait=...)``) on two conditions of that
-  lock, woken by the writes that matter, never by polling; a waiter also wakes every
-  ``watchdog_interval`` to run the watchdog, so timeouts fire while everyone waits;
-* **copies** (D10): in process (``copy_records=True``) caller-given payloads are copied on the
-  way in and records on the way out, so no caller aliases the store's state; a server that
-  pickles every reply passes ``copy_records=False`` and gets shallow snapshots taken under the
-  lock instead (pickling outside the lock is the copy).
+* **waiting** (``wait_for_rollouts``, ``dequeue_rollout(wait=...)``, ``finished_rollouts``)
+  on conditions of that lock, woken by the writes that matter, never by polling; while anyone
+  waits a ticker runs the watchdog every ``watchdog_interval``, so timeouts fire;
+* **persistence**: a durable store commits before a method returns.
+
+This module adds **copies** (D10): in process (``copy_records=True``) caller-given payloads
+are copied on the way in and records on the way out, so no caller aliases the store's state;
+a server that pickles every reply passes ``copy_records=False`` and gets shallow snapshots
+taken under the lock instead (pickling outside the lock is the copy).
 
 Atomicity: every method is one critical section; batch methods validate the whole batch first,
 so they apply entirely or not at all. Errors are the ``StoreError`` subclasses of
@@ -20,20 +23,17 @@ so they apply entirely or not at all. Errors are the ``StoreError`` subclasses o
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from . import transitions as tr
 from . import validate as v
 from ._version import __version__
-from .durable import Journal
 from .errors import InvalidArgument, StorageError
-from .eviction import resolve_thresholds
-from .state import StoreState
+from .sections import Sections
 from .types import (
     UNSET,
     Attempt,
@@ -53,10 +53,11 @@ _QUEUING = RolloutStatus.QUEUING
 _PREPARING = RolloutStatus.PREPARING
 
 
-class InMemoryStore:
+class InMemoryStore(Sections):
     """The rollout queue, attempts, spans and resources of one process, safe across threads.
 
-    ``clock`` gives the store's notion of now (tests inject a fake one); ``eviction_threshold``
+    ``clock`` gives the wall-clock time of timestamps and ``monotonic`` the time deadlines are
+    measured in (tests inject fake ones; see :mod:`mpstore.sections`); ``eviction_threshold``
     and ``safe_threshold`` bound span memory (float: ratio of RAM, int: bytes; REF §4.2);
     ``watchdog_interval`` is how often waiters run the watchdog, in real seconds.
     With ``data_dir``, every change is committed to SQLite there before the call returns and
@@ -68,6 +69,7 @@ class InMemoryStore:
         self,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] | None = None,
         eviction_threshold: float | int | None = None,
         safe_threshold: float | int | None = None,
         watchdog_interval: float = 1.0,
@@ -75,190 +77,22 @@ class InMemoryStore:
         data_dir: str | os.PathLike[str] | None = None,
         synchronous: str = "normal",
     ) -> None:
-        if not watchdog_interval > 0:
-            raise InvalidArgument(f"watchdog_interval must be > 0, not {watchdog_interval!r}")
-        self._state = StoreState(resolve_thresholds(eviction_threshold, safe_threshold))
-        self._journal: Journal | None = None
-        self._deferral = threading.local()  # see deferred_commits
-        if data_dir is not None:
-            self._journal = Journal(data_dir, synchronous)
-            try:
-                self._state.restore(self._journal.load(), clock())
-            except BaseException:
-                self._journal.close()
-                raise
-            self._state.track_changes()
-        self._clock = clock
-        self._interval = float(watchdog_interval)
-        self._lock = threading.Lock()
-        # Waiters of wait_for_rollouts, by the rollout ids they wait for: a finished rollout
-        # wakes its own waiters only (with 1,000 waiters, waking all on every finish cost
-        # the server 96 % of its throughput).
-        self._watchers: dict[str, set[threading.Condition]] = {}
-        self._waiting = 0  # threads in _wait; the ticker runs while there are any
-        self._ticking = False
-        self._queued = threading.Condition(self._lock)  # rollout appended to the queue
-        self._started = time.monotonic()
+        super().__init__(clock=clock, monotonic=monotonic,
+                         eviction_threshold=eviction_threshold, safe_threshold=safe_threshold,
+                         watchdog_interval=watchdog_interval, data_dir=data_dir,
+                         synchronous=synchronous)
         self._copy = copy_records
         self._out: Callable[[Any], Any] = (
             (lambda r: r.clone()) if copy_records else (lambda r: r.snapshot())
         )
         self._inp: Callable[[Any], Any] = private_copy if copy_records else (lambda x: x)
 
-    @property
-    def durable(self) -> bool:
-        """True if changes are committed to a data directory (``data_dir`` was given)."""
-        return self._journal is not None
-
-    # ----------------------------------------------------------------- helpers
-    def _step(self, fn: Callable[[float], T], watchdog: bool, write: bool) -> tuple[T, int]:
-        """The one path of every call, lock held: refuse a write the journal cannot take,
-        run the watchdog (REF's method set, D12), ``fn(now)``, wake whoever the writes concern,
-        and stage the changes for the journal. Returns the result and the journal ticket to
-        wait for: the call's own, or for a call that changed nothing the last one staged, so
-        that no reply shows what is not on disk yet (0: nothing to wait for).
-
-        Raises StorageError, with the state as it is on disk, if the journal refuses writes
-        or cannot stage them."""
-        journal, state = self._journal, self._state
-        appended = state.queue_appends
-        now = self._clock()
-        writable = journal is None or journal.writable()
-        if write and not writable:
-            assert journal is not None
-            raise StorageError(journal.refusal())
-        try:
-            if watchdog and writable:
-                state.watchdog(now)
-            result = fn(now)
-        finally:
-            if state.finished:
-                self._wake_watchers(state.finished)
-            if state.queue_appends != appended:
-                self._queued.notify(state.queue_appends - appended)
-            ticket = self._stage() if journal is not None else 0
-        return result, ticket
-
-    def _stage(self) -> int:
-        """Stage what the state changed (lock held); see :meth:`_step`."""
-        assert self._journal is not None
-        changes = self._state.take_changes()
-        if changes is None:
-            return self._journal.last_staged
-        try:
-            return self._journal.stage(changes)
-        except StorageError:
-            self._recover()  # the changes are in memory only: back to what is on disk
-            raise
-
-    def _recover(self) -> None:
-        """Rebuild the state from the data directory after a failed write (lock held), and
-        wake every waiter to look again."""
-        assert self._journal is not None
-        if not self._journal.broken:
-            return
-        state = StoreState(self._state.thresholds)
-        state.restore(self._journal.recover(), self._clock())
-        state.track_changes()
-        self._state = state
-        self._queued.notify_all()
-        for conditions in self._watchers.values():
-            for condition in conditions:
-                condition.notify()
-
-    def _persisted(self, ticket: int) -> None:
-        """Return only once the change is on disk (lock released: others go on meanwhile),
-        or, inside :meth:`deferred_commits`, leave that to its end. Raises StorageError if
-        the commit failed, once the state is back to what is on disk."""
-        if ticket:
-            assert self._journal is not None
-            if getattr(self._deferral, "active", False):
-                self._deferral.ticket = max(self._deferral.ticket, ticket)
-                return
-            self._committed(ticket)
-
-    def _committed(self, ticket: int) -> None:
-        assert self._journal is not None
-        try:
-            self._journal.wait(ticket)
-        except StorageError:
-            with self._lock:
-                self._recover()
-            raise
-
-    @contextlib.contextmanager
-    def deferred_commits(self) -> Iterator[None]:
-        """Within this block (on this thread), calls of a durable store return before their
-        change is committed; all of them are committed together when the block ends, which
-        raises StorageError if that failed (then none of the block's results may be
-        reported: the state is back to what is on disk). For a server that answers several
-        requests at once: it must send none of their replies before the block has ended.
-        Not served remotely."""
-        self._deferral.active, self._deferral.ticket = True, 0
-        try:
-            yield
-        finally:
-            self._deferral.active = False
-            if self._deferral.ticket and self._journal is not None:
-                self._committed(self._deferral.ticket)
-
-    def _section(self, fn: Callable[[float], T], *, watchdog: bool = True,
-                 write: bool = True) -> T:
-        """Run ``fn(now)`` as one critical section; see :meth:`_step`. ``write=False``
-        declares a read: it is served while writes are refused, and if a commit it waited
-        for fails, it is answered again from what is on disk."""
-        with self._lock:
-            result, ticket = self._step(fn, watchdog, write)
-        try:
-            self._persisted(ticket)
-        except StorageError:
-            if write:
-                raise
-            return self._section(fn, watchdog=False, write=False)
-        return result
-
+    # ----------------------------------------------------------------- copies
     def _maybe(self, record: Any) -> Any:
         return None if record is None else self._out(record)
 
     def _attempted(self, pair: tuple[Rollout, Attempt]) -> AttemptedRollout:
         return AttemptedRollout.of(self._out(pair[0]), self._out(pair[1]))
-
-    def _wake_watchers(self, finished: list[str]) -> None:
-        watchers = self._watchers
-        for rid in finished:
-            for condition in watchers.get(rid, ()):
-                condition.notify()
-        finished.clear()
-
-    def _wait(self, condition: threading.Condition, deadline: float | None) -> bool:
-        """Sleep on ``condition`` (lock held) until notified or the deadline (monotonic);
-        False once the deadline has passed. While anyone waits, a ticker thread runs the
-        watchdog every ``watchdog_interval`` (D12), so timeouts fire and wake waiters even
-        when nobody calls; one ticker for all waiters, not a wake-up each."""
-        timeout = None
-        if deadline is not None:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                return False
-        if not self._ticking:
-            self._ticking = True
-            threading.Thread(target=self._tick, name="mpstore-store-watchdog",
-                             daemon=True).start()
-        self._waiting += 1
-        try:
-            condition.wait(timeout)
-        finally:
-            self._waiting -= 1
-        return True
-
-    def _tick(self) -> None:
-        while True:
-            time.sleep(self._interval)
-            with self._lock:
-                if not self._waiting:
-                    self._ticking = False
-                    return
-            self.run_watchdog()
 
     # ----------------------------------------------------------------- create
     def _fields(self, input: Any, mode: Any, resources_id: Any, config: Any, metadata: Any
@@ -420,14 +254,6 @@ class InMemoryStore:
         except StorageError:  # what it saw was not committed: answer from what is on disk
             return self.wait_for_rollouts(rollout_ids=ids, timeout=0)
         return done
-
-    def _unwatch(self, ids: list[str], condition: threading.Condition) -> None:
-        for rid in ids:
-            conditions = self._watchers.get(rid)
-            if conditions is not None:
-                conditions.discard(condition)
-                if not conditions:
-                    del self._watchers[rid]
 
     # ----------------------------------------------------------------- update
     def update_rollout(self, rollout_id: str, input: Any = NOT_GIVEN, mode: Any = NOT_GIVEN,
@@ -593,11 +419,3 @@ class InMemoryStore:
         if self._journal is not None and not self._journal.writable():
             return 0
         return self._section(lambda now: self._state.watchdog(now), watchdog=False)
-
-    def close(self) -> None:
-        """Commit what is pending and release the data directory (durable stores; a no-op
-        otherwise). Not part of the remote API: the server closes its store on shutdown."""
-        if self._journal is not None:
-            with self._lock:
-                journal, self._journal = self._journal, None
-            journal.close()
