@@ -108,6 +108,10 @@ def _claimed_any(result: Any, kwargs: dict[str, Any]) -> bool:
     return bool(result)
 
 
+def _has_rollouts(result: Any, kwargs: dict[str, Any]) -> bool:
+    return bool(result.rollouts)
+
+
 def _all_finished(result: Any, kwargs: dict[str, Any]) -> bool:
     # The result lists the finished rollouts among those asked for; unknown ids are omitted,
     # so a result short of them is not final here (the store then returns early instead).
@@ -130,6 +134,9 @@ CALLS: dict[str, Call] = {
     "dequeue_rollout": Call(mutates=True, wait=Wait("wait", 0.0, _claimed_one)),
     "dequeue_many_rollouts": Call(mutates=True, wait=Wait("wait", 0.0, _claimed_any)),
     "start_attempt": _WRITE,
+    # Deleting is idempotent in effect (unknown ids are ignored); a resend answers a lower
+    # count than the first send did.
+    "delete_rollouts": Call(mutates=True, retried=True),
     # --- read
     "query_rollouts": _READ,
     "get_rollout_by_id": _READ,
@@ -139,6 +146,9 @@ CALLS: dict[str, Call] = {
     # finished; sent again after a broken connection, for what is left of its wait.
     "wait_for_rollouts": Call(mutates=False, retried=True,
                               wait=Wait("timeout", None, _all_finished)),
+    # The feed: a read that waits until at least one rollout finished after the cursor.
+    "finished_rollouts": Call(mutates=False, retried=True,
+                              wait=Wait("wait", 0.0, _has_rollouts)),
     # --- update
     "update_rollout": _WRITE,
     "update_attempt": _WRITE,

@@ -20,16 +20,18 @@ class Changes:
     costs little (a rollout has a handful of attempts).
     """
 
-    __slots__ = ("evicted", "resources", "rollouts", "spans")
+    __slots__ = ("deleted", "evicted", "resources", "rollouts", "spans")
 
     def __init__(self) -> None:
         self.rollouts: set[str] = set()
         self.spans: list[tuple[Span, float]] = []  # with their arrival time
         self.evicted: list[str] = []
         self.resources: set[str] = set()
+        self.deleted: list[str] = []
 
     def __bool__(self) -> bool:
-        return bool(self.rollouts or self.spans or self.evicted or self.resources)
+        return bool(self.rollouts or self.spans or self.evicted or self.resources
+                    or self.deleted)
 
 
 class RolloutRow(NamedTuple):
@@ -40,18 +42,21 @@ class RolloutRow(NamedTuple):
     created: int  # creation number, for ordering
     queue_position: int | None
     counter: int  # the span sequence counter
+    finished: int | None  # its number in the feed of finished rollouts (mpstore.feed)
 
 
 class ChangeSet:
     """What one critical section changed, as values a journal writes without knowing the
-    state: whole rollout rows, counters of ids that are not rollouts (REF counts sequence ids
-    for any id), new spans with their arrival times, evicted rollout ids, resources and the
-    latest resources id (None: unchanged)."""
+    state: whole rollout rows, deleted rollouts, counters of ids that are not rollouts (REF
+    counts sequence ids for any id), new spans with their arrival times, evicted rollout ids,
+    resources and the latest resources id (None: unchanged)."""
 
-    __slots__ = ("counters", "evicted", "latest_resources_id", "resources", "rollouts", "spans")
+    __slots__ = ("counters", "deleted", "evicted", "latest_resources_id", "resources",
+                 "rollouts", "spans")
 
     def __init__(self) -> None:
         self.rollouts: list[RolloutRow] = []
+        self.deleted: list[str] = []  # rollouts deleted with everything they had
         self.counters: list[tuple[str, int]] = []
         self.spans: list[tuple[Span, float]] = []
         self.evicted: list[str] = []

@@ -66,7 +66,8 @@ _FAILURES_KEPT = 64
 _SCHEMA = """
 CREATE TABLE rollouts (rollout_id TEXT PRIMARY KEY, created INTEGER NOT NULL,
                        queue_position INTEGER, counter INTEGER NOT NULL,
-                       ticket INTEGER NOT NULL, record BLOB NOT NULL) WITHOUT ROWID;
+                       ticket INTEGER NOT NULL, record BLOB NOT NULL,
+                       finished INTEGER) WITHOUT ROWID;
 CREATE TABLE counters (rollout_id TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE spans (id INTEGER PRIMARY KEY, rollout_id TEXT NOT NULL, ticket INTEGER NOT NULL,
                     arrived REAL NOT NULL, record BLOB NOT NULL);
@@ -76,7 +77,12 @@ CREATE TABLE resources (resources_id TEXT PRIMARY KEY, record BLOB NOT NULL);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
-_PUT_ROLLOUT = "INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?, ?, ?)"
+_PUT_ROLLOUT = "INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?)"
+#: Deleting a rollout (``delete_rollouts``): every row that names it.
+_DELETE = tuple(f"DELETE FROM {table} WHERE rollout_id = ?"
+                for table in ("rollouts", "spans", "counters", "evicted"))
+#: Gives the pages freed by deletions back to the file system (auto_vacuum=INCREMENTAL).
+_VACUUM = ("PRAGMA incremental_vacuum", ())
 _PUT_COUNTER = "INSERT OR REPLACE INTO counters VALUES (?, ?)"
 _ADD_SPAN = "INSERT INTO spans (rollout_id, ticket, arrived, record) VALUES (?, ?, ?, ?)"
 _EVICT = "INSERT OR IGNORE INTO evicted VALUES (?)"
@@ -98,7 +104,7 @@ def _dumps(value: Any) -> bytes:
 def _rollout_row(row: RolloutRow, ticket: int) -> tuple[Any, ...]:
     record = _dumps(schema.encode_rollout(row.rollout, row.attempts))
     return (row.rollout.rollout_id, row.created, row.queue_position, row.counter, ticket,
-            record)
+            record, row.finished)
 
 
 def statements(changes: ChangeSet, ticket: int) -> list[Statement]:
@@ -114,6 +120,10 @@ def statements(changes: ChangeSet, ticket: int) -> list[Statement]:
                for r in changes.resources)
     if changes.resources:
         out.append((_PUT_META, ("latest_resources_id", changes.latest_resources_id)))
+    for rid in changes.deleted:
+        out.extend((sql, (rid,)) for sql in _DELETE)
+    if changes.deleted:
+        out.append(_VACUUM)
     return out
 
 
@@ -177,6 +187,7 @@ class Journal:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={synchronous}")
             if fresh:
+                db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before the first table
                 db.executescript(
                     f"BEGIN; {_SCHEMA} PRAGMA application_id={APPLICATION_ID}; "
                     f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
@@ -360,11 +371,13 @@ def read(db: sqlite3.Connection) -> Saved:
         db.execute("SELECT value FROM meta WHERE key = ?", (_LAYOUTS_KEY,)).fetchone()[0]
     ).items()}
     decode, saved = schema.Decoder(layouts), Saved()
-    for created, position, counter, ticket, record in db.execute(
-        "SELECT created, queue_position, counter, ticket, record FROM rollouts ORDER BY created"
+    for created, position, counter, ticket, record, finished in db.execute(
+        "SELECT created, queue_position, counter, ticket, record, finished FROM rollouts "
+        "ORDER BY created"
     ):
         rollout, attempts = decode.rollout(pickle.loads(record))
-        saved.rollouts.append((RolloutRow(rollout, attempts, created, position, counter), ticket))
+        row = RolloutRow(rollout, attempts, created, position, counter, finished)
+        saved.rollouts.append((row, ticket))
     saved.counters = dict(db.execute("SELECT rollout_id, value FROM counters"))
     saved.spans = [
         (ticket, arrived, decode.span(pickle.loads(record))) for ticket, arrived, record in
@@ -396,8 +409,25 @@ def _from_version_1(db: sqlite3.Connection) -> None:
     db.execute(_PUT_META, (_LAYOUTS_KEY, json.dumps(schema.LAYOUTS)))
 
 
+def _from_version_2(db: sqlite3.Connection) -> None:
+    """Version 3 numbers finished rollouts for the feed (``finished_rollouts``): those already
+    finished get numbers in the order of their end times."""
+    db.execute("ALTER TABLE rollouts ADD COLUMN finished INTEGER")
+    layouts = json.loads(db.execute("SELECT value FROM meta WHERE key = ?",
+                                    (_LAYOUTS_KEY,)).fetchone()[0])
+    decode, ended = schema.Decoder({k: tuple(v) for k, v in layouts.items()}), []
+    for rid, created, record in db.execute("SELECT rollout_id, created, record FROM rollouts"):
+        rollout, _ = decode.rollout(pickle.loads(record))
+        if rollout.status.is_finished:
+            ended.append((rollout.end_time or 0.0, created, rid))
+    for number, (_, _, rid) in enumerate(sorted(ended), start=1):
+        db.execute("UPDATE rollouts SET finished = ? WHERE rollout_id = ?", (number, rid))
+
+
 #: How to bring a database of each older schema version to the next one.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _from_version_1}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _from_version_1, 2: _from_version_2,
+}
 
 
 def migrate(db: sqlite3.Connection, version: int) -> None:
@@ -417,3 +447,7 @@ def migrate(db: sqlite3.Connection, version: int) -> None:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+    if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: INCREMENTAL
+        # Takes effect only through a VACUUM (a copy of the file): once, here.
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        db.execute("VACUUM")

@@ -36,7 +36,9 @@ __all__ = ["LAYOUTS", "SCHEMA_VERSION", "Decoder", "encode_resources", "encode_r
            "encode_span"]
 
 #: Bump when the tables change shape or a layout changes meaning (a new field does not).
-SCHEMA_VERSION = 2
+#: 2: records as plain values in named layouts; 3: the rollouts table has ``finished`` (the
+#: feed number) and the file is incrementally vacuumed (deleted rollouts give space back).
+SCHEMA_VERSION = 3
 
 #: The field order of each stored kind, as written by this version.
 LAYOUTS: dict[str, tuple[str, ...]] = {

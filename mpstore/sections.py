@@ -98,6 +98,7 @@ class Sections:
         journal, state = self._journal, self._state
         appended = state.queue_appends
         now = self._clock()
+        state.skew = now - self._monotonic()
         writable = journal is None or journal.writable()
         if write and not writable:
             assert journal is not None
@@ -193,6 +194,7 @@ class Sections:
         return result
 
     def _wake_watchers(self, finished: list[str]) -> None:
+        self._finishes.notify_all()  # readers of the feed
         watchers = self._watchers
         for rid in finished:
             for condition in watchers.get(rid, ()):

@@ -26,14 +26,16 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import transitions as tr
 from .changes import Changes, ChangeSet, RolloutRow, Saved
 from .errors import AttemptNotFound, NoAttempts, RolloutNotFound, SpansEvicted
 from .eviction import Thresholds, choose_victims, span_size
+from .feed import FinishLog
 from .types import (
     Attempt,
+    AttemptStatus,
     ResourcesUpdate,
     Rollout,
     RolloutStatus,
@@ -53,6 +55,14 @@ _EARLY = 1e-6
 
 def _span_key(span: Span) -> int:
     return span.sequence_id
+
+
+class _Timed(NamedTuple):
+    """An attempt's status and times in monotonic time, for the watchdog rules."""
+
+    status: AttemptStatus
+    start_time: float
+    last_heartbeat_time: float | None
 
 
 class StoreState:
@@ -87,6 +97,14 @@ class StoreState:
         self.terminal_writes = 0
         self.finished: list[str] = []  # ids written terminal, until the store notifies
         self.queue_appends = 0
+        self.finishes = FinishLog()  # the feed of finished rollouts
+        #: Wall-clock minus monotonic time, set by the caller before each operation. Every
+        #: deadline is kept in monotonic time (timestamp - the skew it was taken at), so a
+        #: step of the wall clock changes no deadline. ``_skews``: for the latest attempt of
+        #: each watched rollout, the skews at its start and at its last heartbeat; absent
+        #: (restored attempts) means "the current skew": re-anchored on the wall clock.
+        self.skew = 0.0
+        self._skews: dict[str, tuple[float, float]] = {}
 
     # ----------------------------------------------------------------- lookups (raise)
     def rollout(self, rollout_id: str) -> Rollout:
@@ -137,8 +155,9 @@ class StoreState:
                 out.counters.append((rid, self.sequence.get(rid, 0)))
             else:
                 out.rollouts.append(RolloutRow(rollout, self.attempts[rid], self.created[rid],
-                                               self.queue.get(rid), self.sequence.get(rid, 0)))
-        out.spans, out.evicted = changes.spans, changes.evicted
+                                               self.queue.get(rid), self.sequence.get(rid, 0),
+                                               self.finishes.number.get(rid)))
+        out.spans, out.evicted, out.deleted = changes.spans, changes.evicted, changes.deleted
         out.resources = [self.resources[r] for r in changes.resources]
         if changes.resources:
             out.latest_resources_id = self.latest_resources_id
@@ -162,6 +181,7 @@ class StoreState:
             rollout.end_time = now
             self.terminal_writes += 1
             self.finished.append(rid)
+            self.finishes.add(rid)
         if status in tr.QUEUED:
             if rid not in self.queue:
                 self._enqueue(rid)
@@ -169,6 +189,8 @@ class StoreState:
             self.queue.pop(rid, None)
         if status in tr.WATCHED:
             self.schedule(rid, now)
+        else:
+            self._skews.pop(rid, None)
 
     def propagate(self, rollout: Rollout, now: float) -> None:
         """R := P(latest attempt), unless cancelled (D2); an unchanged status writes nothing
@@ -187,7 +209,7 @@ class StoreState:
         latest = self.latest_attempt(rollout_id)
         if rollout.status not in tr.WATCHED or latest is None:
             return
-        when = tr.next_check_time(latest, rollout.config)
+        when = tr.next_check_time(self._timed(latest), rollout.config)
         if when is None:
             return
         # A little early, never late: "now - start > t" and "now > start + t" can disagree in
@@ -199,14 +221,30 @@ class StoreState:
         self._scheduled[rollout_id] = when
         heapq.heappush(self._heap, (when, next(self._tiebreak), rollout_id))
 
+    def _timed(self, attempt: Attempt) -> _Timed:
+        """The latest attempt of a watched rollout, its times in monotonic time."""
+        start_skew, beat_skew = self._skews.get(attempt.rollout_id) or (self.skew, self.skew)
+        beat = attempt.last_heartbeat_time
+        return _Timed(attempt.status, attempt.start_time - start_skew,
+                      beat - beat_skew if beat else beat)
+
+    def _stamped(self, attempt: Attempt, start: bool) -> None:
+        """Note the skew at which the latest attempt's start or heartbeat was stamped."""
+        rid = attempt.rollout_id
+        if start:
+            self._skews[rid] = (self.skew, self.skew)
+        elif attempt is self.latest_attempt(rid):
+            self._skews[rid] = ((self._skews.get(rid) or (self.skew,))[0], self.skew)
+
     def watchdog(self, now: float) -> int:
-        """One pass (REF §2.4) over the rollouts due by ``now``; returns how many it checked.
+        """One pass (REF §2.4) over the rollouts due by ``now`` (wall clock; the pass runs in
+        monotonic time, ``now - skew``); returns how many it checked.
 
         Due rollouts are checked in creation order, as REF's full scan does, so rollouts that
         requeue in the same pass enter the queue in a predictable order.
         """
-        heap, due = self._heap, []
-        while heap and heap[0][0] <= now:
+        heap, due, steady = self._heap, [], now - self.skew
+        while heap and heap[0][0] <= steady:
             when, _, rid = heapq.heappop(heap)
             if self._scheduled.get(rid) != when:
                 continue  # superseded by an earlier entry
@@ -215,11 +253,11 @@ class StoreState:
         if len(due) > 1:
             due.sort(key=self.created.__getitem__)
         for rid in due:
-            self._check(rid, now)
-            self._rearm(rid, now)
+            self._check(rid, now, steady)
+            self._rearm(rid, steady)
         return len(due)
 
-    def _check(self, rid: str, now: float) -> None:
+    def _check(self, rid: str, now: float, steady: float) -> None:
         rollout = self.rollouts[rid]
         if rollout.status not in tr.WATCHED:
             return
@@ -227,13 +265,14 @@ class StoreState:
         if latest is None:
             logger.error("Rollout %s is running but has no attempts", rid)
             return
-        verdict = tr.watchdog_verdict(latest, rollout.config, now)
+        verdict = tr.watchdog_verdict(self._timed(latest), rollout.config, steady)
         if verdict.attempt_status is not None:
             self._set(latest, {"status": verdict.attempt_status})
         if verdict.propagate:
             self.propagate(rollout, now)
 
     def _rearm(self, rid: str, now: float) -> None:
+        """Re-arm after a check at monotonic time ``now``."""
         self.schedule(rid, now)
         # A check that changed nothing at its own deadline (float rounding between
         # "now - start > t" and "now > start + t") looks again at the next representable time.
@@ -244,11 +283,11 @@ class StoreState:
     # ----------------------------------------------------------------- creating and claiming
     def create(self, fields: dict[str, Any], status: RolloutStatus, now: float,
                worker_id: str | None = None) -> Rollout:
-        """A new rollout; ``fields`` were validated by the caller. Not queuing: claimed at
-        once, by attempt 1 of ``worker_id`` (E2)."""
+        """A new rollout; ``fields`` were validated by the caller (with ``rollout_id``: an id
+        not in use). Not queuing: claimed at once, by attempt 1 of ``worker_id`` (E2)."""
         resources_id = fields["resources_id"] or self.latest_resources_id  # REF Q12
-        rid = new_rollout_id()
-        while rid in self.rollouts:  # 48 random bits: a clash is rare, never fatal
+        rid = fields.get("rollout_id")  # caller-chosen: the caller checked it is new
+        while rid is None or rid in self.rollouts:  # 48 random bits: a clash is rare
             rid = new_rollout_id()
         rollout = Rollout(
             rid, fields["input"], now, None, fields["mode"], resources_id,
@@ -275,6 +314,7 @@ class StoreState:
         )
         attempts.append(attempt)
         self.total_attempts += 1
+        self._stamped(attempt, start=True)
         self.write_status(rollout, RolloutStatus.PREPARING, now)
         return attempt
 
@@ -295,6 +335,8 @@ class StoreState:
     def update_attempt(self, attempt: Attempt, changes: dict[str, Any], now: float) -> None:
         """Apply validated ``changes``; propagate only when a status was set (D3)."""
         self._set(attempt, changes)
+        if "last_heartbeat_time" in changes:
+            self._stamped(attempt, start=False)
         if "status" in changes and changes["status"] in tr.ATTEMPT_ENDED:
             attempt.end_time = now
         rollout = self.rollouts[attempt.rollout_id]
@@ -372,6 +414,7 @@ class StoreState:
         latest = attempt is self.latest_attempt(attempt.rollout_id)
         revive = tr.span_revives_rollout(rollout.status, attempt.status, latest)
         attempt.last_heartbeat_time = now
+        self._stamped(attempt, start=False)
         old, attempt.status = attempt.status, tr.span_attempt_status(attempt.status)
         if revive:
             self.write_status(rollout, RolloutStatus.RUNNING, now)
@@ -435,8 +478,11 @@ class StoreState:
     def restore(self, saved: Saved, now: float) -> None:
         """Rebuild an empty state, indexes included, from what a journal saved."""
         tickets: dict[str, int] = {}
-        for (rollout, attempts, created, position, counter), ticket in saved.rollouts:
+        finished: list[tuple[int, str]] = []
+        for (rollout, attempts, created, position, counter, number), ticket in saved.rollouts:
             rid = rollout.rollout_id
+            if number is not None:
+                finished.append((number, rid))
             tickets[rid] = ticket
             self.sequence[rid] = counter
             self.rollouts[rid] = rollout
@@ -447,6 +493,7 @@ class StoreState:
             if position is not None:
                 self.queue[rid] = position
         self.queue = OrderedDict(sorted(self.queue.items(), key=lambda item: item[1]))
+        self.finishes.restore(finished)
         self._creation = itertools.count(max(self.created.values(), default=-1) + 1)
         self._queue_position = itertools.count(max(self.queue.values(), default=-1) + 1)
         self.sequence.update(saved.counters)
@@ -463,7 +510,43 @@ class StoreState:
         for rid in self.by_status[RolloutStatus.PREPARING] | self.by_status[RolloutStatus.RUNNING]:
             self.schedule(rid, now)  # running attempts keep their clocks: times are absolute
 
+    # ----------------------------------------------------------------- deleting
+    def delete(self, rollout_id: str) -> bool:
+        """Forget a rollout with its attempts, spans, counter, feed entry and indexes; False
+        if it is not known. Its waiters are woken (it is unknown now: not waited for)."""
+        rollout = self.rollouts.pop(rollout_id, None)
+        if rollout is None:
+            return False
+        rid = rollout_id
+        del self.created[rid], self.by_status[rollout.status][rid]
+        self.total_attempts -= len(self.attempts.pop(rid))
+        self.queue.pop(rid, None)
+        self.total_spans -= len(self.spans.pop(rid, ()))
+        self.span_index.pop(rid, None)
+        self.total_span_bytes -= self.span_bytes.pop(rid, 0)
+        self.sequence.pop(rid, None)
+        self.evicted.discard(rid)
+        self._scheduled.pop(rid, None)  # its heap entry is skipped when it comes up
+        self._skews.pop(rid, None)
+        self.finishes.discard(rid)
+        self.finished.append(rid)
+        if self.changes is not None:
+            self.changes.rollouts.discard(rid)
+            self.changes.deleted.append(rid)
+        return True
+
     # ----------------------------------------------------------------- reads
+    def finished_page(self, after: int, limit: int) -> tuple[list[Rollout], int]:
+        """Rollouts finished after feed number ``after`` (and still finished), in the order
+        they finished, at most ``limit``; and the cursor for the next page."""
+        rollouts = self.rollouts
+        ids, cursor = self.finishes.page(
+            after, limit, lambda rid: rollouts[rid].status in tr.TERMINAL)
+        return [rollouts[rid] for rid in ids], cursor
+
+    def finished_total(self) -> int:
+        return sum(len(self.by_status[s]) for s in tr.TERMINAL)
+
     def query_rollouts(
         self, statuses: list[RolloutStatus] | None, rollout_ids: list[str] | None
     ) -> list[Rollout]:

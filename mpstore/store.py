@@ -38,6 +38,7 @@ from .types import (
     UNSET,
     Attempt,
     AttemptedRollout,
+    FinishedRollouts,
     ResourcesUpdate,
     Rollout,
     RolloutStatus,
@@ -95,48 +96,75 @@ class InMemoryStore(Sections):
         return AttemptedRollout.of(self._out(pair[0]), self._out(pair[1]))
 
     # ----------------------------------------------------------------- create
-    def _fields(self, input: Any, mode: Any, resources_id: Any, config: Any, metadata: Any
-                ) -> dict[str, Any]:
+    def _fields(self, input: Any, mode: Any, resources_id: Any, config: Any, metadata: Any,
+                rollout_id: Any) -> dict[str, Any]:
         return {
             "input": self._inp(input),
             "mode": v.mode(mode),
             "resources_id": v.optional_str(resources_id, "resources_id"),
             "config": v.config(config),
             "metadata": self._inp(v.metadata(metadata)),
+            "rollout_id": v.chosen_id(rollout_id),
         }
+
+    def _create(self, fields: dict[str, Any], status: RolloutStatus, now: float,
+                worker: str | None = None) -> Rollout:
+        """A new rollout, or the one already stored under the caller's id, unchanged."""
+        existing = self._state.rollouts.get(fields["rollout_id"] or "")
+        return existing if existing is not None else self._state.create(fields, status, now,
+                                                                         worker)
 
     def start_rollout(self, input: Any, mode: str | None = None, resources_id: str | None = None,
                       config: Any = None, metadata: dict[str, Any] | None = None,
-                      worker_id: str | None = None) -> AttemptedRollout:
-        """Create a rollout already claimed: status preparing, attempt 1; not queued (E2)."""
-        fields = self._fields(input, mode, resources_id, config, metadata)
+                      worker_id: str | None = None, rollout_id: str | None = None
+                      ) -> AttemptedRollout:
+        """Create a rollout already claimed: status preparing, attempt 1; not queued (E2).
+
+        With ``rollout_id`` (caller-chosen) and a rollout of that id already stored, that
+        rollout is returned unchanged, with its latest attempt (a retried creation does
+        nothing twice); InvalidArgument if it has no attempt (it was enqueued, never
+        started: ``start_attempt`` starts it)."""
+        fields = self._fields(input, mode, resources_id, config, metadata, rollout_id)
         worker = v.optional_str(worker_id, "worker_id")
 
         def run(now: float) -> AttemptedRollout:
-            rollout = self._state.create(fields, _PREPARING, now, worker)
+            rollout = self._create(fields, _PREPARING, now, worker)
             attempt = self._state.latest_attempt(rollout.rollout_id)
-            assert attempt is not None
+            if attempt is None:
+                raise InvalidArgument(
+                    f"Rollout {rollout.rollout_id} exists and was never started; "
+                    f"start_attempt({rollout.rollout_id!r}) starts it")
             return self._attempted((rollout, attempt))
 
         return self._section(run)
 
     def enqueue_rollout(self, input: Any, mode: str | None = None, resources_id: str | None = None,
-                        config: Any = None, metadata: dict[str, Any] | None = None) -> Rollout:
-        """Create a rollout at the queue's tail, status queuing, no attempt (E1)."""
-        fields = self._fields(input, mode, resources_id, config, metadata)
-        return self._section(lambda now: self._out(self._state.create(fields, _QUEUING, now)))
+                        config: Any = None, metadata: dict[str, Any] | None = None,
+                        rollout_id: str | None = None) -> Rollout:
+        """Create a rollout at the queue's tail, status queuing, no attempt (E1). With
+        ``rollout_id`` (caller-chosen) already stored, that rollout is returned unchanged."""
+        fields = self._fields(input, mode, resources_id, config, metadata, rollout_id)
+        return self._section(lambda now: self._out(self._create(fields, _QUEUING, now)))
 
     def enqueue_many_rollouts(self, requests: Sequence[dict[str, Any]]) -> list[Rollout]:
         """Enqueue several rollouts in order, atomically; each item is a dict of
-        ``enqueue_rollout``'s arguments (``input`` required)."""
+        ``enqueue_rollout``'s arguments (``input`` required). An item whose ``rollout_id`` is
+        already stored (or came earlier in the batch) gives that rollout, unchanged."""
         if isinstance(requests, (str, bytes, dict)) or not isinstance(requests, Sequence):
             raise InvalidArgument("enqueue_many_rollouts takes a list of dicts")
         items = [v.enqueue_request(r, i) for i, r in enumerate(requests)]
         for item in items:
             item["input"], item["metadata"] = self._inp(item["input"]), self._inp(item["metadata"])
         return self._section(
-            lambda now: [self._out(self._state.create(it, _QUEUING, now)) for it in items]
+            lambda now: [self._out(self._create(it, _QUEUING, now)) for it in items]
         )
+
+    def delete_rollouts(self, rollout_ids: Sequence[str]) -> int:
+        """Delete rollouts with their attempts, spans and counters, atomically, in memory and
+        on disk; running ones too (their later spans and updates get RolloutNotFound).
+        Unknown ids are ignored (so it is safe to repeat); returns how many were deleted."""
+        ids = v.string_list(rollout_ids, "rollout_ids")
+        return self._section(lambda now: sum(self._state.delete(rid) for rid in ids))
 
     # ----------------------------------------------------------------- claim
     def dequeue_rollout(self, worker_id: str | None = None, *, wait: float = 0.0
@@ -150,8 +178,7 @@ class InMemoryStore(Sections):
                               wait: float = 0.0) -> list[AttemptedRollout]:
         """Claim up to ``limit`` rollouts from the head, in queue order; with ``wait`` > 0,
         block until at least one is available or the time is up."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise InvalidArgument(f"limit must be an int >= 0, not {limit!r}")
+        v.count(limit, "limit")
         worker = v.optional_str(worker_id, "worker_id")
         wait = v.optional_float(wait, "wait") or 0.0
         deadline = time.monotonic() + wait
@@ -218,6 +245,35 @@ class InMemoryStore(Sections):
                              write=False)
 
     # ----------------------------------------------------------------- wait
+    def finished_rollouts(self, after: int = 0, limit: int = 1000, *, wait: float = 0.0
+                          ) -> FinishedRollouts:
+        """The feed: rollouts finished after cursor ``after``, in the order they finished, at
+        most ``limit``, with the cursor for the next call (``next_after``) and how many are
+        finished now (``total``). A rollout that finishes again appears again, later; one
+        reopened and not finished again is skipped. With ``wait`` > 0, blocks until at least
+        one is there or the time is up. The cursor survives a restart of a durable store.
+        Costs O(the page), however many rollouts are stored (see mpstore.feed)."""
+        v.count(after, "after")
+        v.count(limit, "limit")
+        wait = v.optional_float(wait, "wait") or 0.0
+        deadline = time.monotonic() + wait
+
+        def page(now: float) -> FinishedRollouts:
+            rollouts, cursor = self._state.finished_page(after, limit)
+            return FinishedRollouts([self._out(r) for r in rollouts], cursor,
+                                    self._state.finished_total())
+
+        with self._lock:
+            while True:
+                result, ticket = self._step(page, True, False)
+                if result.rollouts or limit == 0 or not self._wait(self._finishes, deadline):
+                    break
+        try:
+            self._persisted(ticket)
+        except StorageError:  # what it saw was not committed: answer from what is on disk
+            return self.finished_rollouts(after, limit)
+        return result
+
     def wait_for_rollouts(self, *, rollout_ids: Sequence[str], timeout: float | None = None
                           ) -> list[Rollout]:
         """The given rollouts that are finished, in input order (D11), once all known ones

@@ -9,6 +9,7 @@ separate, naive model to check both.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 from .types import Attempt, AttemptStatus, RolloutConfig, RolloutStatus
 
@@ -16,6 +17,7 @@ __all__ = [
     "QUEUED",
     "TERMINAL",
     "WATCHED",
+    "Timed",
     "WatchdogVerdict",
     "next_check_time",
     "propagate",
@@ -113,7 +115,19 @@ _UNRESPONSIVE = WatchdogVerdict(A.UNRESPONSIVE, True)
 _PROMOTE = WatchdogVerdict(A.RUNNING, True)
 
 
-def watchdog_verdict(attempt: Attempt, config: RolloutConfig, now: float) -> WatchdogVerdict:
+class Timed(Protocol):
+    """What the watchdog rules read of an attempt: its status and its times, in whichever
+    clock ``now`` is given in (the state passes monotonic times; see mpstore.sections)."""
+
+    @property
+    def status(self) -> AttemptStatus: ...
+    @property
+    def start_time(self) -> float: ...
+    @property
+    def last_heartbeat_time(self) -> float | None: ...
+
+
+def watchdog_verdict(attempt: Timed, config: RolloutConfig, now: float) -> WatchdogVerdict:
     """REF §2.4 rules 1-4 for the latest attempt of a preparing/running rollout; first match wins.
 
     1. repair: a finished attempt re-derives the rollout;
@@ -140,7 +154,7 @@ def watchdog_verdict(attempt: Attempt, config: RolloutConfig, now: float) -> Wat
     return _NOTHING
 
 
-def next_check_time(attempt: Attempt, config: RolloutConfig) -> float | None:
+def next_check_time(attempt: Timed, config: RolloutConfig) -> float | None:
     """The earliest time at which :func:`watchdog_verdict` could stop returning "nothing".
 
     ``-inf`` means "look now" (rules 1 and 3a need no time to pass); None means "never, unless

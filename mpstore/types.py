@@ -30,6 +30,7 @@ __all__ = [
     "Attempt",
     "AttemptStatus",
     "AttemptedRollout",
+    "FinishedRollouts",
     "PromptTemplate",
     "ProxyLLM",
     "ResourcesUpdate",
@@ -390,6 +391,21 @@ class ResourcesUpdate:
         new: ResourcesUpdate = self.snapshot()  # type: ignore[attr-defined]
         new.resources = copy.deepcopy(self.resources)
         return new
+
+
+@_record()
+@dataclass(slots=True)
+class FinishedRollouts:
+    """A page of the feed of finished rollouts (``finished_rollouts``): the rollouts in the
+    order they finished, the cursor to pass as ``after`` next time, and how many rollouts are
+    finished in all now."""
+
+    rollouts: list[Rollout]
+    next_after: int
+    total: int
+
+    def clone(self) -> FinishedRollouts:
+        return FinishedRollouts([r.clone() for r in self.rollouts], self.next_after, self.total)
 
 
 def private_copy(value: Any) -> Any:

@@ -43,7 +43,9 @@ __all__ = [
 E = TypeVar("E", RolloutStatus, AttemptStatus, RolloutMode)
 
 #: Keys a dict given for ``enqueue_many_rollouts`` may carry, and the config keys.
-ENQUEUE_KEYS = ("input", "mode", "resources_id", "config", "metadata")
+ENQUEUE_KEYS = ("input", "mode", "resources_id", "config", "metadata", "rollout_id")
+#: The longest rollout id a caller may choose.
+MAX_ID_LENGTH = 256
 CONFIG_KEYS = ("timeout_seconds", "unresponsive_seconds", "max_attempts", "retry_condition")
 #: Span fields that must be a dict, a list, or a float when present.
 _SPAN_DICTS = ("status", "attributes", "resource")
@@ -77,6 +79,27 @@ def mode(value: Any) -> RolloutMode | None:
 def identifier(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise InvalidArgument(f"{what} must be a str, not {type(value).__name__}")
+    return value
+
+
+def count(value: Any, what: str) -> int:
+    """An int >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"{what} must be an int >= 0, not {value!r}")
+    return value
+
+
+def chosen_id(value: Any, what: str = "rollout_id") -> str | None:
+    """A caller-chosen id (None: the store chooses): a non-empty str of at most
+    MAX_ID_LENGTH printable characters, no whitespace."""
+    if value is None:
+        return None
+    identifier(value, what)
+    if not value or len(value) > MAX_ID_LENGTH or not value.isprintable() or any(
+            c.isspace() for c in value):
+        raise InvalidArgument(
+            f"{what} must be 1-{MAX_ID_LENGTH} printable characters without spaces, "
+            f"not {value[:40]!r}")
     return value
 
 
@@ -167,6 +190,7 @@ def enqueue_request(value: Any, index: int) -> dict[str, Any]:
         "resources_id": optional_str(value.get("resources_id"), "resources_id"),
         "config": config(value.get("config")),
         "metadata": metadata(value.get("metadata")),
+        "rollout_id": chosen_id(value.get("rollout_id")),
     }
 
 

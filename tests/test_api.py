@@ -43,7 +43,8 @@ def test_one_row_per_public_method_of_the_store() -> None:
 
 
 def test_a_wait_is_the_stores_keyword_only_argument_with_its_default() -> None:
-    assert set(BLOCKING) == {"dequeue_many_rollouts", "dequeue_rollout", "wait_for_rollouts"}
+    assert set(BLOCKING) == {"dequeue_many_rollouts", "dequeue_rollout", "finished_rollouts",
+                             "wait_for_rollouts"}
     for name, wait in BLOCKING.items():
         parameter = inspect.signature(getattr(InMemoryStore, name)).parameters[wait.keyword]
         # Keyword-only: the transport finds it in the call's kwargs, never among positionals.
@@ -64,9 +65,10 @@ def test_reads_are_retried_and_unsafe_writes_are_not() -> None:
     for name in SERVED:
         if name not in MUTATING:
             assert name in RETRIED, f"{name} is a read: sending it again is always safe"
-    # Writes that are sent again only because they are idempotent (D7), and nothing else:
-    # a resent sequence id, claim or create would apply twice.
-    assert RETRIED & MUTATING == {"add_span", "add_many_spans"}
+    # Writes that are sent again only because they are idempotent (D7; a delete of what is
+    # gone does nothing), and nothing else: a resent sequence id, claim or create would apply
+    # twice.
+    assert RETRIED & MUTATING == {"add_span", "add_many_spans", "delete_rollouts"}
     assert {"get_next_span_sequence_id", "get_many_span_sequence_ids", "dequeue_rollout",
             "enqueue_rollout", "run_watchdog"} <= MUTATING
 

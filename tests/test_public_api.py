@@ -20,6 +20,7 @@ EXPECTED = {
     "AttemptStatus",
     "AttemptedRollout",
     "AuthenticationFailed",
+    "FinishedRollouts",
     "InMemoryStore",
     "InvalidArgument",
     "MpstoreError",

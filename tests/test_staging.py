@@ -35,6 +35,7 @@ def dump(state: StoreState) -> dict[str, Any]:
         "resources": {rid: r._wire() for rid, r in state.resources.items()},
         "latest_resources_id": state.latest_resources_id,
         "totals": (state.total_spans, state.total_attempts, state.total_span_bytes),
+        "feed": dict(state.finishes.number),
     }
 
 
@@ -104,6 +105,9 @@ def script(store: InMemoryStore, clock: FakeClock) -> list[tuple[str, Any]]:
         ("query_spans", lambda: store.query_spans(made["a"].rollout_id)),
         ("get_resources_by_id", lambda: store.get_resources_by_id("rs-1")),
         ("get_latest_resources", store.get_latest_resources),
+        ("finished_rollouts", lambda: store.finished_rollouts(0, 10)),
+        ("delete_rollouts",
+         lambda: store.delete_rollouts([made["a"].rollout_id, made["c"].rollout_id, "ro-no"])),
         ("ping", store.ping),
         ("statistics", store.statistics),
     ]
@@ -128,6 +132,6 @@ def test_every_public_method_has_its_change_on_disk_when_it_returns(tmp_path: Pa
             changed.append(name)
     # The script did change the state at every mutating method (so the check had teeth).
     assert {"get_next_span_sequence_id", "add_span", "run_watchdog", "update_resources",
-            "get_many_span_sequence_ids", "update_attempt"} <= set(changed)
-    assert store.statistics()["evicted_rollouts"] >= 1
+            "get_many_span_sequence_ids", "update_attempt", "delete_rollouts"} <= set(changed)
+    assert store.statistics()["total_rollouts"] == 2  # of 4: 2 deleted
     store.close()
