@@ -17,7 +17,8 @@ from typing import Any
 from .errors import InvalidArgument
 from .types import Span
 
-__all__ = ["Thresholds", "resolve_thresholds", "span_size"]
+__all__ = ["RELEASE_AFTER", "Thresholds", "release_free_memory", "resolve_thresholds",
+           "span_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,3 +165,24 @@ def choose_victims(
                 victims.append(rollout_id)
                 total -= size
     return victims
+
+
+#: Span bytes freed (evicted or deleted) after which the process gives free memory back.
+RELEASE_AFTER = 16 * 1024 * 1024
+
+
+def release_free_memory() -> None:
+    """Give the C allocator's free memory back to the operating system (glibc's
+    ``malloc_trim``; nothing elsewhere). Freed spans are mostly strings of a few KB, which
+    glibc keeps in its heap after they are freed: without this, RSS stays at its peak after
+    eviction or ``delete_rollouts`` (measured: 136 MiB before and after deleting 200 MiB of
+    spans). Costs a few milliseconds per 100 MiB of heap, so it runs only after
+    RELEASE_AFTER bytes were freed."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)

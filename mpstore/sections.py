@@ -28,7 +28,7 @@ from typing import TypeVar
 
 from .durable import Journal
 from .errors import InvalidArgument, StorageError
-from .eviction import resolve_thresholds
+from .eviction import RELEASE_AFTER, release_free_memory, resolve_thresholds
 from .state import StoreState
 
 __all__ = ["Sections"]
@@ -112,6 +112,9 @@ class Sections:
                 self._wake_watchers(state.finished)
             if state.queue_appends != appended:
                 self._queued.notify(state.queue_appends - appended)
+            if state.freed_bytes > RELEASE_AFTER:
+                state.freed_bytes = 0
+                release_free_memory()
             ticket = self._stage() if journal is not None else 0
         return result, ticket
 

@@ -98,6 +98,7 @@ class StoreState:
         self.finished: list[str] = []  # ids written terminal, until the store notifies
         self.queue_appends = 0
         self.finishes = FinishLog()  # the feed of finished rollouts
+        self.freed_bytes = 0  # span bytes evicted or deleted, until the store releases them
         #: Wall-clock minus monotonic time, set by the caller before each operation. Every
         #: deadline is kept in monotonic time (timestamp - the skew it was taken at), so a
         #: step of the wall clock changes no deadline. ``_skews``: for the latest attempt of
@@ -454,6 +455,7 @@ class StoreState:
                 self.changes.evicted.append(rid)
             freed += size
         self.total_span_bytes -= freed
+        self.freed_bytes += freed
         logger.info("Freed up %d bytes of memory", freed)
 
     # ----------------------------------------------------------------- resources
@@ -523,7 +525,9 @@ class StoreState:
         self.queue.pop(rid, None)
         self.total_spans -= len(self.spans.pop(rid, ()))
         self.span_index.pop(rid, None)
-        self.total_span_bytes -= self.span_bytes.pop(rid, 0)
+        freed = self.span_bytes.pop(rid, 0)
+        self.total_span_bytes -= freed
+        self.freed_bytes += freed
         self.sequence.pop(rid, None)
         self.evicted.discard(rid)
         self._scheduled.pop(rid, None)  # its heap entry is skipped when it comes up

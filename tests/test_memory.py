@@ -197,3 +197,34 @@ def test_the_server_freezes_what_survives_a_full_collection() -> None:
     at_start, after = int(out[0]), int(out[1])
     assert at_start > 0  # the imports
     assert after >= at_start + 50_000  # the kept lists, skipped by later collections
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def test_deleting_what_was_consumed_gives_memory_and_disk_back(tmp_path: Path) -> None:
+    """A long run's worth of rollouts and spans through a durable server, consumed from the
+    feed and deleted: the server's RSS and the data directory shrink back towards where they
+    started (issue 12: ``delete_rollouts``)."""
+    data = tmp_path / "data"
+    with running_server(tmp_path, "--data-dir", str(data)) as server:
+        store = server.connect()
+        idle = usage(server).rss
+        for _ in range(4):
+            store.enqueue_many_rollouts([{"input": i} for i in range(50)])
+            for c in store.dequeue_many_rollouts(50):
+                store.add_many_spans([make_span(c.rollout_id, c.attempt.attempt_id, n)
+                                      for n in range(1, 11)])
+                store.update_attempt(c.rollout_id, "latest", status="succeeded")
+        full, full_disk = usage(server).rss, _dir_bytes(data)
+        page = store.finished_rollouts(0, 1000)
+        deleted = store.delete_rollouts([r.rollout_id for r in page.rollouts])
+        stats = store.statistics()
+        emptied = usage(server).rss
+        store.close()
+    assert deleted == 200 and stats["total_spans"] == 0 and stats["span_bytes"] == 0
+    print("rss idle/full/emptied MiB:", idle // MiB, full // MiB, emptied // MiB,
+          "disk full/after MiB:", full_disk // MiB, _dir_bytes(data) // MiB)
+    assert emptied - idle < (full - idle) / 2, "the server kept the deleted spans' memory"
+    assert _dir_bytes(data) < full_disk / 4, "the data directory did not shrink"
