@@ -164,6 +164,10 @@ CONFIG: Param = (_const(None), _junk(BAD_CONFIG))
 METADATA: Param = (_const(None), _junk(NOT_DICT))
 INPUT: Param = (_const({"x": 1}), _junk(UNPICKLABLE))
 WAIT: Param = (_const(0.0), _junk(NOT_NUMBER))
+CHOSEN_ID: Param = (_const(None), _junk(st.one_of(
+    NOT_STR, st.sampled_from(["", "a b", "tab\tin", "x" * 257]))))
+COUNT: Param = (_const(0), _junk(st.one_of(st.integers(max_value=-1), st.floats(), _small_text,
+                                           st.booleans(), st.none())))
 
 #: method -> parameter -> (valid value, strategy of wrong ones).
 TABLE: dict[str, dict[str, Param]] = {
@@ -179,7 +183,9 @@ TABLE: dict[str, dict[str, Param]] = {
     "dequeue_rollout": {"worker_id": WORKER, "wait": WAIT},
     "enqueue_many_rollouts": {"requests": (_const([{"input": 1}]), bad_requests)},
     "enqueue_rollout": {"input": INPUT, "mode": MODE, "resources_id": OPT_STR,
-                        "config": CONFIG, "metadata": METADATA},
+                        "config": CONFIG, "metadata": METADATA, "rollout_id": CHOSEN_ID},
+    "delete_rollouts": {"rollout_ids": (_const(["ro-unknown"]), _junk(BAD_ID_LIST))},
+    "finished_rollouts": {"after": COUNT, "limit": (_const(10), COUNT[1]), "wait": WAIT},
     "get_latest_attempt": {"rollout_id": RID},
     "get_many_span_sequence_ids": {"pairs": (lambda s: [(s.rid, s.aid)], _junk(BAD_PAIRS))},
     "get_next_span_sequence_id": {"rollout_id": RID, "attempt_id": (lambda s: s.aid,
@@ -192,7 +198,7 @@ TABLE: dict[str, dict[str, Param]] = {
     "query_spans": {"rollout_id": RID, "attempt_id": OPT_STR},
     "start_attempt": {"rollout_id": RID_WRITE, "worker_id": WORKER},
     "start_rollout": {"input": INPUT, "mode": MODE, "resources_id": OPT_STR, "config": CONFIG,
-                      "metadata": METADATA, "worker_id": WORKER},
+                      "metadata": METADATA, "worker_id": WORKER, "rollout_id": CHOSEN_ID},
     "update_attempt": {"rollout_id": RID_WRITE, "attempt_id": AID_WRITE,
                        "status": (_const("running"), _junk(not_enum(ATTEMPT_STATUSES))),
                        "worker_id": WORKER,
