@@ -25,6 +25,7 @@ __all__ = [
     "CALLS",
     "MUTATING",
     "PACKED",
+    "REQUEST_KEY",
     "RETRIED",
     "SERVED",
     "Call",
@@ -174,8 +175,16 @@ CALLS: dict[str, Call] = {
     # --- the server's own business, not served: a client's close() closes its connections,
     # never the server's store; deferred_commits batches commits within a server thread.
     "close": Call(mutates=False, served=False),
+    # The server wraps a call that carries a request id (REQUEST_KEY) with it.
+    "once": Call(mutates=False, served=False),
     "deferred_commits": Call(mutates=False, served=False),
 }
+
+#: The keyword under which a request that changes the store carries its request id,
+#: ``(client id, sequence number)``; the server takes it out and answers the call through
+#: ``InMemoryStore.once``, so that a resend is answered with the first result (see
+#: mpstore.replies). Calls the table retries anyway (reads, idempotent span adds) carry none.
+REQUEST_KEY = "__mpstore_request__"
 
 #: Views of the table for the hot paths (one dict or set lookup per call).
 SERVED: tuple[str, ...] = tuple(sorted(name for name, call in CALLS.items() if call.served))

@@ -4,7 +4,7 @@ Plain containers; the state fills them, the journal reads them."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .types import Attempt, ResourcesUpdate, Rollout, Span
 
@@ -20,9 +20,11 @@ class Changes:
     costs little (a rollout has a handful of attempts).
     """
 
-    __slots__ = ("deleted", "evicted", "resources", "rollouts", "spans")
+    __slots__ = ("deleted", "evicted", "forgotten", "replies", "resources", "rollouts", "spans")
 
     def __init__(self) -> None:
+        self.replies: list[tuple[str, int, Any]] = []  # (client, seq, result)
+        self.forgotten: list[tuple[str, int]] = []  # (client, replies up to this seq)
         self.rollouts: set[str] = set()
         self.spans: list[tuple[Span, float]] = []  # with their arrival time
         self.evicted: list[str] = []
@@ -31,7 +33,7 @@ class Changes:
 
     def __bool__(self) -> bool:
         return bool(self.rollouts or self.spans or self.evicted or self.resources
-                    or self.deleted)
+                    or self.deleted or self.replies or self.forgotten)
 
 
 class RolloutRow(NamedTuple):
@@ -49,12 +51,15 @@ class ChangeSet:
     """What one critical section changed, as values a journal writes without knowing the
     state: whole rollout rows, deleted rollouts, counters of ids that are not rollouts (REF
     counts sequence ids for any id), new spans with their arrival times, evicted rollout ids,
-    resources and the latest resources id (None: unchanged)."""
+    resources and the latest resources id (None: unchanged), and the replies remembered
+    for resent requests (mpstore.replies) and forgotten."""
 
-    __slots__ = ("counters", "deleted", "evicted", "latest_resources_id", "resources",
-                 "rollouts", "spans")
+    __slots__ = ("counters", "deleted", "evicted", "forgotten", "latest_resources_id",
+                 "replies", "resources", "rollouts", "spans")
 
     def __init__(self) -> None:
+        self.replies: list[tuple[str, int, Any]] = []  # remembered (client, seq, result)
+        self.forgotten: list[tuple[str, int]] = []  # (client, up to seq) no longer
         self.rollouts: list[RolloutRow] = []
         self.deleted: list[str] = []  # rollouts deleted with everything they had
         self.counters: list[tuple[str, int]] = []
@@ -67,9 +72,11 @@ class ChangeSet:
 class Saved:
     """Everything a journal restores, in the order it must be applied."""
 
-    __slots__ = ("counters", "evicted", "latest_resources_id", "resources", "rollouts", "spans")
+    __slots__ = ("counters", "evicted", "latest_resources_id", "replies", "resources",
+                 "rollouts", "spans")
 
     def __init__(self) -> None:
+        self.replies: list[tuple[str, int, Any]] = []  # (client, seq, result)
         #: (row, ticket) in creation order; the ticket orders the row against span rows
         self.rollouts: list[tuple[RolloutRow, int]] = []
         self.counters: dict[str, int] = {}  # span counters of ids that are not rollouts

@@ -75,6 +75,8 @@ CREATE INDEX spans_by_rollout ON spans (rollout_id);
 CREATE TABLE evicted (rollout_id TEXT PRIMARY KEY);
 CREATE TABLE resources (resources_id TEXT PRIMARY KEY, record BLOB NOT NULL);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE replies (client TEXT NOT NULL, seq INTEGER NOT NULL, result BLOB NOT NULL,
+                      PRIMARY KEY (client, seq)) WITHOUT ROWID;
 """
 
 _PUT_ROLLOUT = "INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -91,6 +93,8 @@ _EVICT = "INSERT OR IGNORE INTO evicted VALUES (?)"
 _DROP_SPANS = "DELETE FROM spans WHERE rollout_id = ?"
 _PUT_RESOURCES = "INSERT OR REPLACE INTO resources VALUES (?, ?)"
 _PUT_META = "INSERT OR REPLACE INTO meta VALUES (?, ?)"
+_PUT_REPLY = "INSERT OR REPLACE INTO replies VALUES (?, ?, ?)"
+_FORGET_REPLIES = "DELETE FROM replies WHERE client = ? AND seq <= ?"
 _LAYOUTS_KEY = "layouts"
 #: What reading a damaged file or record raises (a record's pickle, its layout).
 _UNREADABLE = (sqlite3.DatabaseError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
@@ -124,6 +128,9 @@ def statements(changes: ChangeSet, ticket: int) -> list[Statement]:
         out.append((_PUT_META, ("latest_resources_id", changes.latest_resources_id)))
     for rid in changes.deleted:
         out.extend((sql, (rid,)) for sql in _DELETE)
+    out.extend((_PUT_REPLY, (client, seq, _dumps(result)))
+               for client, seq, result in changes.replies)
+    out.extend((_FORGET_REPLIES, pair) for pair in changes.forgotten)
     return out
 
 
@@ -401,6 +408,8 @@ def read(db: sqlite3.Connection) -> Saved:
     saved.evicted = [rid for (rid,) in db.execute("SELECT rollout_id FROM evicted")]
     saved.resources = [decode.resources(pickle.loads(r))
                        for (r,) in db.execute("SELECT record FROM resources")]
+    saved.replies = [(client, seq, pickle.loads(result)) for client, seq, result in
+                     db.execute("SELECT client, seq, result FROM replies")]
     latest = db.execute("SELECT value FROM meta WHERE key = 'latest_resources_id'").fetchone()
     saved.latest_resources_id = latest[0] if latest else None
     return saved
@@ -426,8 +435,11 @@ def _from_version_1(db: sqlite3.Connection) -> None:
 
 def _from_version_2(db: sqlite3.Connection) -> None:
     """Version 3 numbers finished rollouts for the feed (``finished_rollouts``): those already
-    finished get numbers in the order of their end times."""
+    finished get numbers in the order of their end times; and it remembers replies to
+    requests (mpstore.replies), of which an older version kept none."""
     db.execute("ALTER TABLE rollouts ADD COLUMN finished INTEGER")
+    db.execute("CREATE TABLE replies (client TEXT NOT NULL, seq INTEGER NOT NULL, "
+               "result BLOB NOT NULL, PRIMARY KEY (client, seq)) WITHOUT ROWID")
     layouts = json.loads(db.execute("SELECT value FROM meta WHERE key = ?",
                                     (_LAYOUTS_KEY,)).fetchone()[0])
     decode, ended = schema.Decoder({k: tuple(v) for k, v in layouts.items()}), []

@@ -37,7 +37,8 @@ __all__ = ["LAYOUTS", "SCHEMA_VERSION", "Decoder", "encode_resources", "encode_r
 
 #: Bump when the tables change shape or a layout changes meaning (a new field does not).
 #: 2: records as plain values in named layouts; 3: the rollouts table has ``finished`` (the
-#: feed number) and the file is incrementally vacuumed (deleted rollouts give space back).
+#: feed number), the replies table remembers answered requests, and the file is
+#: incrementally vacuumed (deleted rollouts give space back).
 SCHEMA_VERSION = 3
 
 #: The field order of each stored kind, as written by this version.

@@ -24,10 +24,10 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .durable import Journal
-from .errors import InvalidArgument, StorageError
+from .errors import InvalidArgument, StorageError, StoreUnavailable
 from .eviction import RELEASE_AFTER, release_free_memory, resolve_thresholds
 from .state import StoreState
 
@@ -79,6 +79,10 @@ class Sections:
         self._ticking = False
         self._queued = threading.Condition(self._lock)  # rollout appended to the queue
         self._finishes = threading.Condition(self._lock)  # a rollout finished (the feed)
+        # Requests being answered (see once); a resend waits for its original on _answered.
+        self._answering: set[tuple[str, int]] = set()
+        self._answered = threading.Condition(self._lock)
+        self._request = threading.local()  # the request id of this thread's call
         self._started = time.monotonic()
 
     @property
@@ -181,11 +185,65 @@ class Sections:
             if self._deferral.ticket and self._journal is not None:
                 self._committed(self._deferral.ticket)
 
+    def once(self, request: Any, method: Callable[..., T]) -> Callable[..., T]:
+        """``method`` (a store method) as a call that runs at most once per request id
+        ``(client id, sequence number)``: a call with an id already answered returns that
+        answer without running again (mpstore.replies), one whose original is still running
+        (a blocking call) waits for it first. Raises StoreUnavailable if the answer was
+        forgotten (it may have been applied), InvalidArgument for a malformed id. For a
+        server: the request id travels with the request (``api.REQUEST_KEY``)."""
+        if not (isinstance(request, tuple) and len(request) == 2 and isinstance(request[0], str)
+                and type(request[1]) is int):
+            raise InvalidArgument(f"a request id is (client id, int), not {request!r}")
+        key: tuple[str, int] = request
+
+        def call(*args: Any, **kwargs: Any) -> T:
+            with self._lock:
+                while key in self._answering:
+                    self._answered.wait()
+                try:
+                    found, result = self._state.replies.lookup(*key)
+                except LookupError:
+                    raise StoreUnavailable(
+                        f"request {key[1]} of client {key[0]} was sent again after its reply was "
+                        "forgotten (see mpstore.replies); it may have been applied") from None
+                if found:
+                    return result  # type: ignore[no-any-return]
+                self._answering.add(key)
+            self._request.id = key
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._request.id = None
+                with self._lock:
+                    self._answering.discard(key)
+                    self._answered.notify_all()
+
+        return call
+
+    def _remembering(self, fn: Callable[[float], T]) -> Callable[[float], T]:
+        def remembered(now: float) -> T:
+            result = fn(now)
+            self._remember(result, now)
+            return result
+
+        return remembered
+
+    def _remember(self, result: Any, now: float) -> None:
+        """Keep ``result`` as the answer to this thread's request, if it has an id (see
+        :meth:`once`); call with the lock held, inside the section that made the change (a
+        durable store commits the reply with it)."""
+        request = getattr(self._request, "id", None)
+        if request is not None:
+            self._state.remember(request, result, now - self._state.skew)
+
     def _section(self, fn: Callable[[float], T], *, watchdog: bool = True,
                  write: bool = True) -> T:
         """Run ``fn(now)`` as one critical section; see :meth:`_step`. ``write=False``
         declares a read: it is served while writes are refused, and if a commit it waited
         for fails, it is answered again from what is on disk."""
+        if write and getattr(self._request, "id", None) is not None:
+            fn = self._remembering(fn)
         with self._lock:
             result, ticket = self._step(fn, watchdog, write)
         try:

@@ -33,6 +33,7 @@ from .changes import Changes, ChangeSet, RolloutRow, Saved
 from .errors import AttemptNotFound, NoAttempts, RolloutNotFound, SpansEvicted
 from .eviction import Thresholds, choose_victims, span_size
 from .feed import FinishLog
+from .replies import ReplyMemory
 from .types import (
     Attempt,
     AttemptStatus,
@@ -99,6 +100,7 @@ class StoreState:
         self.queue_appends = 0
         self.finishes = FinishLog()  # the feed of finished rollouts
         self.freed_bytes = 0  # span bytes evicted or deleted, until the store releases them
+        self.replies = ReplyMemory()  # for resent requests (mpstore.replies)
         #: Wall-clock minus monotonic time, set by the caller before each operation. Every
         #: deadline is kept in monotonic time (timestamp - the skew it was taken at), so a
         #: step of the wall clock changes no deadline. ``_skews``: for the latest attempt of
@@ -159,6 +161,7 @@ class StoreState:
                                                self.queue.get(rid), self.sequence.get(rid, 0),
                                                self.finishes.number.get(rid)))
         out.spans, out.evicted, out.deleted = changes.spans, changes.evicted, changes.deleted
+        out.replies, out.forgotten = changes.replies, changes.forgotten
         out.resources = [self.resources[r] for r in changes.resources]
         if changes.resources:
             out.latest_resources_id = self.latest_resources_id
@@ -496,6 +499,7 @@ class StoreState:
                 self.queue[rid] = position
         self.queue = OrderedDict(sorted(self.queue.items(), key=lambda item: item[1]))
         self.finishes.restore(finished)
+        self.replies.restore(saved.replies, now - self.skew)
         self._creation = itertools.count(max(self.created.values(), default=-1) + 1)
         self._queue_position = itertools.count(max(self.queue.values(), default=-1) + 1)
         self.sequence.update(saved.counters)
@@ -511,6 +515,19 @@ class StoreState:
         self.latest_resources_id = saved.latest_resources_id
         for rid in self.by_status[RolloutStatus.PREPARING] | self.by_status[RolloutStatus.RUNNING]:
             self.schedule(rid, now)  # running attempts keep their clocks: times are absolute
+
+    # ----------------------------------------------------------------- replies
+    def remember(self, request: tuple[str, int], result: Any, steady: float) -> None:
+        """Keep the result of the request that made this operation's changes (steady:
+        monotonic seconds). A durable state remembers only when something changed: a
+        request that changed nothing is answered the same when it is run again."""
+        if self.changes is not None and not self.changes:
+            return
+        client, seq = request
+        forgotten = self.replies.remember(client, seq, result, steady)
+        if self.changes is not None:
+            self.changes.replies.append((client, seq, result))
+            self.changes.forgotten.extend(forgotten)
 
     # ----------------------------------------------------------------- deleting
     def delete(self, rollout_id: str) -> bool:
@@ -578,5 +595,7 @@ class StoreState:
             "eviction_threshold_bytes": self.thresholds.eviction,
             "safe_threshold_bytes": self.thresholds.safe,
             "memory_capacity_bytes": self.thresholds.capacity,
+            "remembered_replies": self.replies.count,
+            "reply_clients": self.replies.clients,
         }
 

@@ -116,7 +116,7 @@ class InMemoryStore(Sections):
 
     def start_rollout(self, input: Any, mode: str | None = None, resources_id: str | None = None,
                       config: Any = None, metadata: dict[str, Any] | None = None,
-                      worker_id: str | None = None, rollout_id: str | None = None
+                      worker_id: str | None = None, *, rollout_id: str | None = None
                       ) -> AttemptedRollout:
         """Create a rollout already claimed: status preparing, attempt 1; not queued (E2).
 
@@ -139,7 +139,7 @@ class InMemoryStore(Sections):
         return self._section(run)
 
     def enqueue_rollout(self, input: Any, mode: str | None = None, resources_id: str | None = None,
-                        config: Any = None, metadata: dict[str, Any] | None = None,
+                        config: Any = None, metadata: dict[str, Any] | None = None, *,
                         rollout_id: str | None = None) -> Rollout:
         """Create a rollout at the queue's tail, status queuing, no attempt (E1). With
         ``rollout_id`` (caller-chosen) already stored, that rollout is returned unchanged."""
@@ -171,13 +171,21 @@ class InMemoryStore(Sections):
                         ) -> AttemptedRollout | None:
         """Claim the rollout at the head of the queue (E3), or None when the queue stays
         empty for ``wait`` seconds (D13: a long poll; 0 returns at once)."""
-        claimed = self.dequeue_many_rollouts(1, worker_id, wait=wait)
-        return claimed[0] if claimed else None
+        claimed = self._claim(1, worker_id, wait, lambda got: got[0] if got else None)
+        return claimed  # type: ignore[no-any-return]
 
     def dequeue_many_rollouts(self, limit: int, worker_id: str | None = None, *,
                               wait: float = 0.0) -> list[AttemptedRollout]:
         """Claim up to ``limit`` rollouts from the head, in queue order; with ``wait`` > 0,
         block until at least one is available or the time is up."""
+        claimed = self._claim(limit, worker_id, wait, lambda got: got)
+        return claimed  # type: ignore[no-any-return]
+
+    def _claim(self, limit: int, worker_id: str | None, wait: float,
+               answer: Callable[[list[AttemptedRollout]], Any]) -> Any:
+        """Claim up to ``limit``, waiting up to ``wait`` for the first; ``answer`` shapes
+        the claimed list into the method's result. Only a claim is remembered for a resent
+        request (an empty one changed nothing: a resend may claim)."""
         v.count(limit, "limit")
         worker = v.optional_str(worker_id, "worker_id")
         wait = v.optional_float(wait, "wait") or 0.0
@@ -190,6 +198,8 @@ class InMemoryStore(Sections):
                 if pair is None:
                     break
                 claimed.append(self._attempted(pair))
+            if claimed:
+                self._remember(answer(claimed), now)
             return claimed
 
         with self._lock:
@@ -198,7 +208,7 @@ class InMemoryStore(Sections):
                 if claimed or limit == 0 or not self._wait(self._queued, deadline):
                     break
         self._persisted(ticket)
-        return claimed
+        return answer(claimed)
 
     def start_attempt(self, rollout_id: str, worker_id: str | None = None) -> AttemptedRollout:
         """A new attempt from any status; the rollout becomes preparing and leaves the queue
@@ -366,7 +376,9 @@ class InMemoryStore(Sections):
     # ----------------------------------------------------------------- spans
     def get_next_span_sequence_id(self, rollout_id: str, attempt_id: str) -> int:
         """The next number of the rollout's span counter (shared by its attempts; REF §3.5)."""
-        return self.get_many_span_sequence_ids([(rollout_id, attempt_id)])[0]
+        checked = v.pairs([(rollout_id, attempt_id)])
+        return self._section(lambda now: self._state.next_sequence_id(checked[0][0]),
+                             watchdog=False)
 
     def get_many_span_sequence_ids(self, pairs: Sequence[tuple[str, str]]) -> list[int]:
         """One sequence id per (rollout_id, attempt_id), allocated in order."""

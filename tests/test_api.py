@@ -37,7 +37,7 @@ def test_one_row_per_public_method_of_the_store() -> None:
     # A new store method without a row (or a row without a method) fails here.
     assert set(CALLS) == public_methods(InMemoryStore)
     assert set(SERVED) == {name for name, call in CALLS.items() if call.served}
-    assert set(SERVED) == public_methods(InMemoryStore) - {"close", "deferred_commits"}
+    assert set(SERVED) == public_methods(InMemoryStore) - {"close", "deferred_commits", "once"}
     # The client has exactly the served methods (and its own close()).
     assert public_methods(StoreClient) == set(SERVED) | {"close"}
 

@@ -27,6 +27,7 @@ from hypothesis.stateful import (
 )
 
 from mpstore import UNSET, InMemoryStore, RolloutConfig, Span, StoreError
+from mpstore.api import MUTATING, PACKED
 from tests.conftest import FakeClock
 from tests.model import TERMINAL, MConfig, Model, MRollout
 
@@ -43,6 +44,10 @@ configs = st.builds(
     max_attempts=st.integers(1, 3),
     retry=st.lists(st.sampled_from(RETRYABLE), unique=True).map(tuple),
 )
+
+
+#: The calls a client sends with a request id (as mpstore.manager.client does).
+ONCE_CALLS = MUTATING - set(PACKED)
 
 
 def to_config(c: MConfig) -> RolloutConfig:
@@ -305,3 +310,76 @@ DurableStoreMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestDurableStoreMachine = DurableStoreMachine.TestCase
+
+
+class _LossyStore:
+    """A store reached through a connection that loses replies: each call that carries a
+    request id (every write but the span adds) is answered through ``once``; while
+    ``machine.losing`` is set, its first reply is dropped, the durable store may restart,
+    and the call is sent again with the same id, which must answer the same, having been
+    applied once (the model, which sees one call, must stay equal)."""
+
+    def __init__(self, machine: LossyStoreMachine) -> None:
+        self._machine = machine
+        self._ids = itertools.count(1)
+
+    def __getattr__(self, name: str) -> Any:
+        store = self._machine.real_store
+        if name not in ONCE_CALLS:
+            return getattr(store, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            request = ("machine", next(self._ids))
+            first = self._machine.real_store.once(
+                request, getattr(self._machine.real_store, name))(*args, **kwargs)
+            if not self._machine.losing:
+                return first
+            if self._machine.restart_between:
+                self._machine.restart_store()
+            again = self._machine.real_store.once(
+                request, getattr(self._machine.real_store, name))(*args, **kwargs)
+            assert again == first, (name, first, again)
+            self._machine.resent += 1
+            return again
+
+        return call
+
+
+class LossyStoreMachine(DurableStoreMachine):
+    """The durable machine through a lossy connection (issue 12): replies dropped at random
+    and the requests sent again, with restarts in between."""
+
+    def make_store(self, clock: FakeClock) -> Any:
+        self.real_store = super().make_store(clock)
+        self.losing, self.restart_between, self.resent = False, False, 0
+        return _LossyStore(self)
+
+    def queue_order(self) -> list[str] | None:
+        return list(self.real_store._state.queue)
+
+    def restart_store(self) -> None:
+        self.real_store.close()
+        self.real_store = InMemoryStore(clock=self.clock, data_dir=self.data_dir)
+
+    @rule()
+    def restart(self) -> None:
+        before = self.snapshot()
+        self.restart_store()
+        assert self.snapshot() == before
+
+    @rule(losing=st.booleans(), restart_between=st.booleans())
+    def connection(self, losing: bool, restart_between: bool) -> None:
+        self.losing, self.restart_between = losing, restart_between
+
+    def teardown(self) -> None:
+        self.real_store.close()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+LossyStoreMachine.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestLossyStoreMachine = LossyStoreMachine.TestCase

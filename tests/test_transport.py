@@ -81,9 +81,9 @@ def wait_until(condition: Any, timeout: float = 10.0) -> None:
 
 # --------------------------------------------------------------------------- the API
 def test_client_has_exactly_the_store_methods_and_signatures() -> None:
-    # deferred_commits and durable are the server's own business, not served.
+    # deferred_commits, durable and once are the server's own business, not served.
     public = {n for n in dir(InMemoryStore) if not n.startswith("_")} - {
-        "deferred_commits", "durable"}
+        "deferred_commits", "durable", "once"}
     assert {n for n in dir(StoreClient) if not n.startswith("_")} - {"address"} == public
     assert not {"deferred_commits", "durable"} & set(REMOTE_METHODS)
     for name in public:
@@ -276,34 +276,57 @@ def test_read_is_retried_until_the_server_is_back(tmp_path: Path) -> None:
             second.stop()
 
 
-def test_write_in_flight_when_the_server_dies_is_not_repeated(tmp_path: Path) -> None:
-    with running_server(tmp_path) as srv:
-        client = srv.connect(retry_for=30)
-        client.ping()
+def _claim_in_thread(client: Any, outcome: list[Any]) -> threading.Thread:
+    """A thread whose dequeue(wait=60) has been sent (it blocks reading) when this returns."""
+    connected = threading.Event()
+
+    def claim() -> None:
+        client.ping()  # this thread's connection is open ...
+        connected.set()
+        start = time.monotonic()
+        try:
+            outcome.append(client.dequeue_rollout(worker_id="w", wait=60))
+        except StoreUnavailable as exc:
+            outcome.append(exc)
+        outcome.append(time.monotonic() - start)
+
+    worker = threading.Thread(target=claim)
+    worker.start()
+    # ... and once it blocks reading, the dequeue request has been sent.
+    assert connected.wait(30)
+    wait_until(lambda: "recv" in _innermost(worker))
+    return worker
+
+
+def test_a_write_in_flight_when_the_server_dies_is_sent_again(tmp_path: Path) -> None:
+    """With request ids every call is retried (within retry_for): the claim reaches the
+    restarted server and claims there."""
+    with running_server(tmp_path) as first:
+        client = first.connect(retry_for=30)
         outcome: list[Any] = []
-        connected = threading.Event()
+        worker = _claim_in_thread(client, outcome)
+        first.kill()
+        second = restart(first, tmp_path)
+        try:
+            made = second.connect().enqueue_rollout("after the restart")
+            worker.join(60)
+        finally:
+            second.stop()
+    claimed, elapsed = outcome
+    assert claimed is not None and claimed.rollout_id == made.rollout_id
+    assert elapsed < 30
 
-        def claim() -> None:
-            client.ping()  # this thread's connection is open ...
-            connected.set()
-            start = time.monotonic()
-            try:
-                outcome.append(client.dequeue_rollout(worker_id="w", wait=60))
-            except StoreUnavailable as exc:
-                outcome.append(exc)
-            outcome.append(time.monotonic() - start)
 
-        worker = threading.Thread(target=claim)
-        worker.start()
-        # ... and once it blocks reading, the dequeue request has been sent.
-        assert connected.wait(30)
-        wait_until(lambda: "recv" in _innermost(worker))
+def test_a_write_gives_up_after_retry_for(tmp_path: Path) -> None:
+    with running_server(tmp_path) as srv:
+        client = srv.connect(retry_for=2)
+        outcome: list[Any] = []
+        worker = _claim_in_thread(client, outcome)
         srv.kill()
         worker.join(30)
     error, elapsed = outcome
-    assert isinstance(error, StoreUnavailable)
-    assert "may or may not have been applied" in str(error)
-    assert elapsed < 10  # at once: not after retry_for (30 s) nor the wait (60 s)
+    assert isinstance(error, StoreUnavailable) and "unavailable" in str(error)
+    assert 1.5 < elapsed < 10  # after retry_for (2 s), not after the wait (60 s)
 
 
 def _innermost(thread: threading.Thread) -> str:

@@ -35,6 +35,8 @@ server-side frames in their traceback.
 
 from __future__ import annotations
 
+import itertools
+import os
 import pickle
 import threading
 import time
@@ -43,7 +45,17 @@ from collections.abc import Callable, Iterable
 from multiprocessing.managers import RemoteError
 from typing import TYPE_CHECKING, Any
 
-from ..api import BLOCKING, RETRIED, SERVED, Wait, in_slices, is_seconds
+from ..api import (
+    BLOCKING,
+    MUTATING,
+    PACKED,
+    REQUEST_KEY,
+    RETRIED,
+    SERVED,
+    Wait,
+    in_slices,
+    is_seconds,
+)
 from ..errors import InvalidArgument, StoreUnavailable
 from .auth import resolve_authkey
 from .channel import Channel, TransportError, fork_epoch
@@ -80,6 +92,10 @@ DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
 _dumps = pickle.dumps
 #: The decoder of replies for clients that allow nothing beyond the default (most of them).
 _DEFAULT_REPLIES: list[AllowList] = []
+#: Calls sent with a request id, so that the server answers a resend with the first answer
+#: (see mpstore.replies): every write but the span adds, which are idempotent by span id
+#: (D7) and too hot for the extra work.
+_ONCE = MUTATING - set(PACKED)
 #: The longest reply timeout given to the kernel (a year).
 _LONGEST = 365 * 24 * 3600.0
 
@@ -164,6 +180,9 @@ class StoreClient(_Base):
         self._channels: weakref.WeakSet[Channel] = weakref.WeakSet()  # for close()
         self._channels_lock = threading.Lock()
         self._epoch = fork_epoch()
+        self._ids_epoch = -1  # request ids are made anew in a forked child (see _request_id)
+        self._client_id = ""
+        self._sequence = itertools.count(1)
 
     @property
     def address(self) -> str:
@@ -200,6 +219,15 @@ class StoreClient(_Base):
         self._local.channel = None
 
     # ------------------------------------------------------------------ calls
+    def _request_id(self) -> tuple[str, int]:
+        """The next request id: this client's random id in this process, and a number that
+        only grows. (A forked child makes its own id: its requests are not its parent's.)"""
+        epoch = fork_epoch()
+        if self._ids_epoch != epoch:
+            self._client_id, self._sequence = os.urandom(8).hex(), itertools.count(1)
+            self._ids_epoch = epoch
+        return self._client_id, next(self._sequence)
+
     def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run ``name(*args, **kwargs)`` on the server: the fast path, one round trip on this
         thread's connection; anything unusual goes to :meth:`_recover`."""
@@ -210,6 +238,8 @@ class StoreClient(_Base):
             if wait.longer_than(kwargs, timeout):  # or unbounded: sent in slices
                 return in_slices(wait, lambda kw: self._call(name, args, kw), kwargs, timeout)
             timeout = self._reply_timeout(wait, kwargs)
+        if name in _ONCE:  # the same id on every resend of this call (_recover)
+            kwargs = {**kwargs, REQUEST_KEY: self._request_id()}
         try:
             payload = _request(name, args, kwargs)
         except Exception as exc:  # a lock, a lambda, a generator ...: nothing was sent
@@ -243,7 +273,8 @@ class StoreClient(_Base):
         """Reconnect and (re)send as the policy allows, until ``retry_for`` seconds after the
         first failure, or the end of a wait that began at ``started``. Raises
         StoreUnavailable, or what the server raised."""
-        if failure is not None and failure.delivered and name not in RETRIED:
+        once = REQUEST_KEY in kwargs  # answered once however often it is sent
+        if failure is not None and failure.delivered and not (once or name in RETRIED):
             raise self._unsafe(name, failure)
         deadline, own_end = time.monotonic() + self._retry_for, None
         wait = BLOCKING.get(name)
@@ -266,7 +297,7 @@ class StoreClient(_Base):
                 data = channel.request(_request(name, args, kwargs), timeout)
             except TransportError as exc:
                 self._discard(channel)
-                if exc.delivered and name not in RETRIED:
+                if exc.delivered and not (once or name in RETRIED):
                     raise self._unsafe(name, exc) from None
                 failure = exc
                 remaining = deadline - time.monotonic()

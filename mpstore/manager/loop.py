@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..api import BLOCKING
+from ..api import BLOCKING, REQUEST_KEY
 from ..errors import InvalidArgument, StorageError
 from .blocking import Abandoned, blocks, sliced
 from .safe_pickle import AllowList, Refused, refused_request
@@ -50,6 +50,7 @@ from .wire import (
     dump_reply,
     dump_result,
     frame,
+    once_call,
     too_large,
     unpack,
     unpickle_failure,
@@ -124,10 +125,15 @@ class Dispatcher:
                  fallback: Callable[[socket.socket, bytes], None],
                  batch: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
                  busy_poll: float = BUSY_POLL,
-                 loads: Callable[[bytes], Any] | None = None) -> None:
+                 loads: Callable[[bytes], Any] | None = None,
+                 once: Callable[[Any, Callable[..., Any]], Callable[..., Any]] | None = None
+                 ) -> None:
         self._methods = methods
         # The restricted decoder of .safe_pickle: the server's allow-list.
         self._loads = loads if loads is not None else AllowList.for_requests().loads
+        # ``once(request_id, method)``: the store's exactly-once wrapper for a request that
+        # carries an id (api.REQUEST_KEY); without it, such requests are refused.
+        self._once = once
         # With ``batch`` (a durable store's deferred_commits), the requests ready at one
         # wake-up are answered under ``batch()`` (one commit for all of them) and their
         # replies sent after it. Without, each reply goes out at once.
@@ -348,6 +354,8 @@ class Dispatcher:
                 raise AttributeError(f"the mpstore server has no method {name!r}")
             if ident == PACKED_IDENT:
                 args = unpack(name, args)
+            if REQUEST_KEY in kwds:
+                func = once_call(self._once, kwds, func)
             if isinstance(kwds, dict) and blocks(name, kwds):
                 ready = self._without_waiting(name, func, args, kwds)
                 if ready is None:

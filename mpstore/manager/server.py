@@ -148,6 +148,7 @@ class StoreServer(StockClients, Server):
         self.stop_event = threading.Event()
         self.handshake_timeout = handshake_timeout
         self._methods: dict[str, Callable[..., Any]] = {}
+        self._once: Callable[[Any, Callable[..., Any]], Callable[..., Any]] | None = None
         self._dispatcher: Dispatcher | None = None
         self._conns: set[Connection] = set()
         self._conns_lock = threading.Lock()
@@ -165,8 +166,9 @@ class StoreServer(StockClients, Server):
         ``"store"``."""
         self.id_to_obj[STORE_IDENT] = (store, frozenset(SERVED), None)
         self._methods = {name: getattr(store, name) for name in SERVED}
+        self._once = getattr(store, "once", None)  # exactly-once answers (api.REQUEST_KEY)
         self._dispatcher = Dispatcher(
-            self._methods, max_message_size=self.max_message_size,
+            self._methods, once=self._once, max_message_size=self.max_message_size,
             on_close=self._peer_closed, fallback=self._fallback, busy_poll=self.busy_poll,
             loads=self._loads,
             # Only a durable store's commits are worth batching; an in-memory store's

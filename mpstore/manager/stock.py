@@ -22,7 +22,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..api import BLOCKING
+from ..api import BLOCKING, REQUEST_KEY
 from .blocking import Abandoned, sliced
 from .loop import peer_name, refused
 from .safe_pickle import Refused
@@ -31,6 +31,7 @@ from .wire import (
     STORE_IDENT,
     dump_error,
     dump_reply,
+    once_call,
     too_large,
     unpickle_failure,
 )
@@ -82,6 +83,7 @@ class StockClients:
     _conns: set[Connection]
     _methods: dict[str, Callable[..., Any]]
     _loads: Callable[[bytes], Any]  # the restricted decoder (see .safe_pickle)
+    _once: Callable[[Any, Callable[..., Any]], Callable[..., Any]] | None
     max_message_size: int
     public: list[str]
     id_to_obj: dict[str, Any]
@@ -166,6 +168,8 @@ class StockClients:
             ident, name, args, kwds = request
             if ident == STORE_IDENT:
                 func = self._methods.get(name) or self._missing(name)
+                if isinstance(kwds, dict) and REQUEST_KEY in kwds:
+                    func = once_call(self._once, kwds, func)
                 if name in BLOCKING:
                     return dump_reply(sliced(conn.fileno(), name, func, args, kwds))
             else:

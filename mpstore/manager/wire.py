@@ -31,13 +31,14 @@ import logging
 import operator
 import pickle
 import struct
+from collections.abc import Callable
 from traceback import format_exc, format_exception
 from types import TracebackType
 from typing import Any
 
 from tblib.pickling_support import pickle_exception, pickle_traceback
 
-from ..api import PACKED
+from ..api import PACKED, REQUEST_KEY
 from ..errors import InvalidArgument
 from .safe_pickle import reply_list
 
@@ -56,6 +57,7 @@ __all__ = [
     "dump_reply",
     "dump_result",
     "frame",
+    "once_call",
     "pack",
     "too_large",
     "unpack",
@@ -203,3 +205,14 @@ def unpack(name: str, args: Any) -> tuple[Any, ...]:
                               f"{size} fields)")
     records = [cls._unwire(v) for v in packed]  # type: ignore[attr-defined]
     return (records if many else records[0], *args[1:])
+
+
+def once_call(once: Callable[[Any, Callable[..., Any]], Callable[..., Any]] | None,
+              kwds: dict[str, Any], func: Callable[..., Any]) -> Callable[..., Any]:
+    """For the server: take the request id out of a request's keywords (api.REQUEST_KEY)
+    and answer it through the store's ``once``, so that a resend gets the first answer.
+    Raises InvalidArgument if the store cannot (``once`` is None)."""
+    request = kwds.pop(REQUEST_KEY)
+    if once is None:
+        raise InvalidArgument("this server cannot answer requests exactly once")
+    return once(request, func)
