@@ -238,7 +238,7 @@ class StoreClient(_Base):
             if wait.longer_than(kwargs, timeout):  # or unbounded: sent in slices
                 return in_slices(wait, lambda kw: self._call(name, args, kw), kwargs, timeout)
             timeout = self._reply_timeout(wait, kwargs)
-        if name in _ONCE:  # the same id on every resend of this call (_recover)
+        if name in _ONCE and REQUEST_KEY not in kwargs:  # the same id on every resend (_recover)
             kwargs = {**kwargs, REQUEST_KEY: self._request_id()}
         try:
             payload = _request(name, args, kwargs)
