@@ -3,7 +3,9 @@
     python examples/runners.py [N_ROLLOUTS] [K_RUNNERS]
 
 The trainer publishes the resources every runner should use (the model endpoint, a prompt),
-enqueues N rollouts and waits for all of them. Each runner is a separate process (spawned,
+enqueues N rollouts and consumes them from the feed of finished rollouts as they finish
+(``finished_rollouts``: in the order they finished, with a cursor), deleting what it has
+consumed. Each runner is a separate process (spawned,
 so it would work the same with fork or forkserver): it receives the client as an argument
 (a client pickles to its address and key and opens its own connection in the child), claims
 rollouts with a long poll, emits spans and marks its attempt succeeded. Runners stop when
@@ -57,15 +59,24 @@ def main(n_rollouts: int = 20, k_runners: int = 3) -> None:
                    for k in range(k_runners)]
         for worker in workers:
             worker.start()
-        done = store.wait_for_rollouts(rollout_ids=ids, timeout=60)
+        done, cursor, spans, by_worker = [], 0, 0, Counter()
+        for _ in range(600):  # bounded: at most 60 s of 0.1 s long polls with nothing new
+            if len(done) == len(ids):
+                break
+            page = store.finished_rollouts(after=cursor, limit=100, wait=0.1)
+            for rollout in page.rollouts:  # learn from each as soon as it is finished
+                spans += len(store.query_spans(rollout.rollout_id))
+                by_worker[store.get_latest_attempt(rollout.rollout_id).worker_id] += 1
+            done += page.rollouts
+            store.delete_rollouts([r.rollout_id for r in page.rollouts])  # consumed
+            cursor = page.next_after
         for worker in workers:
             worker.join(30)
 
         statuses = Counter(str(r.status) for r in done)
-        by_worker = Counter(store.get_latest_attempt(rid).worker_id for rid in ids)
-        spans = sum(len(store.query_spans(rid)) for rid in ids)
         print(f"trainer: {len(done)}/{len(ids)} finished {dict(statuses)}, {spans} spans")
         print(f"trainer: work per runner {dict(sorted(by_worker.items()))}")
+        print(f"trainer: {store.statistics()['total_rollouts']} rollouts left after deleting")
         if len(done) != len(ids) or any(w.exitcode != 0 for w in workers):
             raise SystemExit("not every rollout finished")
         store.close()

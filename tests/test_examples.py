@@ -11,7 +11,8 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 EXPECTED = {
     "quickstart.py": ["status=queuing", "status=succeeded", "span 2: reward"],
-    "runners.py": ["20/20 finished {'succeeded': 20}, 40 spans", "work per runner"],
+    "runners.py": ["20/20 finished {'succeeded': 20}, 40 spans", "work per runner",
+                   "0 rollouts left after deleting"],
     "retries.py": ["runner-crashing  unresponsive", "runner-slow      timeout",
                    "runner-healthy   succeeded"],
 }
