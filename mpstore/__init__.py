@@ -31,6 +31,7 @@ from .errors import (
     StorageError,
     StoreError,
     StoreUnavailable,
+    VersionMismatch,
 )
 from .manager.client import StoreClient, connect
 from .types import (
@@ -83,6 +84,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "Unset",
+    "VersionMismatch",
     "__version__",
     "connect",
 ]

@@ -14,6 +14,7 @@
     ├── StoreUnavailable           (also ConnectionError) server unreachable after retries, or a
     │                              write whose request may have reached a server that then died
     ├── AuthenticationFailed       (also multiprocessing.AuthenticationError) wrong authkey
+    ├── VersionMismatch            client and server speak different wire versions
     └── ServerStartError           (also RuntimeError) the server could not start (port taken ...)
 
 Every class pickles and unpickles to an equal exception (same class, same message), because
@@ -37,6 +38,7 @@ __all__ = [
     "StorageError",
     "StoreError",
     "StoreUnavailable",
+    "VersionMismatch",
 ]
 
 
@@ -99,6 +101,11 @@ class StoreUnavailable(MpstoreError, ConnectionError):
 
 class AuthenticationFailed(MpstoreError, multiprocessing.AuthenticationError):
     """The server and the client do not share the same authkey."""
+
+
+class VersionMismatch(MpstoreError):
+    """The client and the server speak different versions of the wire format (how records
+    are pickled): the message names both and which side to upgrade. Never retried."""
 
 
 class ServerStartError(MpstoreError, RuntimeError):

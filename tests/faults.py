@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 from mpstore.manager.sockets import set_socket_timeouts
-from mpstore.manager.wire import PROTOCOL, STORE_IDENT
+from mpstore.manager.wire import HELLO, PROTOCOL, STORE_IDENT, hello
 from mpstore.testing import ServerProcess
 
 __all__ = [
@@ -79,7 +79,8 @@ def raw_socket(server: ServerProcess, timeout: float = 5.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
 
 
-def authenticated(server: ServerProcess, timeout: float = 5.0) -> Connection:
+def authenticated(server: ServerProcess, timeout: float = 5.0, say_version: bool = True
+                  ) -> Connection:
     """A connection that has passed the handshake with the server's key, as a client's does,
     so a test can then send whatever frames it likes."""
     sock = raw_socket(server, timeout)
@@ -88,6 +89,9 @@ def authenticated(server: ServerProcess, timeout: float = 5.0) -> Connection:
     conn = Connection(sock.detach())
     answer_challenge(conn, server.authkey)
     deliver_challenge(conn, server.authkey)
+    if say_version:  # as mpstore's client does: its wire version, then the server's
+        conn.send_bytes(hello())
+        assert conn.recv_bytes().startswith(HELLO)
     return conn
 
 

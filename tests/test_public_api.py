@@ -40,6 +40,7 @@ EXPECTED = {
     "StoreError",
     "StoreUnavailable",
     "Unset",
+    "VersionMismatch",
     "__version__",
 }
 #: Names the transport (mpstore.manager, issue 3) adds: connect() and the type it returns.

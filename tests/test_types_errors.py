@@ -40,6 +40,7 @@ from mpstore import (
     StoreError,
     StoreUnavailable,
     Unset,
+    VersionMismatch,
 )
 from mpstore.types import _rebuild, new_attempt_id, new_resources_id, new_rollout_id
 
@@ -58,6 +59,7 @@ SAMPLES: dict[str, BaseException] = {
     "SpansEvicted": SpansEvicted("ro-0123456789ab"),
     "StoreUnavailable": StoreUnavailable("server 127.0.0.1:4747 unreachable for 5.0 s"),
     "AuthenticationFailed": AuthenticationFailed("digest received was wrong"),
+    "VersionMismatch": VersionMismatch("the client runs mpstore 0.3.0 (wire version 3) ..."),
     "StorageError": StorageError("database in /data has schema version 9, expected 1"),
     "ServerStartError": ServerStartError(
         "mpstore server failed to start on 127.0.0.1:4747. Another process may already be "

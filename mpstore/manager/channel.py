@@ -27,9 +27,9 @@ import weakref
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 
-from ..errors import AuthenticationFailed
+from ..errors import AuthenticationFailed, VersionMismatch
 from .sockets import set_socket_timeouts, tune_socket
-from .wire import frame
+from .wire import frame, hello, mismatch, parse_hello
 
 __all__ = ["Channel", "TransportError", "fork_epoch"]
 
@@ -81,6 +81,16 @@ _RECV_SIZE = 64 * 1024
 _OPEN: weakref.WeakSet[Channel] = weakref.WeakSet()
 #: The fork generation: bumped in every forked child, so channels of the parent are not used.
 _EPOCH = [0]
+
+
+def _say_versions(conn: Connection) -> None:
+    """Say our wire version and read the server's; raises VersionMismatch if they differ
+    (or the server says none: an older mpstore), EOFError if it hangs up."""
+    conn.send_bytes(hello())
+    said = parse_hello(conn.recv_bytes())
+    ours = parse_hello(hello())
+    if said is None or ours is None or said[0] != ours[0]:
+        raise VersionMismatch(mismatch(ours, said))
 
 
 def fork_epoch() -> int:
@@ -139,6 +149,11 @@ class Channel:
             conn.close()
             raise EOFError("the server closed the connection before the handshake (at its "
                            "--max-connections limit? see its log)") from None
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            _say_versions(conn)
         except BaseException:
             conn.close()
             raise

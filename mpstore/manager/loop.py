@@ -39,18 +39,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .._version import WIRE_VERSION
 from ..api import BLOCKING, REQUEST_KEY
-from ..errors import InvalidArgument, StorageError
+from ..errors import InvalidArgument, StorageError, VersionMismatch
 from .blocking import Abandoned, blocks, sliced
 from .safe_pickle import AllowList, Refused, refused_request
 from .wire import (
+    HELLO,
     PACKED_IDENT,
     STORE_IDENT,
     dump_error,
     dump_reply,
     dump_result,
     frame,
+    hello,
+    mismatch,
     once_call,
+    parse_hello,
     too_large,
     unpack,
     unpickle_failure,
@@ -103,7 +108,7 @@ def refused(exc: Refused, data: bytes, peer: str) -> InvalidArgument:
 class _Peer:
     """One connection's buffers and state (owned by the loop thread)."""
 
-    __slots__ = ("busy", "closed", "drain", "drain_size", "inbuf", "out", "sock")
+    __slots__ = ("busy", "closed", "drain", "drain_size", "inbuf", "out", "said", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -113,6 +118,9 @@ class _Peer:
         self.closed = False
         self.drain = 0  # bytes of an oversized request still to discard
         self.drain_size = 0
+        #: The wire version the client said (None: not yet). Store calls are answered only
+        #: once it said ours, so that no record is ever decoded by another layout.
+        self.said: tuple[int, str] | None = None
 
 
 class Dispatcher:
@@ -335,6 +343,9 @@ class Dispatcher:
             self._handle(peer, data)
 
     def _handle(self, peer: _Peer, data: bytes) -> None:
+        if peer.said is None and data.startswith(HELLO):
+            self._hello(peer, data)
+            return
         try:
             request = self._loads(data)
         except Refused as exc:
@@ -350,6 +361,8 @@ class Dispatcher:
         ident, name, args, kwds = request
         func = self._methods.get(name)
         try:
+            if peer.said is None or peer.said[0] != WIRE_VERSION:
+                raise VersionMismatch(mismatch(peer.said, parse_hello(hello())))
             if func is None:
                 raise AttributeError(f"the mpstore server has no method {name!r}")
             if ident == PACKED_IDENT:
@@ -367,6 +380,15 @@ class Dispatcher:
         except Exception as exc:
             reply = dump_error(exc)  # with the server-side traceback (tblib)
         self._send(peer, reply)
+
+    def _hello(self, peer: _Peer, data: bytes) -> None:
+        """A client said its wire version: answer with ours (the client decides and says
+        why); a client of another version is refused every store call (and logged)."""
+        peer.said = parse_hello(data) or (-1, "unknown")
+        if peer.said[0] != WIRE_VERSION:
+            log.warning("Refused a client of another wire version: %s",
+                        mismatch(peer.said, parse_hello(hello())))
+        self._send(peer, hello())
 
     # ------------------------------------------------------------ blocking calls
     @staticmethod

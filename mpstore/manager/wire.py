@@ -38,6 +38,7 @@ from typing import Any
 
 from tblib.pickling_support import pickle_exception, pickle_traceback
 
+from .._version import WIRE_VERSION, __version__
 from ..api import PACKED, REQUEST_KEY
 from ..errors import InvalidArgument
 from .safe_pickle import reply_list
@@ -46,6 +47,7 @@ __all__ = [
     "ARG0",
     "ARG0_ITEMS",
     "ERROR",
+    "HELLO",
     "MAX_MESSAGE_SIZE",
     "PACKED_IDENT",
     "PROTOCOL",
@@ -57,8 +59,11 @@ __all__ = [
     "dump_reply",
     "dump_result",
     "frame",
+    "hello",
+    "mismatch",
     "once_call",
     "pack",
+    "parse_hello",
     "too_large",
     "unpack",
     "unpickle_failure",
@@ -216,3 +221,37 @@ def once_call(once: Callable[[Any, Callable[..., Any]], Callable[..., Any]] | No
     if once is None:
         raise InvalidArgument("this server cannot answer requests exactly once")
     return once(request, func)
+
+
+# ---------------------------------------------------------------------- the wire version
+#: How a client says its wire version right after the handshake, and how the server
+#: answers with its own: plain bytes, so that any version reads them (a pickle might not).
+HELLO = b"MPSTORE-WIRE "
+
+
+def hello() -> bytes:
+    """This side's hello: the wire version and, for the messages, the mpstore version."""
+    return HELLO + f"{WIRE_VERSION} {__version__}".encode()
+
+
+def parse_hello(data: bytes | memoryview) -> tuple[int, str] | None:
+    """(wire version, mpstore version) of a hello; None if ``data`` is not one."""
+    data = bytes(data)
+    if not data.startswith(HELLO):
+        return None
+    try:
+        wire, version = data[len(HELLO):].decode("ascii").split(" ", 1)
+        return int(wire), version
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def mismatch(client: tuple[int, str] | None, server: tuple[int, str] | None) -> str:
+    """The message of a VersionMismatch: both sides' versions and what to do."""
+    def side(name: str, said: tuple[int, str] | None) -> str:
+        if said is None:
+            return f"the {name} says no wire version (mpstore 0.1.0, wire version 1)"
+        return f"the {name} runs mpstore {said[1]} (wire version {said[0]})"
+
+    return (f"{side('client', client)} and {side('server', server)}: client and server must "
+            "speak the same wire version; install the same mpstore on both sides")
