@@ -44,8 +44,10 @@ def open_v1(data_dir: Path) -> InMemoryStore:
 
 def comparable(seen: dict) -> dict:
     seen = json.loads(json.dumps(seen))  # the same JSON shapes as the file
-    seen["statistics"].pop("memory_capacity_bytes")  # this machine's RAM
-    seen["statistics"].pop("storage", None)
+    # The keys version 1 reported (later versions report more), less this machine's RAM.
+    old = json.loads((DATA / "v1.json").read_text())["statistics"]
+    seen["statistics"] = {k: v for k, v in seen["statistics"].items()
+                          if k in old and k != "memory_capacity_bytes"}
     return seen
 
 
