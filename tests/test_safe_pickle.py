@@ -267,6 +267,8 @@ def fake_server(replies: list[bytes]) -> Iterator[tuple[str, bytes]]:
 
     def serve() -> None:
         with contextlib.suppress(OSError, EOFError), listener.accept() as conn:
+            conn.recv_bytes()  # the client's wire version; say ours, as mpstore's server does
+            conn.send_bytes(wire.hello())
             for reply in replies:
                 conn.recv_bytes()
                 conn.send_bytes(reply)
