@@ -157,8 +157,17 @@ def test_trace_table_and_tree(site: tuple[Dashboard, Filled]) -> None:
     assert bars[1] == (100.0, 500.0) and bars[2] == (150.0, 250.0) and bars[3] == (650.0, 300.0)
     assert "1000.0 ms" in tree[1] and "2000.0 ms" in tree[0]
     table = rows(body, "spans")
-    assert len(table) == 4 and "<details" in table[0] and "tokens" in table[0]
+    assert len(table) == 4 and "<details" in table[0] and "tokens" not in body  # on demand
+    src = html.unescape(re.search(r'data-src="([^"]+)"', table[0]).group(1))
+    code, _, attributes = get(dash, src)
+    assert code == 200 and "tokens" in attributes and "status_code" in attributes
+    assert "&lt;script&gt;window.pwned" in attributes and "<html" not in attributes
     assert_inert(body)
+    assert_inert(attributes)
+    _, _, page = get(dash, src.replace("/fragment/span", "/span"))
+    assert "<html" in page and "tokens" in page
+    assert "No span" in get(dash, src.replace("span=", "span=0"))[2]
+    assert get(dash, f"/span?rollout={rollout_id}")[0] == 400
     _, _, latest = get(dash, f"/trace?rollout={rollout_id}")
     assert rows(latest, "tree") == tree  # attempt defaults to the latest
     _, _, empty = get(dash, f"/trace?rollout={filled.by_status['queuing']}&attempt=latest")
@@ -193,7 +202,8 @@ def test_runners_page(site: tuple[Dashboard, Filled]) -> None:
 def test_every_page_is_read_only_and_safe(site: tuple[Dashboard, Filled]) -> None:
     dash, filled = site
     for path in ("/", "/rollouts", f"/rollout?id={filled.traced[0]}", "/resources",
-                 "/runners", f"/trace?rollout={filled.traced[0]}"):
+                 "/runners", f"/trace?rollout={filled.traced[0]}",
+                 f"/span?rollout={filled.traced[0]}&attempt={filled.traced[1]}&span=x"):
         code, headers, body = get(dash, path)
         assert code == 200, path
         assert "script-src 'self'" in headers["content-security-policy"]

@@ -147,11 +147,13 @@ def test_a_person_follows_a_run(site: tuple[Dashboard, Filled], browser: Any) ->
     page.wait_for_url("**/trace?*")
     names = page.locator("table.tree .span-name").all_inner_texts()
     assert names == [filled.span_names[i] for i in (0, 1, 3, 2)]
-    page.locator("table.spans details summary").first.click()
-    assert page.locator("table.spans details[open] pre").first.is_visible()
+    page.locator("table.spans details summary").first.click()  # loads its attributes
+    page.wait_for_selector("table.spans details[open] pre", timeout=10000)
+    assert "tokens" in page.locator("table.spans details[open] pre").inner_text()
     # an open <details> stays open across a refresh
     page.wait_for_selector("#live[data-refreshes]", state="attached", timeout=15000)
     assert page.locator("table.spans details[open]").count() == 1
+    assert "tokens" in page.locator("table.spans details[open] pre").inner_text()
     _shot(page, "trace")
     _not_pwned(page, dialogs)
 

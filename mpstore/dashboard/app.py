@@ -46,7 +46,7 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 #: How often each kind of fragment is polled, in milliseconds.
 POLL_MS = {"overview": 2000, "rollouts": 3000, "rollout": 3000, "trace": 5000,
-           "resources": 5000, "runners": 3000}
+           "span": 10000, "resources": 5000, "runners": 3000}
 
 _HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -109,6 +109,7 @@ class Pages:
     def routes(self) -> list[Route]:
         table = [("/", "overview", self.overview), ("/rollouts", "rollouts", self.rollouts),
                  ("/rollout", "rollout", self.rollout), ("/trace", "trace", self.trace),
+                 ("/span", "span", self.span),
                  ("/resources", "resources", self.resources),
                  ("/runners", "runners", self.runners)]
         out = []
@@ -165,6 +166,18 @@ class Pages:
         bars, total = views.waterfall(spans)
         return {"rollout_id": rollout_id, "attempt_id": attempt_id, "spans": spans,
                 "bars": bars, "total": total}
+
+    def span(self, request: Request) -> dict[str, Any]:
+        """One span's attributes, status, events, links and resource: what the trace page's
+        <details> load when opened (so a trace page never carries every span's attributes)."""
+        query = request.query_params
+        rollout_id, attempt_id = query.get("rollout", ""), query.get("attempt", "")
+        span_id = query.get("span", "")
+        if not (rollout_id and attempt_id and span_id):
+            raise InvalidArgument("which span? /span?rollout=ROLLOUT_ID&attempt=ATTEMPT_ID"
+                                  "&span=SPAN_ID")
+        return {"rollout_id": rollout_id, "attempt_id": attempt_id, "span_id": span_id,
+                "span": self.source.span(rollout_id, attempt_id, span_id)}
 
     def resources(self, request: Request) -> dict[str, Any]:
         wanted = [i.strip() for i in request.query_params.getlist("id") if i.strip()]

@@ -10,7 +10,8 @@ Which store calls a page costs (what the store does for one page):
 * overview: ``statistics()`` (O(1) counts); the chart's history comes from the
   :class:`~mpstore.dashboard.history.History` sampler, one ``statistics()`` every 2 s;
 * a rollout: ``get_rollout_by_id`` + ``query_attempts`` (that rollout's attempts);
-* a trace: ``query_spans(rollout_id, attempt_id)`` (that attempt's spans only);
+* a trace: ``query_spans(rollout_id, attempt_id)`` (that attempt's spans only); a span's
+  attributes, opened on demand: the same;
 * resources: ``get_latest_resources`` + ``get_resources_by_id`` per id listed;
 * rollouts and runners: see :meth:`Source.rollouts` and :meth:`Source.runners`: until the
   store has paged queries and workers, they read every rollout of the statuses asked for.
@@ -162,6 +163,14 @@ class Source:
     def spans(self, rollout_id: str, attempt_id: str) -> list[Span]:
         """The attempt's spans by sequence_id (``attempt_id="latest"`` allowed)."""
         return self.call(lambda c: c.query_spans(rollout_id, attempt_id))
+
+    def span(self, rollout_id: str, attempt_id: str, span_id: str) -> Span | None:
+        """One span of the attempt by span_id, None if it has none such.
+
+        Temporary cost, until query_spans filters by span_id (issue 11): the attempt's spans
+        are read and one is kept (bounded by that attempt, not by the store)."""
+        return next((s for s in self.spans(rollout_id, attempt_id) if s.span_id == span_id),
+                    None)
 
     def resources(self, extra_ids: Sequence[str] = ()) -> tuple[str | None,
                                                                   list[ResourcesUpdate]]:

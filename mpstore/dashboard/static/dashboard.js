@@ -16,9 +16,35 @@
     banner.classList.toggle("hidden", !message);
   }
 
+  // Open <details> by id, with what they loaded, to restore after a swap.
   function openDetails() {
-    return Array.from(live.querySelectorAll("details[open][id]"), (d) => d.id);
+    return Array.from(live.querySelectorAll("details[open][id]"), (d) => {
+      const box = d.querySelector(".lazy");
+      return [d.id, d.dataset.loaded && box ? box.innerHTML : null];
+    });
   }
+
+  // A <details data-src> loads its content (server-rendered, escaped) when first opened.
+  async function load(details) {
+    const box = details.querySelector(".lazy");
+    if (!box || details.dataset.loaded) return;
+    details.dataset.loaded = "1";
+    try {
+      const response = await fetch(details.dataset.src, {cache: "no-store",
+                                                          credentials: "same-origin"});
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      box.innerHTML = await response.text();
+    } catch (err) {
+      delete details.dataset.loaded;
+      box.textContent = "Could not load: " + err.message;
+    }
+  }
+  document.addEventListener("toggle", (event) => {
+    const details = event.target;
+    if (details instanceof HTMLDetailsElement && details.open && details.dataset.src) {
+      load(details);
+    }
+  }, true);
 
   async function refresh() {
     if (document.hidden) return;  // no cost to the store while nobody looks
@@ -41,9 +67,15 @@
     const html = await response.text();
     const keep = openDetails();
     live.innerHTML = html;
-    for (const id of keep) {
+    for (const [id, content] of keep) {
       const details = document.getElementById(id);
-      if (details) details.open = true;
+      if (!details) continue;
+      const box = details.querySelector(".lazy");
+      if (content !== null && box) {
+        box.innerHTML = content;
+        details.dataset.loaded = "1";
+      }
+      details.open = true;
     }
     updated.textContent = "updated " + new Date().toLocaleTimeString();
     live.dataset.refreshes = String((parseInt(live.dataset.refreshes, 10) || 0) + 1);
