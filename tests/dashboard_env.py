@@ -41,6 +41,7 @@ class Filled:
     resources_id: str = ""
     old_resources_id: str = ""
     workers: dict[str, str] = field(default_factory=dict)  # worker -> rollout it holds
+    idle_workers: set[str] = field(default_factory=set)  # their attempts ended
 
 
 def _claim(store: Any, worker: str, **kwargs: Any) -> Any:
@@ -91,6 +92,7 @@ def fill(store: Any) -> Filled:
         done = _claim(store, "runner-2", input={"q": status}, **common)
         store.update_attempt(done.rollout_id, done.attempt.attempt_id, status=status)
         out.by_status[status] = done.rollout_id
+    out.idle_workers = {"runner-2", "runner-3"}
     retry = RolloutConfig(max_attempts=3, retry_condition=["failed"])
     again = _claim(store, "runner-3", input={"q": "requeuing"}, config=retry, **common)
     store.update_attempt(again.rollout_id, again.attempt.attempt_id, status="failed")

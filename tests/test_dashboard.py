@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip("starlette", reason="needs mpstore[dashboard]")
 pytest.importorskip("uvicorn", reason="needs mpstore[dashboard]")
 
+from mpstore import StoreClient
 from mpstore.dashboard.data import ROLLOUT_STATUSES
 from mpstore.manager.ports import free_port
 from mpstore.testing import ServerProcess, start_server, write_key_file
@@ -192,10 +193,15 @@ def test_runners_page(site: tuple[Dashboard, Filled]) -> None:
     dash, filled = site
     _, _, body = get(dash, "/runners")
     found = rows(body, "runners")
-    assert len(found) == len(filled.workers)
+    busy = [r for r in found if "w-busy" in r]
+    assert len(busy) == len(filled.workers)
     for worker, rollout_id in filled.workers.items():
-        (row,) = [r for r in found if rollout_id in r]
-        assert worker in html.unescape(row) and "w-busy" in row
+        (row,) = [r for r in busy if rollout_id in r]
+        assert worker in html.unescape(row)
+    if hasattr(StoreClient, "query_workers"):  # the store's workers: the finished ones too
+        idle = [r for r in found if "w-idle" in r]
+        assert {w for w in filled.idle_workers if any(w in r for r in idle)} == \
+            filled.idle_workers
     assert_inert(body)
 
 

@@ -162,10 +162,10 @@ class Pages:
         attempt_id = request.query_params.get("attempt", "latest") or "latest"
         if not rollout_id:
             raise InvalidArgument("which trace? /trace?rollout=ROLLOUT_ID&attempt=ATTEMPT_ID")
-        spans = self.source.spans(rollout_id, attempt_id)
+        spans, stored = self.source.spans(rollout_id, attempt_id)
         bars, total = views.waterfall(spans)
         return {"rollout_id": rollout_id, "attempt_id": attempt_id, "spans": spans,
-                "bars": bars, "total": total}
+                "stored": stored, "bars": bars, "total": total}
 
     def span(self, request: Request) -> dict[str, Any]:
         """One span's attributes, status, events, links and resource: what the trace page's
@@ -181,12 +181,14 @@ class Pages:
 
     def resources(self, request: Request) -> dict[str, Any]:
         wanted = [i.strip() for i in request.query_params.getlist("id") if i.strip()]
-        latest, found = self.source.resources(wanted)
+        latest, found, stored = self.source.resources(wanted)
         missing = [i for i in wanted if i not in {r.resources_id for r in found}]
-        return {"latest": latest, "found": found, "missing": missing, "wanted": wanted}
+        return {"latest": latest, "found": found, "missing": missing, "wanted": wanted,
+                "stored": stored}
 
     def runners(self, request: Request) -> dict[str, Any]:
-        return {"runners": self.source.runners()}
+        runners, stored = self.source.runners()
+        return {"runners": runners, "stored": stored}
 
 
 def create_app(source: Source, history: History | None = None, *,
