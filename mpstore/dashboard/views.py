@@ -11,12 +11,12 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from ..types import Span
 
-__all__ = ["SECRET_KEYS", "Bar", "as_json", "duration", "href", "masked", "timestamp",
-           "waterfall"]
+__all__ = ["SECRET_KEYS", "Bar", "as_json", "duration", "href", "masked", "span_urls",
+           "timestamp", "waterfall"]
 
 #: Keys whose values the resources page hides (an LLM's api_key and the like).
 SECRET_KEYS = frozenset({"api_key", "apikey", "authorization", "password", "secret",
@@ -30,6 +30,19 @@ def href(path: str, **params: Any) -> str:
     """``path?k=v...`` with the parameters URL-encoded (None and "" left out)."""
     kept = [(k, v) for k, v in params.items() if v is not None and v != ""]
     return f"{path}?{urlencode(kept, doseq=True)}" if kept else path
+
+
+def span_urls(spans: list[Span]) -> list[str]:
+    """Each span's page (``/span?rollout=...&attempt=...&span=...``), the common part encoded
+    once: a trace page lists up to thousands of them."""
+    common: dict[tuple[str, str], str] = {}
+    out = []
+    for span in spans:
+        key = (span.rollout_id, span.attempt_id)
+        if key not in common:
+            common[key] = href("/span", rollout=key[0], attempt=key[1]) + "&span="
+        out.append(common[key] + quote(span.span_id, safe=""))
+    return out
 
 
 def _plain(value: Any) -> Any:
