@@ -4,11 +4,12 @@ Real processes: an ``agl store`` server, an ``agl dashboard`` in front of it, K 
 processes running the cycle, and this process as the browser (HTTP/1.1, one kept-alive
 connection per page, as a browser tab polls).
 
-* **Page time vs store size.** The rollouts page (50 rows; unfiltered and filtered by a
-  status) and a 1,000-span trace page, each the median of ``--requests`` fetches of its
-  fragment, on a store holding a few rollouts, then again once ``--rollouts`` more are
-  stored. The figure is ``one page of the small store / one page of the full store``
-  (1.0: the page does not grow with the store; target >= 0.8).
+* **Page time vs store size.** The rollouts page (50 rows, newest first; unfiltered and
+  filtered by a status) and a 1,000-span trace page, each the fastest of ``--requests``
+  fetches of its fragment (the median is in the JSON), on a store holding a few rollouts,
+  then again once ``--rollouts`` more are stored. The figure is ``one page of the small
+  store / one page of the full store`` (1.0: the page does not grow with the store; target
+  >= 0.8).
 * **Polling cost.** With the store full, the server's CPU time per second while only the
   dashboard polls (its throughput sampler plus one tab on the overview and one on the
   rollouts page, at the pages' own intervals), against the server's CPU per second while
@@ -72,18 +73,22 @@ def _get(connection: http.client.HTTPConnection, path: str) -> float:
     return elapsed
 
 
-def _page_times(port: int, pages: dict[str, str], requests: int) -> dict[str, float]:
-    """Median milliseconds per page over ``requests`` fetches (after 2 untimed)."""
-    out = {}
+def _page_times(port: int, pages: dict[str, str], requests: int
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    """The fastest and the median milliseconds per page over ``requests`` fetches (after 2
+    untimed). The fastest is the figure: on a shared machine it is the one least disturbed
+    by the other processes' load."""
+    best, middle = {}, {}
     for name, path in pages.items():
         connection = http.client.HTTPConnection(HOST, port, timeout=120)
         try:
             for _ in range(2):
                 _get(connection, path)
-            out[name] = 1000 * median([_get(connection, path) for _ in range(requests)])
+            times = [1000 * _get(connection, path) for _ in range(requests)]
         finally:
             connection.close()
-    return out
+        best[name], middle[name] = min(times), median(times)
+    return best, middle
 
 
 def _seed(client: Any, spans: int) -> dict[str, str]:
@@ -177,9 +182,9 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
             port = dash.target["port"]
             client = connect(store.target["address"], authkey=store.target["authkey"])
             pages = _seed(client, cfg.spans)
-            small = _page_times(port, pages, cfg.requests)
+            small, small_median = _page_times(port, pages, cfg.requests)
             fill_s = _fill(client, cfg.rollouts)
-            full = _page_times(port, pages, cfg.requests)
+            full, full_median = _page_times(port, pages, cfg.requests)
             stored = client.statistics()["total_rollouts"]
             client.close()
             idle = _idle_cpu(store, cfg.idle)
@@ -195,6 +200,7 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
                  "spans": cfg.spans, "requests": cfg.requests, "k": cfg.k,
                  "fill_s": fill_s, "polls": POLLS, "poll_fetches": poller.fetches},
         "page_ms_small_store": small, "page_ms_full_store": full,
+        "page_ms_median": {"small_store": small_median, "full_store": full_median},
         "page_ratio_small_over_full": {n: ratio(small[n], full[n]) for n in small},
         "server_cpu_cores": {"idle": idle, "dashboard_polling": polling,
                              "cycle": without["server_cpu_cores"]},
@@ -210,7 +216,7 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
 def table(data: dict[str, Any]) -> str:
     meta = data["meta"]
     lines = [f"dashboard: pages with a few vs {meta['stored']:,} stored rollouts "
-             f"(median of {meta['requests']} fetches)",
+             f"(fastest of {meta['requests']} fetches)",
              f"{'page':<24}{'small ms':>10}{'full ms':>10}{'small/full':>12}  target >= 0.8"]
     for name, small in data["page_ms_small_store"].items():
         value = data["page_ratio_small_over_full"][name]
