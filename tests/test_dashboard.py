@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("starlette", reason="needs mpstore[dashboard]")
 pytest.importorskip("uvicorn", reason="needs mpstore[dashboard]")
 
-from mpstore import StoreClient
+from mpstore import Span, StoreClient
 from mpstore.dashboard.data import ROLLOUT_STATUSES
 from mpstore.manager.ports import free_port
 from mpstore.testing import ServerProcess, start_server, write_key_file
@@ -258,6 +258,29 @@ def test_store_goes_away_and_comes_back(tmp_path: Path) -> None:
     finally:
         if isinstance(server, ServerProcess):
             server.stop()
+
+
+def test_evicted_spans_are_said_so(tmp_path: Path) -> None:
+    """A store error (here SpansEvicted) is the store's answer, shown as such: not a banner
+    saying the store is away."""
+    with running_server(tmp_path, "--eviction-threshold", "20000",
+                        "--safe-threshold", "1000") as server:
+        with server.connect() as client:
+            claimed = client.start_rollout({"q": 1})
+            ids = (claimed.rollout_id, claimed.attempt.attempt_id)
+            client.update_attempt(*ids, status="succeeded")
+            other = client.start_rollout({"q": 2})
+            for n in range(1, 40):  # past the threshold: the finished rollout's spans go
+                client.add_span(Span(other.rollout_id, other.attempt.attempt_id, n, "big",
+                                     attributes={"blob": "x" * 2000}))
+                if n == 1:
+                    client.add_span(Span(*ids, 1, "first", attributes={"blob": "y" * 2000}))
+            assert client.statistics()["evicted_rollouts"] >= 1
+        with running_dashboard(tmp_path, server.address, "--authkey-file",
+                               str(server.authkey_file)) as dash:
+            code, headers, body = fetch(dash.url + f"/trace?rollout={ids[0]}&attempt={ids[1]}")
+            assert code == 200 and headers["x-store-state"] == "up"
+            assert "SpansEvicted" in body and "The store answered" in body
 
 
 def test_wrong_key_starts_and_says_so(tmp_path: Path) -> None:

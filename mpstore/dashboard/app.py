@@ -30,7 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, StoreError
 from . import views
 from .data import ROLLOUT_STATUSES, Source, StoreDown
 from .history import History, chart
@@ -93,7 +93,11 @@ class Pages:
         except StoreDown as exc:
             values, body, error, status = {}, "down", str(exc), 200
         except InvalidArgument as exc:
-            values, body, error, status = {"message": str(exc)}, "invalid", None, 400
+            values, body, error, status = {"message": str(exc), "title": "Bad request"}, \
+                "invalid", None, 400
+        except StoreError as exc:  # e.g. SpansEvicted: the store answered, with a refusal
+            values, body, error, status = {"message": f"{type(exc).__name__}: {exc}",
+                                           "title": "The store answered"}, "invalid", None, 200
         context = {"request": request, "error": error, "store": self.source.address,
                    "section": name, "body": f"_{body}.html", **values}
         if fragment:

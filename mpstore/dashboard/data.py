@@ -33,7 +33,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..errors import AuthenticationFailed, InvalidArgument, MpstoreError, StoreUnavailable
+from ..errors import (
+    AuthenticationFailed,
+    InvalidArgument,
+    MpstoreError,
+    StoreError,
+    StoreUnavailable,
+)
 from ..manager.client import StoreClient, connect, parse_address
 from ..types import Attempt, ResourcesUpdate, Rollout, RolloutStatus, Span
 
@@ -136,7 +142,7 @@ class Source:
             raise self._down(f"the store at {self.address} refused the key: {exc}") from exc
         except (StoreUnavailable, OSError, EOFError) as exc:
             raise self._down(f"no answer from the store at {self.address}: {exc}") from exc
-        except InvalidArgument:
+        except StoreError:  # the store answered: bad id, spans evicted, disk full ...
             raise
         except MpstoreError as exc:
             raise self._down(f"the store at {self.address} failed: {exc}") from exc
