@@ -32,6 +32,7 @@ from .store import InMemoryStore
 
 __all__ = ["freeze_survivors", "raise_fd_limit", "run", "tune_gc"]
 
+# The server's logger: start-up lines read as the server's, as README documents them.
 log = logging.getLogger("mpstore.manager.server")
 
 
