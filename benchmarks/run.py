@@ -26,6 +26,7 @@ from . import servers
 from .common import round_floats
 from .compare import run_agl
 from .extra import run_durable, run_runners, run_scale
+from .paging import run_paging
 from .report import compute_ratios, compute_targets
 from .scenarios import SCENARIOS, Bench, Config, run_main
 from .table import render
@@ -161,6 +162,7 @@ def run_scenarios(bench: Bench) -> None:
         ("scale", cfg.wants("scale"), run_scale),
         ("runners", cfg.wants("runners"), run_runners),
         ("durable", cfg.wants("durable"), run_durable),
+        ("paging", cfg.wants("paging"), run_paging),
         ("agl", cfg.wants("agl") and bool(cfg.compare_agl), run_agl),
     ]
     for name, wanted, fn in steps:

@@ -22,7 +22,7 @@ from .servers import Server, echo_server, running, store_server
 
 #: every scenario ``--only`` accepts, in the order a full run does them
 SCENARIOS = ("limits", "cycle", "batched", "inprocess", "latency", "connect", "scale",
-             "runners", "durable", "agl")
+             "runners", "durable", "paging", "agl")
 TASK_TIMEOUT = 120.0
 
 

@@ -122,6 +122,15 @@ def _scale_rows(results: dict[str, Any]) -> list[str]:
             f"(x{_fmt(scale.get('ratio_loaded_to_empty'), '.3f')}); RSS "
             f"{_fmt(scale.get('rss_bytes_per_span'))} B/span "
             f"(store's estimate {_fmt(scale.get('store_span_bytes_per_span'))} B)")
+    paging = results.get("paging") or {}
+    if paging:
+        ratios = paging.get("ratios_to_baseline") or {}
+        rows.append(
+            f"paging: a page of {paging['page']} of {paging['stored_rollouts']:,} rollouts, "
+            f"p50 us (x a store of one page, "
+            f"{_fmt(_get(paging, 'baseline_whole_store_of_one_page', 'p50_us'), '.0f')} us): "
+            + ", ".join(f"{name} {_fmt(_get(paging, name, 'p50_us'), '.0f')} "
+                        f"(x{_fmt(ratios.get(name), '.2f')})" for name in ratios))
     run = results.get("runners") or {}
     for mode, data in (run.get("modes") or {}).items():
         rows.append(

@@ -41,6 +41,7 @@ from .types import (
     AttemptedRollout,
     AttemptStatus,
     FinishedRollouts,
+    Page,
     PromptTemplate,
     ProxyLLM,
     ResourcesUpdate,
@@ -50,6 +51,8 @@ from .types import (
     RolloutStatus,
     Span,
     Unset,
+    Worker,
+    WorkerStatus,
 )
 
 if TYPE_CHECKING:
@@ -68,6 +71,7 @@ __all__ = [
     "InvalidArgument",
     "MpstoreError",
     "NoAttempts",
+    "Page",
     "PromptTemplate",
     "ProxyLLM",
     "ResourcesUpdate",
@@ -85,6 +89,8 @@ __all__ = [
     "StoreUnavailable",
     "Unset",
     "VersionMismatch",
+    "Worker",
+    "WorkerStatus",
     "__version__",
     "connect",
 ]

@@ -161,11 +161,21 @@ CALLS: dict[str, Call] = {
     "add_span": Call(mutates=True, retried=True, packed=Packed(Span, many=False)),
     "add_many_spans": Call(mutates=True, retried=True, packed=Packed(Span, many=True)),
     "query_spans": _READ,
+    # Converted on the client side (an OTel ReadableSpan becomes a Span before it is sent).
+    # Not retried: without a sequence_id it takes a counter step, and a resend of a span
+    # that was stored would answer None (a duplicate) instead of the span.
+    "add_otel_span": _WRITE,
     # --- resources
     "add_resources": _WRITE,
     "update_resources": _WRITE,
     "get_resources_by_id": _READ,
     "get_latest_resources": _READ,
+    "query_resources": _READ,
+    # --- workers: derived from claims and attempt updates; update_worker is a heartbeat
+    # (sent twice, it stamps the time twice), so it is retried.
+    "query_workers": _READ,
+    "get_worker_by_id": _READ,
+    "update_worker": Call(mutates=True, retried=True),
     # --- operations
     "ping": _READ,
     "statistics": _READ,

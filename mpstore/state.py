@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from . import transitions as tr
+from . import workers as wk
 from .changes import Changes, ChangeSet, RolloutRow, Saved
 from .errors import AttemptNotFound, NoAttempts, RolloutNotFound, SpansEvicted
 from .eviction import Thresholds, choose_victims, span_size
@@ -41,6 +42,7 @@ from .types import (
     Rollout,
     RolloutStatus,
     Span,
+    Worker,
     new_attempt_id,
     new_resources_id,
     new_rollout_id,
@@ -86,6 +88,9 @@ class StoreState:
         self.evicted: set[str] = set()
         self.resources: dict[str, ResourcesUpdate] = {}
         self.latest_resources_id: str | None = None
+        #: Runners by worker id, derived from claims and attempt updates (mpstore.workers);
+        #: telemetry, not journaled.
+        self.workers: dict[str, Worker] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._scheduled: dict[str, float] = {}
         self._tiebreak = itertools.count()
@@ -272,6 +277,7 @@ class StoreState:
         verdict = tr.watchdog_verdict(self._timed(latest), rollout.config, steady)
         if verdict.attempt_status is not None:
             self._set(latest, {"status": verdict.attempt_status})
+            wk.attempt_changed(self.workers, latest, now)
         if verdict.propagate:
             self.propagate(rollout, now)
 
@@ -320,6 +326,8 @@ class StoreState:
         self.total_attempts += 1
         self._stamped(attempt, start=True)
         self.write_status(rollout, RolloutStatus.PREPARING, now)
+        if worker_id:
+            wk.attempt_changed(self.workers, attempt, now)
         return attempt
 
     def dequeue(self, worker_id: str | None, now: float) -> tuple[Rollout, Attempt] | None:
@@ -327,7 +335,10 @@ class StoreState:
             return None
         rid, _ = self.queue.popitem(last=False)
         rollout = self.rollouts[rid]
-        return rollout, self.new_attempt(rollout, worker_id, now)
+        attempt = self.new_attempt(rollout, worker_id, now)
+        if worker_id:
+            self.workers[worker_id].last_dequeue_time = now
+        return rollout, attempt
 
     # ----------------------------------------------------------------- updates
     def _set(self, record: Rollout | Attempt, fields: dict[str, Any]) -> None:
@@ -343,6 +354,8 @@ class StoreState:
             self._stamped(attempt, start=False)
         if "status" in changes and changes["status"] in tr.ATTEMPT_ENDED:
             attempt.end_time = now
+        if changes.get("worker_id") or ("status" in changes and attempt.worker_id):
+            wk.attempt_changed(self.workers, attempt, now)
         rollout = self.rollouts[attempt.rollout_id]
         if attempt is not self.latest_attempt(attempt.rollout_id):
             return
@@ -590,6 +603,8 @@ class StoreState:
             "total_resources": len(self.resources),
             "queue_length": len(self.queue),
             "span_bytes": self.total_span_bytes,
+            "total_span_bytes": self.total_span_bytes,
+            "total_workers": len(self.workers),
             "rollouts_by_status": {s.value: len(ids) for s, ids in self.by_status.items()},
             "evicted_rollouts": len(self.evicted),
             "eviction_threshold_bytes": self.thresholds.eviction,

@@ -29,9 +29,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from . import query as q
 from . import transitions as tr
 from . import validate as v
+from . import workers as wk
 from ._version import __version__
+from .additions import Additions
 from .errors import InvalidArgument, StorageError
 from .sections import Sections
 from .types import (
@@ -39,6 +42,7 @@ from .types import (
     Attempt,
     AttemptedRollout,
     FinishedRollouts,
+    Page,
     ResourcesUpdate,
     Rollout,
     RolloutStatus,
@@ -54,7 +58,7 @@ _QUEUING = RolloutStatus.QUEUING
 _PREPARING = RolloutStatus.PREPARING
 
 
-class InMemoryStore(Sections):
+class InMemoryStore(Additions, Sections):
     """The rollout queue, attempts, spans and resources of one process, safe across threads.
 
     ``clock`` gives the wall-clock time of timestamps and ``monotonic`` the time deadlines are
@@ -198,6 +202,8 @@ class InMemoryStore(Sections):
                 if pair is None:
                     break
                 claimed.append(self._attempted(pair))
+            if not claimed and worker and limit:
+                wk.dequeued_nothing(self._state.workers, worker, now)
             if claimed:
                 self._remember(answer(claimed), now)
             return claimed
@@ -223,31 +229,66 @@ class InMemoryStore(Sections):
         return self._section(run)
 
     # ----------------------------------------------------------------- read
-    def query_rollouts(self, *, status: Sequence[str] | None = None,
-                       rollout_ids: Sequence[str] | None = None) -> list[Rollout]:
-        """Rollouts in creation order, filtered by status and ids (AND); an empty list
-        matches nothing (D9)."""
-        statuses = None if status is None else [
-            v.rollout_status(s) for s in v.sequence(status, "status")
+    def query_rollouts(
+        self, *, status_in: Sequence[str] | None = None,
+        rollout_id_in: Sequence[str] | None = None, rollout_id_contains: str | None = None,
+        filter_logic: str = "and", sort_by: str | None = None, sort_order: str = "asc",
+        limit: int = -1, offset: int = 0, status: Sequence[str] | None = None,
+        rollout_ids: Sequence[str] | None = None, with_latest_attempt: bool = False,
+    ) -> Page:
+        """A page of rollouts (agent-lightning 0.3.0's filters; see :mod:`mpstore.query`), in
+        creation order unless ``sort_by`` a field. ``status``/``rollout_ids`` are the older
+        names of ``status_in``/``rollout_id_in`` (the newer win when both are given). An
+        empty list matches nothing (D9). ``with_latest_attempt``: rollouts that have attempts
+        come as ``AttemptedRollout`` with their latest (agent-lightning 0.3.0's shape)."""
+        chosen = status_in if status_in is not None else status
+        statuses = None if chosen is None else [
+            v.rollout_status(s) for s in v.sequence(chosen, "status_in")
         ]
-        ids = None if rollout_ids is None else v.string_list(rollout_ids, "rollout_ids")
-        return self._section(
-            lambda now: [self._out(r) for r in self._state.query_rollouts(statuses, ids)],
-            write=False,
-        )
+        chosen_ids = rollout_id_in if rollout_id_in is not None else rollout_ids
+        ids = None if chosen_ids is None else v.string_list(chosen_ids, "rollout_id_in")
+        contains = q.check_contains(rollout_id_contains, "rollout_id_contains")
+        logic = q.check_filter_logic(filter_logic)
+        paging = q.check_paging(sort_by, sort_order, limit, offset, q.ROLLOUT_SORT_FIELDS)
+        if not isinstance(with_latest_attempt, bool):
+            raise InvalidArgument(
+                f"with_latest_attempt must be a bool, not {with_latest_attempt!r}")
+        state = self._state
+
+        def run(now: float) -> Page:
+            found = q.rollout_page(state, statuses, ids, contains, logic, paging)
+            if not with_latest_attempt:
+                found[:] = [self._out(r) for r in found]
+                return found
+            for i, rollout in enumerate(found):
+                latest = state.latest_attempt(rollout.rollout_id)
+                found[i] = self._out(rollout) if latest is None else self._attempted(
+                    (rollout, latest))
+            return found
+
+        return self._section(run, write=False)
 
     def get_rollout_by_id(self, rollout_id: str) -> Rollout | None:
         v.identifier(rollout_id, "rollout_id")
         return self._section(lambda now: self._maybe(self._state.rollouts.get(rollout_id)),
                              write=False)
 
-    def query_attempts(self, rollout_id: str) -> list[Attempt]:
-        """The rollout's attempts by sequence_id; [] for an unknown rollout (REF Q11)."""
+    def query_attempts(self, rollout_id: str, *, sort_by: str | None = "sequence_id",
+                       sort_order: str = "asc", limit: int = -1, offset: int = 0) -> Page:
+        """A page of the rollout's attempts, by sequence_id unless sorted otherwise; empty
+        for an unknown rollout (REF Q11)."""
         v.identifier(rollout_id, "rollout_id")
-        return self._section(
-            lambda now: [self._out(a) for a in self._state.attempts.get(rollout_id, ())],
-            write=False,
-        )
+        paging = q.check_paging(None if sort_by == "sequence_id" and sort_order == "asc"
+                                else sort_by, sort_order, limit, offset, q.ATTEMPT_SORT_FIELDS)
+        state = self._state
+
+        def run(now: float) -> Page:
+            attempts = state.attempts.get(rollout_id, ())
+            found = q.page(attempts, paging, None, len(attempts))
+            found[:] = [self._out(a) for a in found]
+            return found
+
+        return self._section(run, write=False)
 
     def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
         v.identifier(rollout_id, "rollout_id")
@@ -421,16 +462,40 @@ class InMemoryStore(Sections):
 
         return self._section(run, watchdog=False)
 
-    def query_spans(self, rollout_id: str, attempt_id: str | None = None) -> list[Span]:
-        """Spans by sequence_id (D6); ``attempt_id="latest"`` means the latest attempt.
-        [] for an unknown rollout; SpansEvicted once its spans were evicted (D8)."""
+    def query_spans(
+        self, rollout_id: str, attempt_id: str | None = None, *, trace_id: str | None = None,
+        trace_id_contains: str | None = None, span_id: str | None = None,
+        span_id_contains: str | None = None, parent_id: str | None = None,
+        parent_id_contains: str | None = None, name: str | None = None,
+        name_contains: str | None = None, filter_logic: str = "and", limit: int = -1,
+        offset: int = 0, sort_by: str | None = "sequence_id", sort_order: str = "asc",
+    ) -> Page:
+        """A page of the rollout's spans, by sequence_id unless sorted otherwise (D6);
+        ``attempt_id="latest"`` means the latest attempt. The exact and ``_contains`` filters
+        are combined by ``filter_logic`` (the rollout and attempt always with AND). Empty for
+        an unknown rollout; SpansEvicted once its spans were evicted (D8)."""
         v.identifier(rollout_id, "rollout_id")
         v.optional_str(attempt_id, "attempt_id")
-        spans = self._section(lambda now: self._state.query_spans(rollout_id, attempt_id),
-                              write=False)
+        predicates = []
+        for field, exact, contains in (("trace_id", trace_id, trace_id_contains),
+                                       ("span_id", span_id, span_id_contains),
+                                       ("parent_id", parent_id, parent_id_contains),
+                                       ("name", name, name_contains)):
+            predicates += q.field_predicates(field, exact, contains)
+        predicate = q.combine(predicates, q.check_filter_logic(filter_logic))
+        paging = q.check_paging(None if sort_by == "sequence_id" and sort_order == "asc"
+                                else sort_by, sort_order, limit, offset, q.SPAN_SORT_FIELDS)
+
+        def run(now: float) -> Page:
+            spans = self._state.query_spans(rollout_id, attempt_id)
+            return q.page(spans, paging, predicate, None if predicate else len(spans))
+
+        found = self._section(run, write=False)
         # Stored spans are never mutated, so outside the lock is safe; the server returns
         # them as they are (pickling copies them).
-        return [s.clone() for s in spans] if self._copy else spans
+        if self._copy:
+            found[:] = [s.clone() for s in found]
+        return found
 
     # ----------------------------------------------------------------- resources
     def add_resources(self, resources: dict[str, Any]) -> ResourcesUpdate:
@@ -472,10 +537,12 @@ class InMemoryStore(Sections):
         }
 
     def statistics(self) -> dict[str, Any]:
-        """Counts in O(1): totals, queue length, span bytes, rollouts per status, uptime; for
-        a durable store also ``storage``, the data directory's state (``writable``,
+        """Counts in O(1): totals, queue length, span bytes, rollouts per status, uptime;
+        agent-lightning 0.3.0's keys (``name``, ``total_span_bytes``, ``total_workers`` ...);
+        for a durable store also ``storage``, the data directory's state (``writable``,
         ``last_error``, ``consecutive_failures``, ``retry_in_seconds``, ``path``)."""
         stats = self._section(lambda now: self._state.statistics(), write=False)
+        stats["name"] = type(self).__name__
         stats["uptime"] = time.monotonic() - self._started
         if self._journal is not None:
             stats["storage"] = self._journal.status()

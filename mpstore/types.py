@@ -31,6 +31,7 @@ __all__ = [
     "AttemptStatus",
     "AttemptedRollout",
     "FinishedRollouts",
+    "Page",
     "PromptTemplate",
     "ProxyLLM",
     "ResourcesUpdate",
@@ -40,6 +41,8 @@ __all__ = [
     "RolloutStatus",
     "Span",
     "Unset",
+    "Worker",
+    "WorkerStatus",
     "new_attempt_id",
     "new_resources_id",
     "new_rollout_id",
@@ -130,6 +133,21 @@ class RolloutMode(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+
+
+class WorkerStatus(str, enum.Enum):
+    """What a runner is doing, as derived from its dequeues and attempt updates (agent-lightning
+    0.3.0's rules): idle after its attempt ended or its dequeue found nothing, busy while it holds
+    an attempt, unknown after its attempt timed out or went unresponsive (or before anything)."""
+
+    IDLE = "idle"
+    BUSY = "busy"
+    UNKNOWN = "unknown"
+
+    __reduce_ex__ = _by_name
+
+    def __str__(self) -> str:
+        return self.value
 
 
 _QUEUED = frozenset({RolloutStatus.QUEUING, RolloutStatus.REQUEUING})
@@ -410,6 +428,66 @@ class FinishedRollouts:
 
     def clone(self) -> FinishedRollouts:
         return FinishedRollouts([r.clone() for r in self.rollouts], self.next_after, self.total)
+
+
+@_record(status=WorkerStatus)
+@dataclass(slots=True)
+class Worker:
+    """A runner as the store sees it (agent-lightning 0.3.0's ``Worker``): created by its first
+    dequeue, claim or ``update_worker`` heartbeat; ``status`` and the times are derived by the
+    store (see :mod:`mpstore.workers`), ``heartbeat_stats`` is what the runner last reported."""
+
+    worker_id: str
+    status: WorkerStatus = WorkerStatus.UNKNOWN
+    heartbeat_stats: dict[str, Any] | None = None
+    last_heartbeat_time: float | None = None
+    last_dequeue_time: float | None = None
+    last_busy_time: float | None = None
+    last_idle_time: float | None = None
+    current_rollout_id: str | None = None
+    current_attempt_id: str | None = None
+
+    def clone(self) -> Worker:
+        new: Worker = self.snapshot()  # type: ignore[attr-defined]
+        new.heartbeat_stats = _deep(self.heartbeat_stats)
+        return new
+
+
+def _load_page(items: list[Any], total: int, limit: int, offset: int) -> Page:
+    return Page(items, total, limit, offset)
+
+
+# Pickled by reference as ``mpstore.types.Page._unwire``, the name the decoders' allow-list
+# gives every record's loader (mpstore.manager.safe_pickle).
+_load_page.__qualname__ = "Page._unwire"
+
+
+class Page(list):  # type: ignore[type-arg]
+    """One page of a query's results: a ``list`` of the records (so code that treats the
+    result as a list keeps working, ``==`` a list included) plus what a pager needs:
+    ``total`` (how many matched before ``limit``/``offset``), ``limit`` (-1: no limit) and
+    ``offset``. Pickles as one reference to its loader and plain values, like the records."""
+
+    __slots__ = ("limit", "offset", "total")
+
+    def __init__(self, items: Any = (), total: int | None = None, limit: int = -1,
+                 offset: int = 0) -> None:
+        super().__init__(items)
+        self.total = len(self) if total is None else total
+        self.limit = limit
+        self.offset = offset
+
+    _unwire = staticmethod(_load_page)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _load_page, (list(self), self.total, self.limit, self.offset)
+
+    def __repr__(self) -> str:
+        return (f"Page({list.__repr__(self)}, total={self.total}, limit={self.limit}, "
+                f"offset={self.offset})")
+
+    def clone(self) -> Page:
+        return Page([private_copy(r) for r in self], self.total, self.limit, self.offset)
 
 
 def private_copy(value: Any) -> Any:

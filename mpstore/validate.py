@@ -20,6 +20,7 @@ from .types import (
     RolloutStatus,
     Span,
     Unset,
+    WorkerStatus,
 )
 
 __all__ = [
@@ -38,9 +39,10 @@ __all__ = [
     "sequence",
     "span",
     "string_list",
+    "worker_status",
 ]
 
-E = TypeVar("E", RolloutStatus, AttemptStatus, RolloutMode)
+E = TypeVar("E", RolloutStatus, AttemptStatus, RolloutMode, WorkerStatus)
 
 #: Keys a dict given for ``enqueue_many_rollouts`` may carry, and the config keys.
 ENQUEUE_KEYS = ("input", "mode", "resources_id", "config", "metadata", "rollout_id")
@@ -70,6 +72,10 @@ def rollout_status(value: Any) -> RolloutStatus:
 
 def attempt_status(value: Any) -> AttemptStatus:
     return _enum(AttemptStatus, value, "attempt status")
+
+
+def worker_status(value: Any) -> WorkerStatus:
+    return _enum(WorkerStatus, value, "worker status")
 
 
 def mode(value: Any) -> RolloutMode | None:

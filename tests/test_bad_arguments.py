@@ -169,6 +169,26 @@ CHOSEN_ID: Param = (_const(None), _junk(st.one_of(
 COUNT: Param = (_const(0), _junk(st.one_of(st.integers(max_value=-1), st.floats(), _small_text,
                                            st.booleans(), st.none())))
 
+LIMIT: Param = (_const(-1), _junk(st.one_of(st.integers(max_value=-2), st.floats(), _small_text,
+                                            st.booleans())))
+OFFSET: Param = (_const(0), _junk(st.one_of(st.integers(max_value=-1), st.floats(), _small_text,
+                                           st.booleans(), st.none())))
+ORDER: Param = (_const("asc"), _junk(not_enum({"asc", "desc"})))
+LOGIC: Param = (_const("and"), _junk(not_enum({"and", "or"})))
+NOT_BOOL: Param = (_const(False), _junk(st.one_of(st.integers(), _small_text, st.none())))
+OPT_TEXT: Param = (_const(None), _junk(NOT_STR.filter(lambda x: not isinstance(x, str))))
+
+
+def sort_by(fields: set[str]) -> Param:
+    return (_const(None), _junk(not_enum(fields).filter(lambda x: x is not None)))
+
+
+WORKER_STATUSES = {"idle", "busy", "unknown"}
+BAD_WORKER_FILTER = st.one_of(NOT_LIST, st.lists(not_enum(WORKER_STATUSES), min_size=1,
+                                                 max_size=2))
+SPAN_FILTERS = {f"{field}{suffix}": OPT_TEXT for field in ("trace_id", "span_id", "parent_id",
+                                                           "name") for suffix in ("", "_contains")}
+
 #: method -> parameter -> (valid value, strategy of wrong ones).
 TABLE: dict[str, dict[str, Param]] = {
     "add_many_spans": {"spans": (lambda s: [s.span()], lambda s: st.one_of(
@@ -192,10 +212,38 @@ TABLE: dict[str, dict[str, Param]] = {
                                                                     _junk(NOT_STR))},
     "get_resources_by_id": {"resources_id": (lambda s: s.resources_id, _junk(NOT_STR))},
     "get_rollout_by_id": {"rollout_id": RID},
-    "query_attempts": {"rollout_id": RID},
+    "query_attempts": {"rollout_id": RID,
+                       "sort_by": (_const("sequence_id"), _junk(not_enum({"sequence_id"}).filter(
+                           lambda x: x is not None))),
+                       "sort_order": ORDER, "limit": LIMIT, "offset": OFFSET},
     "query_rollouts": {"status": (_const(None), _junk(BAD_STATUS_FILTER)),
-                       "rollout_ids": (_const(None), _junk(BAD_ID_LIST))},
-    "query_spans": {"rollout_id": RID, "attempt_id": OPT_STR},
+                       "rollout_ids": (_const(None), _junk(BAD_ID_LIST)),
+                       "status_in": (_const(None), _junk(BAD_STATUS_FILTER)),
+                       "rollout_id_in": (_const(None), _junk(BAD_ID_LIST)),
+                       "rollout_id_contains": OPT_TEXT, "filter_logic": LOGIC,
+                       "sort_by": sort_by({"rollout_id", "start_time", "status"}),
+                       "sort_order": ORDER, "limit": LIMIT, "offset": OFFSET,
+                       "with_latest_attempt": NOT_BOOL},
+    "query_spans": {"rollout_id": RID, "attempt_id": OPT_STR, **SPAN_FILTERS,
+                    "filter_logic": LOGIC, "limit": LIMIT, "offset": OFFSET,
+                    "sort_by": (_const("sequence_id"), _junk(not_enum({"sequence_id", "name"}))),
+                    "sort_order": ORDER},
+    "add_otel_span": {"rollout_id": RID_WRITE, "attempt_id": AID_WRITE,
+                      "readable_span": (lambda s: s.span(), _junk(st.one_of(
+                          st.integers(), _small_text, st.none(), UNPICKLABLE))),
+                      "sequence_id": (_const(None), _junk(st.one_of(
+                          st.integers(max_value=-1), st.floats(), _small_text,
+                          st.booleans())))},
+    "query_resources": {"resources_id": OPT_TEXT, "resources_id_contains": OPT_TEXT,
+                        "sort_by": sort_by({"resources_id", "version"}), "sort_order": ORDER,
+                        "limit": LIMIT, "offset": OFFSET},
+    "query_workers": {"status_in": (_const(None), _junk(BAD_WORKER_FILTER)),
+                      "worker_id_contains": OPT_TEXT, "filter_logic": LOGIC,
+                      "sort_by": sort_by({"worker_id", "status"}), "sort_order": ORDER,
+                      "limit": LIMIT, "offset": OFFSET},
+    "get_worker_by_id": {"worker_id": (_const("w0"), _junk(NOT_STR))},
+    "update_worker": {"worker_id": (_const("w0"), _junk(NOT_STR)),
+                      "heartbeat_stats": (_const({}), _junk(NOT_DICT))},
     "start_attempt": {"rollout_id": RID_WRITE, "worker_id": WORKER},
     "start_rollout": {"input": INPUT, "mode": MODE, "resources_id": OPT_STR, "config": CONFIG,
                       "metadata": METADATA, "worker_id": WORKER, "rollout_id": CHOSEN_ID},

@@ -25,6 +25,7 @@ EXPECTED = {
     "InvalidArgument",
     "MpstoreError",
     "NoAttempts",
+    "Page",
     "PromptTemplate",
     "ProxyLLM",
     "ResourcesUpdate",
@@ -41,6 +42,8 @@ EXPECTED = {
     "StoreUnavailable",
     "Unset",
     "VersionMismatch",
+    "Worker",
+    "WorkerStatus",
     "__version__",
 }
 #: Names the transport (mpstore.manager, issue 3) adds: connect() and the type it returns.

@@ -234,6 +234,8 @@ class StoreMachine(RuleBasedStateMachine):
     def snapshot(self) -> Any:
         stats = self.store.statistics()
         stats.pop("uptime")
+        # Workers are telemetry a data directory does not keep (README: Workers).
+        stats.pop("total_workers")
         rollouts = self.store.query_rollouts()
         return (
             stats,

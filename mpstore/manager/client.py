@@ -57,6 +57,8 @@ from ..api import (
     is_seconds,
 )
 from ..errors import InvalidArgument, StoreUnavailable
+from ..otel import to_span
+from ..types import Span
 from .auth import resolve_authkey
 from .channel import Channel, TransportError, fork_epoch
 from .safe_pickle import AllowList, Refused, refused_reply, resolve_class
@@ -404,9 +406,26 @@ def _remote_method(name: str) -> Callable[..., Any]:
     return method
 
 
+def _add_otel_span(self: StoreClient, rollout_id: str, attempt_id: str, readable_span: Any,
+                   sequence_id: int | None = None) -> Any:
+    # Converted here, so that no OpenTelemetry object crosses the wire: the server gets a Span.
+    if not isinstance(readable_span, Span):
+        readable_span = to_span(readable_span, rollout_id, attempt_id, sequence_id or 0)
+    return self._call("add_otel_span", (rollout_id, attempt_id, readable_span, sequence_id), {})
+
+
+#: Methods whose client side does more than forward its arguments (same name and signature).
+CLIENT_SIDE: dict[str, Callable[..., Any]] = {"add_otel_span": _add_otel_span}
+
 for _name in SERVED:
-    setattr(StoreClient, _name, _remote_method(_name))
-del _name
+    _method = _remote_method(_name)
+    if _name in CLIENT_SIDE:
+        _own = CLIENT_SIDE[_name]
+        for _attr in ("__name__", "__qualname__", "__doc__", "__wrapped__"):
+            setattr(_own, _attr, getattr(_method, _attr))
+        _method = _own
+    setattr(StoreClient, _name, _method)
+del _name, _method, _own, _attr
 
 
 def connect(address: str | tuple[str, int] = DEFAULT_ADDRESS, authkey: bytes | str | None = None,
