@@ -66,9 +66,10 @@ def test_reads_are_retried_and_unsafe_writes_are_not() -> None:
         if name not in MUTATING:
             assert name in RETRIED, f"{name} is a read: sending it again is always safe"
     # Writes that are sent again only because they are idempotent (D7; a delete of what is
-    # gone does nothing), and nothing else: a resent sequence id, claim or create would apply
-    # twice.
-    assert RETRIED & MUTATING == {"add_span", "add_many_spans", "delete_rollouts"}
+    # gone does nothing) or a heartbeat (update_worker stamps the time again), and nothing
+    # else: a resent sequence id, claim or create would apply twice.
+    assert RETRIED & MUTATING == {"add_span", "add_many_spans", "delete_rollouts",
+                                  "update_worker"}
     assert {"get_next_span_sequence_id", "get_many_span_sequence_ids", "dequeue_rollout",
             "enqueue_rollout", "run_watchdog"} <= MUTATING
 
