@@ -22,7 +22,8 @@ __all__ = ["to_span"]
 
 
 def _seconds(nanoseconds: int | None) -> float | None:
-    return None if nanoseconds is None else nanoseconds / 1e9
+    # int / int is rounded once (int / 1e9 converts to float first, then divides)
+    return None if nanoseconds is None else nanoseconds / 1_000_000_000
 
 
 def _context(context: Any) -> dict[str, Any]:

@@ -298,7 +298,7 @@ def test_add_otel_span_converts_and_allocates_a_sequence_id(store: Any) -> None:
     assert stored.name == "llm.call" and stored.attributes["tokens"] == 12
     assert stored.status == {"status_code": "UNSET", "description": None}
     assert stored.events[0]["name"] == "chunk" and stored.events[0]["attributes"] == {"n": 1}
-    assert stored.start_time == readable.start_time / 1e9
+    assert stored.start_time == readable.start_time / 1_000_000_000
     assert stored.resource["attributes"]["service.name"] == "svc"
     assert stored.context["span_id"] == stored.span_id
     assert store.get_next_span_sequence_id(rid, aid) == 2
