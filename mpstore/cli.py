@@ -1,5 +1,6 @@
 """The ``agl`` command (also ``mpstore`` and ``python -m mpstore``): ``store``, ``health``,
-``stats`` (SPEC §6), ``dashboard``.
+``stats`` (SPEC §6), ``dashboard``; any other command is agent-lightning's, handed to its
+``agl`` when it is installed.
 
 This module only parses options and hands over: ``agl store`` to
 :func:`mpstore.startup.run`, the others to :func:`mpstore.connect`. Exit codes: 0
@@ -9,6 +10,7 @@ Every option can also come from an environment variable, named in ``--help``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import sys
@@ -76,12 +78,44 @@ def _address_options(func: Any) -> Any:
     return func
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _hand_to_agentlightning(name: str, args: tuple[str, ...]) -> None:
+    """Run agent-lightning's ``agl NAME ARGS...`` in this process and exit with its code."""
+    if importlib.util.find_spec("agentlightning") is None:
+        raise click.UsageError(
+            f"No such command {name!r}. mpstore's agl runs store, health and stats; other "
+            f"agl commands (vllm, prometheus, agentops ...) are agent-lightning's: "
+            f"pip install agentlightning, and this agl hands them over.")
+    from agentlightning.cli import main as agentlightning_main
+
+    sys.exit(agentlightning_main([name, *args]))
+
+
+class _Group(click.Group):
+    """mpstore's commands; any other name goes to agent-lightning's ``agl`` (both packages
+    install an ``agl`` script, and the one installed last replaces the other: mpstore's
+    must not take agent-lightning's commands away)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            return command
+        return click.Command(
+            cmd_name, callback=lambda args: _hand_to_agentlightning(cmd_name, args),
+            params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)],
+            context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                              "help_option_names": []},
+            help="agent-lightning's command (handed over).")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mpstore")
 def main() -> None:
     """mpstore: a shared store of rollouts, attempts, spans and resources for multi-process
     agent-RL workloads. `agl store` serves it; Python processes reach it with
-    mpstore.connect("HOST:PORT")."""
+    mpstore.connect("HOST:PORT").
+
+    Any other command (vllm, prometheus, agentops ...) is handed to agent-lightning's agl
+    when agentlightning is installed."""
 
 
 @main.command("store")

@@ -281,3 +281,15 @@ def test_non_loopback_host_is_warned_about(tmp_path: Path, listener: socket.sock
     assert "[WARNING]" in result.stderr
     assert "anyone who can reach it and holds the authkey has full access" in " ".join(
         result.stderr.split())
+
+
+def test_other_commands_say_to_install_agentlightning_when_it_is_not() -> None:
+    # With agentlightning installed they are handed over (tests/agentlightning/test_cli.py).
+    import importlib.util
+
+    if importlib.util.find_spec("agentlightning") is not None:
+        pytest.skip("agentlightning is installed here")
+    result = subprocess.run([sys.executable, "-m", "mpstore", "vllm", "serve", "--port", "1"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "pip install agentlightning" in result.stderr and "'vllm'" in result.stderr
