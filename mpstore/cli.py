@@ -82,9 +82,9 @@ def _hand_to_agentlightning(name: str, args: tuple[str, ...]) -> None:
     """Run agent-lightning's ``agl NAME ARGS...`` in this process and exit with its code."""
     if importlib.util.find_spec("agentlightning") is None:
         raise click.UsageError(
-            f"No such command {name!r}. mpstore's agl runs store, health and stats; other "
-            f"agl commands (vllm, prometheus, agentops ...) are agent-lightning's: "
-            f"pip install agentlightning, and this agl hands them over.")
+            f"No such command {name!r}. mpstore's agl runs store, health, stats and "
+            f"dashboard; other agl commands (vllm, prometheus, agentops ...) are "
+            f"agent-lightning's: pip install agentlightning, and this agl hands them over.")
     from agentlightning.cli import main as agentlightning_main
 
     sys.exit(agentlightning_main([name, *args]))
