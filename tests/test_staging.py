@@ -103,6 +103,15 @@ def script(store: InMemoryStore, clock: FakeClock) -> list[tuple[str, Any]]:
         ("wait_for_rollouts",
          lambda: store.wait_for_rollouts(rollout_ids=[made["a"].rollout_id], timeout=0)),
         ("query_spans", lambda: store.query_spans(made["a"].rollout_id)),
+        # a span given as a Span (what the client sends), its sequence id taken here
+        ("add_otel_span", lambda: store.add_otel_span(
+            made["a"].rollout_id, made["a"].attempt.attempt_id,
+            Span(made["a"].rollout_id, made["a"].attempt.attempt_id, 0, "otel"))),
+        ("query_resources", lambda: store.query_resources(sort_by="version")),
+        # workers are telemetry, not journaled (README): nothing to find on disk
+        ("update_worker", lambda: store.update_worker("w1", heartbeat_stats={"gpu": 1})),
+        ("query_workers", lambda: store.query_workers(status_in=["busy"])),
+        ("get_worker_by_id", lambda: store.get_worker_by_id("w1")),
         ("get_resources_by_id", lambda: store.get_resources_by_id("rs-1")),
         ("get_latest_resources", store.get_latest_resources),
         ("finished_rollouts", lambda: store.finished_rollouts(0, 10)),
@@ -132,6 +141,7 @@ def test_every_public_method_has_its_change_on_disk_when_it_returns(tmp_path: Pa
             changed.append(name)
     # The script did change the state at every mutating method (so the check had teeth).
     assert {"get_next_span_sequence_id", "add_span", "run_watchdog", "update_resources",
-            "get_many_span_sequence_ids", "update_attempt", "delete_rollouts"} <= set(changed)
+            "get_many_span_sequence_ids", "update_attempt", "delete_rollouts",
+            "add_otel_span"} <= set(changed)
     assert store.statistics()["total_rollouts"] == 2  # of 4: 2 deleted
     store.close()
