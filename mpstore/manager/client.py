@@ -406,9 +406,18 @@ def _remote_method(name: str) -> Callable[..., Any]:
     return method
 
 
-def _add_otel_span(self: StoreClient, rollout_id: str, attempt_id: str, readable_span: Any,
-                   sequence_id: int | None = None) -> Any:
+def _otel_arguments(rollout_id: Any, attempt_id: Any, readable_span: Any,
+                    sequence_id: Any = None) -> tuple[Any, ...]:
+    return rollout_id, attempt_id, readable_span, sequence_id
+
+
+def _add_otel_span(self: StoreClient, *args: Any, **kwargs: Any) -> Any:
     # Converted here, so that no OpenTelemetry object crosses the wire: the server gets a Span.
+    # Arguments that do not fit the signature go as they are: the server refuses them.
+    try:
+        rollout_id, attempt_id, readable_span, sequence_id = _otel_arguments(*args, **kwargs)
+    except TypeError:
+        return self._call("add_otel_span", args, kwargs)
     if not isinstance(readable_span, Span):
         readable_span = to_span(readable_span, rollout_id, attempt_id, sequence_id or 0)
     return self._call("add_otel_span", (rollout_id, attempt_id, readable_span, sequence_id), {})
