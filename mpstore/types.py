@@ -190,12 +190,12 @@ def _record(**wire: Any) -> Callable[[type], type]:
     says it matters (benchmarks/README.md, "records pickle as one loader reference": a
     rollout's pickle round trip 12.1 -> 6.4 us, ``get_rollout_by_id`` p50 70 -> 63 us); to
     step through it, print ``source`` below. It is the wire format only: what is written to
-    disk is laid out by mpstore.schema, by field name, and does not depend on it. A record pickles as one reference to its
-    ``_unwire`` and a tuple of plain values: ``wire`` names the fields that are not plain
-    (``status=RolloutStatus``, ``config=RolloutConfig``, ``retry_condition=[AttemptStatus]``),
-    inherited by subclasses. Each class or enum member pickled by reference costs about 1 µs
-    to write and 1 µs to read, a plain value next to nothing: a rollout's round trip through
-    pickle went from 12 µs to 6.
+    disk is laid out by mpstore.schema, by field name, and does not depend on it. A record
+    pickles as one reference to its ``_unwire`` and a tuple of plain values: ``wire`` names
+    the fields that are not plain (``status=RolloutStatus``, ``config=RolloutConfig``,
+    ``retry_condition=[AttemptStatus]``), inherited by subclasses. Each class or enum member
+    pickled by reference costs about 1 µs to write and 1 µs to read, a plain value next to
+    nothing: a rollout's round trip through pickle went from 12 µs to 6.
     """
 
     def decorate(cls: type) -> type:
