@@ -57,6 +57,7 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
     out["scale_loaded_to_empty"] = _get(results, "scale", "ratio_loaded_to_empty")
     out["runners_with_to_without"] = _get(results, "runners", "ratio_with_to_without")
     out["durable_to_memory"] = _get(results, "durable", "ratio_durable_to_memory")
+    out["metrics_on_to_off"] = _get(results, "metrics", "ratio_on_to_off")
     return out
 
 
@@ -95,6 +96,13 @@ def compute_targets(results: dict[str, Any], ratios: dict[str, Any]) -> list[dic
     targets.append(_target("runners", "cycle of 4 clients with 1,000 idle connections >= "
                            "0.8 x without", ratios.get("runners_with_to_without"), 0.8, True,
                            _runners_basis(results)))
+    metrics = results.get("metrics") or {}
+    targets.append(_target("metrics", "cycle at K=4 with call accounting and a scraped "
+                           "--metrics-port >= 0.95 x without (issue 14)",
+                           ratios.get("metrics_on_to_off"), 0.95, True,
+                           f"{metrics.get('repeats')} alternating windows each, scraped every "
+                           f"{metrics.get('scrape_interval_s')} s" if metrics.get("on")
+                           else "not measured"))
     return targets
 
 

@@ -3,7 +3,8 @@
 Starts real servers (``python -m mpstore store``, a raw ``multiprocessing.connection`` echo, a
 ``BaseManager`` echo) on free loopback ports with fresh 0600 key files, drives them from K
 client processes, prints a table and writes JSON (default ``benchmarks/results/latest.json``).
-Scenarios: limits, cycle, batched, inprocess, latency, connect, scale, runners, durable, agl
+Scenarios: limits, cycle, batched, inprocess, latency, connect, scale, runners, durable,
+metrics, agl
 (only with ``--compare-agl VENV``). Exit status 1 if any scenario failed (its traceback is in
 the JSON).
 """
@@ -26,6 +27,7 @@ from . import servers
 from .common import round_floats
 from .compare import run_agl
 from .extra import run_durable, run_runners, run_scale
+from .observe import run_metrics
 from .paging import run_paging
 from .report import compute_ratios, compute_targets
 from .scenarios import SCENARIOS, Bench, Config, run_main
@@ -78,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "wait_for_rollouts on a rollout that never finishes; the target's "
                         "mode), ping (every --idle-poll s), hold (nothing); full: wait,hold")
     p.add_argument("--idle-poll", type=float, help="idle runner poll period, seconds")
+    p.add_argument("--metrics-repeats", type=int,
+                   help="windows per server in the metrics on/off pair (alternating)")
+    p.add_argument("--scrape-interval", type=float,
+                   help="seconds between scrapes of the metrics endpoint while measured")
     p.add_argument("--start-method", choices=["spawn", "fork", "forkserver"],
                    help="multiprocessing start method of the client processes (spawn)")
     p.add_argument("--compare-agl", metavar="VENV",
@@ -102,6 +108,7 @@ _OVERRIDES = {"k": "ks", "duration": "duration", "repeats": "repeats", "batch": 
               "fill_procs": "fill_procs", "runners": "runners", "runner_procs": "runner_procs",
               "runner_burst": "runner_burst",
               "idle_mode": "idle_modes", "idle_poll": "idle_poll",
+              "metrics_repeats": "metrics_repeats", "scrape_interval": "scrape_interval",
               "start_method": "start_method", "agl_k": "agl_ks"}
 
 
@@ -163,6 +170,7 @@ def run_scenarios(bench: Bench) -> None:
         ("runners", cfg.wants("runners"), run_runners),
         ("durable", cfg.wants("durable"), run_durable),
         ("paging", cfg.wants("paging"), run_paging),
+        ("metrics", cfg.wants("metrics"), run_metrics),
         ("agl", cfg.wants("agl") and bool(cfg.compare_agl), run_agl),
     ]
     for name, wanted, fn in steps:

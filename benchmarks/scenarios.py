@@ -22,7 +22,7 @@ from .servers import Server, echo_server, running, store_server
 
 #: every scenario ``--only`` accepts, in the order a full run does them
 SCENARIOS = ("limits", "cycle", "batched", "inprocess", "latency", "connect", "scale",
-             "runners", "durable", "paging", "agl")
+             "runners", "durable", "paging", "metrics", "agl")
 TASK_TIMEOUT = 120.0
 
 
@@ -47,6 +47,9 @@ class Config:
     idle_poll: float = 5.0
     runners_k: int = 4
     durable_k: int = 4
+    metrics_k: int = 4
+    metrics_repeats: int = 6
+    scrape_interval: float = 1.0
     start_method: str = "spawn"
     quick: bool = False
     only: tuple[str, ...] = SCENARIOS
@@ -62,6 +65,7 @@ class Config:
         return cls(ks=[1, 4, 8], duration=0.5, repeats=1, latency_n=300, first_call_samples=3,
                    scale_rollouts=5_000, fill_procs=2, fill_timeout=30.0, runners=100,
                    runner_procs=4, idle_poll=2.0, idle_modes=["wait"], quick=True,
+                   metrics_repeats=2, scrape_interval=0.25,
                    agl_ks=[1, 4])
 
     def wants(self, name: str) -> bool:
@@ -91,7 +95,7 @@ class Bench:
         """The client processes (started on first use, as many as the largest K)."""
         if self._pool is None:
             size = max([*self.cfg.ks, self.cfg.scale_k, self.cfg.runners_k, self.cfg.durable_k,
-                        self.cfg.fill_procs])
+                        self.cfg.metrics_k, self.cfg.fill_procs])
             self._pool = WorkerPool(size, self.cfg.start_method)
         return self._pool
 

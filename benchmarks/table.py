@@ -106,6 +106,17 @@ def _small_rows(results: dict[str, Any]) -> list[str]:
             for lvl, fig in (dur.get("synchronous") or {}).items())
         rows.append(f"durable K={dur['k']}: {levels}; in-memory "
                     f"{_fmt(_get(dur, 'memory', 'ops_per_s'))} cycles/s")
+    met = results.get("metrics") or {}
+    if met.get("skipped"):
+        rows.append(f"metrics: skipped ({met['skipped']})")
+    elif met:
+        rows.append(
+            f"metrics K={met['k']}: off {_fmt(_get(met, 'off', 'ops_per_s'))} -> on "
+            f"{_fmt(_get(met, 'on', 'ops_per_s'))} cycles/s "
+            f"(x{_fmt(met.get('ratio_on_to_off'), '.3f')}); server CPU/call "
+            f"{_fmt(_get(met, 'off', 'server_us_per_call'), '.1f')} -> "
+            f"{_fmt(_get(met, 'on', 'server_us_per_call'), '.1f')} us; "
+            f"{met.get('scrapes', 0)} scrapes ({met.get('failures', 0)} failed)")
     return rows
 
 

@@ -1,10 +1,11 @@
 """The ``agl`` command (also ``mpstore`` and ``python -m mpstore``): ``store``, ``health``,
-``stats`` (SPEC §6), ``dashboard``; any other command is agent-lightning's, handed to its
-``agl`` when it is installed.
+``stats`` (SPEC §6), ``dashboard``, ``top``; any other command is agent-lightning's, handed
+to its ``agl`` when it is installed.
 
 This module only parses options and hands over: ``agl store`` to
-:func:`mpstore.startup.run`, the others to :func:`mpstore.connect`. Exit codes: 0
-success, 1 failure (server could not start, server unhealthy), 2 usage error (click's).
+:func:`mpstore.startup.run`, ``agl top`` to :func:`mpstore.top.run_top`, the others to
+:func:`mpstore.connect`. Exit codes: 0 success, 1 failure (server could not start, server
+unhealthy), 2 usage error (click's).
 Every option can also come from an environment variable, named in ``--help``.
 """
 
@@ -118,6 +119,13 @@ def main() -> None:
     when agentlightning is installed."""
 
 
+def _require(module: str, extra: str, feature: str) -> None:
+    """Exit 1 with what to install if ``feature`` needs ``module`` and it is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise click.ClickException(
+            f"{feature} needs {module}, which is not installed: pip install 'mpstore[{extra}]'")
+
+
 @main.command("store")
 @_address_options
 @click.option("--log-level", type=click.Choice(_LEVELS, case_sensitive=False), default="INFO",
@@ -165,17 +173,32 @@ def main() -> None:
                    "names separated by spaces). Anything else in a request is refused before "
                    "it is built, and its caller gets InvalidArgument. A key holder can call "
                    "what you allow with any arguments: allow plain data classes only.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              envvar="MPSTORE_METRICS_PORT", show_envvar=True,
+              help="Also serve Prometheus metrics at http://METRICS-HOST:PORT/metrics (needs "
+                   "pip install 'mpstore[metrics]'). Default: no metrics endpoint.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              envvar="MPSTORE_METRICS_HOST", show_envvar=True,
+              help="Address of the metrics endpoint. It serves only metric names and numbers "
+                   "(never payloads), to anyone who can reach it: no key.")
+@click.option("--call-stats/--no-call-stats", default=True, show_default=True,
+              envvar="MPSTORE_CALL_STATS", show_envvar=True,
+              help="Count and time every call by method, for agl top, agl stats and the "
+                   "metrics (a few increments per call).")
 def store_command(host: str, port: int, authkey_file: str | None, log_level: str,
                   watchdog_interval: float, eviction_threshold: float | int | None,
                   safe_threshold: float | int | None, data_dir: str | None, synchronous: str,
                   handshake_timeout: float, max_connections: int, max_message_size: int,
-                  busy_poll: int, allow_classes: tuple[str, ...]) -> None:
+                  busy_poll: int, allow_classes: tuple[str, ...], metrics_port: int | None,
+                  metrics_host: str, call_stats: bool) -> None:
     """Run the store server in the foreground until SIGINT or SIGTERM.
 
     It listens on 127.0.0.1 unless --host says otherwise. Clients need its authkey, which
     gives full access to the store: keep it secret. Requests are decoded with an allow-list
     (see --allow-class), so a key holder cannot make the server run code. Exits 0 after a graceful
     stop, 1 if the server cannot start (e.g. the port is taken: the holder is named)."""
+    if metrics_port is not None:
+        _require("prometheus_client", "metrics", "--metrics-port")
     configure_logging(log_level)
     from .startup import run
 
@@ -185,7 +208,8 @@ def store_command(host: str, port: int, authkey_file: str | None, log_level: str
                    handshake_timeout=handshake_timeout, data_dir=data_dir,
                    synchronous=synchronous.lower(), max_connections=max_connections,
                    max_message_size=max_message_size, busy_poll=busy_poll / 1e6,
-                   allow_classes=allow_classes)
+                   allow_classes=allow_classes, call_stats=call_stats,
+                   metrics_host=metrics_host, metrics_port=metrics_port)
     except InvalidArgument as exc:
         raise click.UsageError(str(exc)) from None
     sys.exit(code)
@@ -273,3 +297,22 @@ def dashboard_command(host: str, port: int, store_address: str, authkey_file: st
     except InvalidArgument as exc:
         raise click.UsageError(f"--store: {exc}") from None
     sys.exit(code)
+@main.command("top")
+@_address_options
+@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              envvar="MPSTORE_TOP_INTERVAL", show_envvar=True,
+              help="Seconds between frames; rates and latencies are over this interval.")
+@click.option("--once", is_flag=True, default=False,
+              help="Print one frame (from two samples --interval apart) and exit: 0, or 1 if "
+                   "no server answers.")
+@_TIMEOUT
+def top_command(host: str, port: int, authkey_file: str | None, interval: float, once: bool,
+                timeout: float) -> None:
+    """A live view of a running server: queue, rollouts by status, throughput, latency,
+    runners, connections, storage. Refreshes in place; q or Ctrl-C quits. While the server
+    cannot be reached it says so and keeps trying. Needs pip install 'mpstore[top]'."""
+    _require("rich", "top", "agl top")
+    from .top import run_top
+
+    sys.exit(run_top(host, port, authkey_file=authkey_file, interval=interval, once=once,
+                     timeout=timeout))

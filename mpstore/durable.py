@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from . import schema
+from .accounting import COMMIT_BUCKETS, Histogram
 from .changes import ChangeSet, RolloutRow, Saved
 from .errors import StorageError
 
@@ -166,6 +167,9 @@ class Journal:
         self._failures = 0  # consecutive failed commits
         self._refuse_until = 0.0  # monotonic; writes are refused before it
         self._vacuum = False  # rollouts were deleted: give their pages back
+        # For operators: commit latency and failed commits in all (written under _cond).
+        self._commit_seconds = Histogram(COMMIT_BUCKETS)
+        self._commit_failures = 0
 
     # ------------------------------------------------------------------ open
     def _lock_directory(self) -> Any:
@@ -296,6 +300,7 @@ class Journal:
         batch, first, last = self._pending, self._committed + 1, self._staged
         self._pending, self._writing = [], True
         self._cond.release()
+        began = time.perf_counter()
         try:
             self._write(batch)
         except Exception as exc:
@@ -308,9 +313,18 @@ class Journal:
             self._writing = False
         if failure is None:
             self._committed, self._failures, self._error = last, 0, None
+            self._commit_seconds.observe(time.perf_counter() - began)
         else:
+            self._commit_failures += 1
             self._fail(first, failure)
         self._cond.notify_all()
+
+    def commit_stats(self) -> dict[str, Any]:
+        """Commits so far: ``{"bounds": seconds, "buckets": commits per latency bucket (not
+        cumulative), "sum": seconds, "failures": n}``."""
+        with self._cond:
+            return {"bounds": list(self._commit_seconds.bounds),
+                    **self._commit_seconds.snapshot(), "failures": self._commit_failures}
 
     def _fail(self, first: int, failure: Exception) -> None:
         """Fail every ticket from ``first`` on, staged or not yet committed (``_cond`` held)."""

@@ -30,10 +30,12 @@ from .manager.server import MAX_CONNECTIONS, serve
 from .manager.wire import MAX_MESSAGE_SIZE
 from .store import InMemoryStore
 
-__all__ = ["freeze_survivors", "raise_fd_limit", "run", "tune_gc"]
+__all__ = ["METRICS_HOST", "freeze_survivors", "raise_fd_limit", "run", "tune_gc"]
 
 # The server's logger: start-up lines read as the server's, as README documents them.
 log = logging.getLogger("mpstore.manager.server")
+#: Default address of the metrics endpoint (``agl store --metrics-host``): loopback only.
+METRICS_HOST = "127.0.0.1"
 
 
 def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None = None,
@@ -41,10 +43,14 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
         safe_threshold: float | int | None = None, handshake_timeout: float = 5.0,
         data_dir: str | None = None, synchronous: str = "normal",
         max_connections: int = MAX_CONNECTIONS, max_message_size: int = MAX_MESSAGE_SIZE,
-        busy_poll: float = BUSY_POLL, allow_classes: Iterable[str] = ()) -> int:
+        busy_poll: float = BUSY_POLL, allow_classes: Iterable[str] = (),
+        call_stats: bool = True, metrics_host: str = METRICS_HOST,
+        metrics_port: int | None = None) -> int:
     """``agl store``: serve a store (in memory, or durable in ``data_dir``) until
-    SIGINT/SIGTERM. Returns the exit code: 0 after a graceful stop, 1 if the server could not
-    start (the reason is logged: port taken, key unusable, data directory locked or damaged).
+    SIGINT/SIGTERM, with Prometheus metrics on ``metrics_host:metrics_port`` if a port is
+    given (see :mod:`mpstore.metrics`). Returns the exit code: 0 after a graceful stop, 1 if
+    the server could not start (the reason is logged: port taken, key unusable, data
+    directory locked or damaged).
 
     Raises InvalidArgument for option values the store rejects (a usage error), or an
     ``allow_classes`` name that cannot be imported."""
@@ -67,6 +73,9 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
                         "secret; without TLS the traffic is readable on the network.",
                         host, port)
         check_port_free(host, port)
+        if metrics_port is not None and not is_loopback(metrics_host):
+            log.warning("Serving metrics on %s:%s, beyond this machine, without a key",
+                        metrics_host, metrics_port)
         try:
             key = resolve_authkey(host, port, authkey_file=authkey_file, create=True)
         except AuthenticationFailed as exc:
@@ -74,10 +83,11 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
         log.info("Authkey from %s", key.source)
         if data_dir is not None:
             log.info("Data directory %s (synchronous=%s)", data_dir, synchronous)
+        metrics = None if metrics_port is None else (metrics_host, metrics_port)
         serve(store, host, port, authkey=key.key, watchdog_interval=watchdog_interval,
               handshake_timeout=handshake_timeout, max_connections=max_connections,
               max_message_size=max_message_size, busy_poll=busy_poll,
-              allow_classes=allow_classes)
+              allow_classes=allow_classes, call_stats=call_stats, metrics=metrics)
     except ServerStartError as exc:
         log.error("%s", exc)
         return 1

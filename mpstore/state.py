@@ -85,6 +85,11 @@ class StoreState:
         self.total_span_bytes = 0
         self.total_spans = 0
         self.total_attempts = 0
+        # Counted for operators (statistics(), metrics) since this process started: attempts
+        # that retried a rollout, attempts that became timeout / unresponsive (watchdog or
+        # update_attempt), spans dropped by eviction.
+        self.retried_attempts = self.spans_evicted = 0
+        self.attempts_became = dict.fromkeys(AttemptStatus, 0)
         self.evicted: set[str] = set()
         self.resources: dict[str, ResourcesUpdate] = {}
         self.latest_resources_id: str | None = None
@@ -278,6 +283,7 @@ class StoreState:
         if verdict.attempt_status is not None:
             self._set(latest, {"status": verdict.attempt_status})
             wk.attempt_changed(self.workers, latest, now)
+            self.attempts_became[latest.status] += 1
         if verdict.propagate:
             self.propagate(rollout, now)
 
@@ -322,6 +328,7 @@ class StoreState:
         attempt = Attempt(
             rollout.rollout_id, new_attempt_id(), len(attempts) + 1, now, worker_id=worker_id
         )
+        self.retried_attempts += len(attempts) > 0
         attempts.append(attempt)
         self.total_attempts += 1
         self._stamped(attempt, start=True)
@@ -349,9 +356,12 @@ class StoreState:
 
     def update_attempt(self, attempt: Attempt, changes: dict[str, Any], now: float) -> None:
         """Apply validated ``changes``; propagate only when a status was set (D3)."""
+        old = attempt.status
         self._set(attempt, changes)
         if "last_heartbeat_time" in changes:
             self._stamped(attempt, start=False)
+        if attempt.status is not old:
+            self.attempts_became[attempt.status] += 1
         if "status" in changes and changes["status"] in tr.ATTEMPT_ENDED:
             attempt.end_time = now
         if changes.get("worker_id") or ("status" in changes and attempt.worker_id):
@@ -463,8 +473,9 @@ class StoreState:
         logger.info("Evicting spans for %d rollouts to free up memory...", len(victims))
         freed = 0
         for rid in victims:
-            size = self.span_bytes.pop(rid)
-            self.total_spans -= len(self.spans.pop(rid, ()))
+            size, dropped = self.span_bytes.pop(rid), len(self.spans.pop(rid, ()))
+            self.total_spans -= dropped
+            self.spans_evicted += dropped
             self.span_index.pop(rid, None)
             self.evicted.add(rid)
             if self.changes is not None:
@@ -607,6 +618,14 @@ class StoreState:
             "total_workers": len(self.workers),
             "rollouts_by_status": {s.value: len(ids) for s, ids in self.by_status.items()},
             "evicted_rollouts": len(self.evicted),
+            # Counted since this process started (the rest: what the store holds).
+            "since_start": {
+                "rollouts_finished": self.terminal_writes,
+                "attempts_retried": self.retried_attempts,
+                "attempts_timed_out": self.attempts_became[AttemptStatus.TIMEOUT],
+                "attempts_unresponsive": self.attempts_became[AttemptStatus.UNRESPONSIVE],
+                "spans_evicted": self.spans_evicted,
+            },
             "eviction_threshold_bytes": self.thresholds.eviction,
             "safe_threshold_bytes": self.thresholds.safe,
             "memory_capacity_bytes": self.thresholds.capacity,

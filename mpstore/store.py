@@ -36,6 +36,7 @@ from . import workers as wk
 from ._version import __version__
 from .additions import Additions
 from .errors import InvalidArgument, StorageError
+from .runners import runners
 from .sections import Sections
 from .types import (
     UNSET,
@@ -537,15 +538,26 @@ class InMemoryStore(Additions, Sections):
         }
 
     def statistics(self) -> dict[str, Any]:
-        """Counts in O(1): totals, queue length, span bytes, rollouts per status, uptime;
-        agent-lightning 0.3.0's keys (``name``, ``total_span_bytes``, ``total_workers`` ...);
-        for a durable store also ``storage``, the data directory's state (``writable``,
-        ``last_error``, ``consecutive_failures``, ``retry_in_seconds``, ``path``)."""
-        stats = self._section(lambda now: self._state.statistics(), write=False)
+        """Counts: totals, queue length, span bytes, rollouts per status, counters since
+        start, uptime and the store clock's time; agent-lightning 0.3.0's keys (``name``,
+        ``total_span_bytes``, ``total_workers`` ...); the runners in flight (the only part not
+        O(1): O(rollouts in flight), see :mod:`mpstore.runners`). For a durable store also
+        ``storage``, the data directory's state (``writable``, ``last_error``,
+        ``consecutive_failures``, ``retry_in_seconds``, ``path``), and ``commits`` (their
+        latency histogram and failures)."""
+
+        def read(now: float) -> dict[str, Any]:
+            stats = self._state.statistics()
+            stats.update(runners(self._state), time=now)
+            return stats
+
+        stats = self._section(read, write=False)
         stats["name"] = type(self).__name__
         stats["uptime"] = time.monotonic() - self._started
-        if self._journal is not None:
-            stats["storage"] = self._journal.status()
+        journal = self._journal
+        if journal is not None:
+            stats["storage"] = journal.status()
+            stats["commits"] = journal.commit_stats()
         return stats
 
     def run_watchdog(self) -> int:

@@ -47,7 +47,7 @@ def test_quick_run_writes_expected_json(tmp_path: Path) -> None:
     assert data["errors"] == {}, data["errors"]
     assert code == 0
     assert {"meta", "limits", "cycle", "batched", "inprocess", "latency", "connect", "scale",
-            "runners", "durable", "ratios", "targets", "errors"} <= set(data)
+            "runners", "durable", "metrics", "ratios", "targets", "errors"} <= set(data)
     assert {"ops_per_s", "us_per_call"} <= set(data["inprocess"]["cycle"])
     for name in ("raw_echo", "manager_echo"):
         assert set(data["limits"][name]) == {"1", "2"}
@@ -64,8 +64,10 @@ def test_quick_run_writes_expected_json(tmp_path: Path) -> None:
             "rss_kb_per_connection"} <= set(data["runners"])
     assert data["runners"]["connected"] == 6
     assert "skipped" in data["durable"] or "ratio_durable_to_memory" in data["durable"]
+    assert {"off", "on", "ratio_on_to_off", "scrapes"} <= set(data["metrics"])
     ids = {t["id"] for t in data["targets"]}
-    assert {"calls_vs_echo", "cycle_vs_agl", "batched_vs_agl", "scale", "runners"} <= ids
+    assert {"calls_vs_echo", "cycle_vs_agl", "batched_vs_agl", "scale", "runners",
+            "metrics"} <= ids
     assert all(t["met"] in (True, False, None) for t in data["targets"])
 
 

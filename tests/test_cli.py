@@ -174,7 +174,8 @@ def test_store_defaults_are_handed_over(captured: dict[str, Any]) -> None:
                         "safe_threshold": None, "handshake_timeout": 5.0, "data_dir": None,
                         "synchronous": "normal", "max_connections": 1024,
                         "max_message_size": 64 * 2**20, "busy_poll": 100e-6,
-                        "allow_classes": ()}
+                        "allow_classes": (), "call_stats": True, "metrics_host": "127.0.0.1",
+                        "metrics_port": None}
 
 
 def test_allow_class_is_repeatable_and_read_from_the_environment(

@@ -40,8 +40,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .._version import WIRE_VERSION
+from ..accounting import OK, STORE_ERROR, TRANSPORT_ERROR, CallStats
 from ..api import BLOCKING, REQUEST_KEY
-from ..errors import InvalidArgument, StorageError, VersionMismatch
+from ..errors import InvalidArgument, StorageError, StoreError, VersionMismatch
 from .blocking import Abandoned, blocks, sliced
 from .safe_pickle import AllowList, Refused, refused_request
 from .wire import (
@@ -80,6 +81,7 @@ _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _BATCH_ROUNDS = 4
 #: Seconds a worker thread with no blocking call to run waits for one before it ends.
 WORKER_IDLE = 2.0
+_clock = time.perf_counter
 
 
 def peer_name(sock: socket.socket | int) -> str:
@@ -134,14 +136,17 @@ class Dispatcher:
                  batch: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
                  busy_poll: float = BUSY_POLL,
                  loads: Callable[[bytes], Any] | None = None,
-                 once: Callable[[Any, Callable[..., Any]], Callable[..., Any]] | None = None
-                 ) -> None:
+                 once: Callable[[Any, Callable[..., Any]], Callable[..., Any]] | None = None,
+                 calls: CallStats | None = None) -> None:
         self._methods = methods
         # The restricted decoder of .safe_pickle: the server's allow-list.
         self._loads = loads if loads is not None else AllowList.for_requests().loads
         # ``once(request_id, method)``: the store's exactly-once wrapper for a request that
         # carries an id (api.REQUEST_KEY); without it, such requests are refused.
         self._once = once
+        # Counts and times every call answered here (None: no accounting); only this
+        # thread writes it.
+        self._calls = calls
         # With ``batch`` (a durable store's deferred_commits), the requests ready at one
         # wake-up are answered under ``batch()`` (one commit for all of them) and their
         # replies sent after it. Without, each reply goes out at once.
@@ -317,6 +322,7 @@ class Dispatcher:
         peer.drain -= used
         if not peer.drain:
             self._send(peer, too_large(peer.drain_size, self._max_size))
+            self._count(None, TRANSPORT_ERROR, _clock())
         return chunk[used:]
 
     def _frames(self, peer: _Peer) -> None:
@@ -334,6 +340,7 @@ class Dispatcher:
                 peer.drain, peer.drain_size = size - min(size, available), size
                 if not peer.drain:
                     self._send(peer, too_large(size, self._max_size))
+                    self._count(None, TRANSPORT_ERROR, _clock())
                     continue
                 return
             if len(buf) - header < size:
@@ -346,23 +353,27 @@ class Dispatcher:
         if peer.said is None and data.startswith(HELLO):
             self._hello(peer, data)
             return
+        began = _clock()
         try:
             request = self._loads(data)
         except Refused as exc:
             self._send(peer, dump_error(refused(exc, data, peer_name(peer.sock))))
+            self._count(None, TRANSPORT_ERROR, began)
             return
         except Exception as exc:  # e.g. a class the server cannot import
             self._send(peer, unpickle_failure(exc))
+            self._count(None, TRANSPORT_ERROR, began)
             return
         if not (isinstance(request, tuple) and len(request) == 4) or (
                 request[0] != STORE_IDENT and request[0] != PACKED_IDENT):
             self._hand_over(peer, data)
             return
         ident, name, args, kwds = request
-        func = self._methods.get(name)
+        func, outcome = None, OK
         try:
             if peer.said is None or peer.said[0] != WIRE_VERSION:
                 raise VersionMismatch(mismatch(peer.said, parse_hello(hello())))
+            func = self._methods.get(name)
             if func is None:
                 raise AttributeError(f"the mpstore server has no method {name!r}")
             if ident == PACKED_IDENT:
@@ -372,14 +383,22 @@ class Dispatcher:
             if isinstance(kwds, dict) and blocks(name, kwds):
                 ready = self._without_waiting(name, func, args, kwds)
                 if ready is None:
-                    self._start_blocking(peer, name, func, args, kwds)
+                    self._start_blocking(peer, name, func, args, kwds, began)
                     return
                 reply = dump_reply(ready[0])
             else:
                 reply = dump_result(func(*args, **kwds), args)
         except Exception as exc:
             reply = dump_error(exc)  # with the server-side traceback (tblib)
+            outcome = STORE_ERROR if isinstance(exc, StoreError) else TRANSPORT_ERROR
         self._send(peer, reply)
+        if self._calls is not None:
+            self._calls.record(name if func is not None else None, outcome, _clock() - began)
+
+    def _count(self, name: str | None, outcome: int, began: float) -> None:
+        """Account for one answered call (a few increments; see :mod:`mpstore.accounting`)."""
+        if self._calls is not None:
+            self._calls.record(name, outcome, _clock() - began)
 
     def _hello(self, peer: _Peer, data: bytes) -> None:
         """A client said its wire version: answer with ours (the client decides and says
@@ -402,19 +421,21 @@ class Dispatcher:
         return (result,) if wait.done(result, kwds) else None
 
     def _start_blocking(self, peer: _Peer, name: str, func: Callable[..., Any],
-                        args: tuple[Any, ...], kwds: dict[str, Any]) -> None:
+                        args: tuple[Any, ...], kwds: dict[str, Any], began: float) -> None:
         peer.busy = True
         self._unwatch(peer.sock)  # nothing to read until the reply is out
         fd = peer.sock.fileno()
 
         def work() -> None:
+            outcome = OK
             try:
                 reply: bytes | None = dump_reply(sliced(fd, name, func, args, kwds))
             except Abandoned:
-                reply = None
+                reply, outcome = None, TRANSPORT_ERROR
             except Exception as exc:
                 reply = dump_error(exc)
-            self._post("reply", peer, reply)
+                outcome = STORE_ERROR if isinstance(exc, StoreError) else TRANSPORT_ERROR
+            self._post("reply", peer, (reply, name, outcome, began))
 
         self._submit(work)
 
@@ -444,7 +465,10 @@ class Dispatcher:
             with self._workers_lock:
                 self._idle_workers += 1
 
-    def _finish_blocking(self, peer: _Peer, reply: bytes | None) -> None:
+    def _finish_blocking(self, peer: _Peer, answer: tuple[bytes | None, str, int, float]
+                         ) -> None:
+        reply, name, outcome, began = answer
+        self._count(name, outcome, began)
         peer.busy = False
         if peer.closed:  # closed while the worker ran (see _close): finish closing now
             self._release(peer)

@@ -55,6 +55,7 @@ from multiprocessing.managers import AutoProxy, BaseManager, Server
 from multiprocessing.process import AuthenticationString
 from typing import Any
 
+from ..accounting import LATENCY_BUCKETS, CallStats, Tally, process_usage
 from ..api import SERVED
 from .blocking import BLOCKING_SLICE
 from .loop import BUSY_POLL, Dispatcher
@@ -130,7 +131,7 @@ class StoreServer(StockClients, Server):
                  serializer: str = "pickle", *, handshake_timeout: float = 5.0,
                  backlog: int = BACKLOG, max_connections: int = MAX_CONNECTIONS,
                  max_message_size: int = MAX_MESSAGE_SIZE, busy_poll: float = BUSY_POLL,
-                 allow_classes: Iterable[str | type] = ()) -> None:
+                 allow_classes: Iterable[str | type] = (), call_stats: bool = True) -> None:
         # Not Server.__init__: it binds with a backlog of 16 through a Listener that
         # authenticates inside accept(). CPython internal: these are the attributes
         # Server.__init__ sets and Server's inherited methods (create, incref, decref,
@@ -160,6 +161,11 @@ class StoreServer(StockClients, Server):
         self._loads = self.allow.loads
         self._peers = 0  # connections with a thread (authenticated or not); _conns_lock
         self._refused, self._refusal_logged = 0, -1e9  # accepter thread only
+        # For statistics() and metrics: connections accepted (accepter thread only) and
+        # refused, by why; calls per method (the dispatcher's; None: not counted).
+        self.accepted, self.refused = 0, Tally("auth", "handshake", "limit")
+        self.calls: CallStats | None = None  # set by serve_store
+        self._call_stats, self._store = call_stats, None
 
     def serve_store(self, store: Any) -> None:
         """Serve ``store``'s methods that the call table marks ``served`` under the ident
@@ -167,13 +173,31 @@ class StoreServer(StockClients, Server):
         self.id_to_obj[STORE_IDENT] = (store, frozenset(SERVED), None)
         self._methods = {name: getattr(store, name) for name in SERVED}
         self._once = getattr(store, "once", None)  # exactly-once answers (api.REQUEST_KEY)
+        self._store = store
+        if "statistics" in self._methods:  # the store's, plus this server's own
+            self._methods["statistics"] = self.statistics
+        self.calls = CallStats(SERVED) if self._call_stats else None
         self._dispatcher = Dispatcher(
             self._methods, once=self._once, max_message_size=self.max_message_size,
+            calls=self.calls,
             on_close=self._peer_closed, fallback=self._fallback, busy_poll=self.busy_poll,
             loads=self._loads,
             # Only a durable store's commits are worth batching; an in-memory store's
             # replies go out as soon as they are ready.
             batch=store.deferred_commits if getattr(store, "durable", False) else None)
+
+    def statistics(self) -> dict[str, Any]:
+        """The store's ``statistics()`` with a ``"server"`` section: connections (open,
+        accepted, refused by reason), calls per method served by the dispatcher (counts per
+        outcome, latency buckets with bounds ``latency_bounds``), this process's usage."""
+        stats = self._store.statistics()
+        stats["server"] = {
+            "connections": self._peers, "connections_accepted": self.accepted,
+            "connections_refused": self.refused.snapshot(),
+            "calls": None if self.calls is None else self.calls.snapshot(),
+            "latency_bounds": list(LATENCY_BUCKETS), "process": process_usage(),
+        }
+        return stats
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -219,6 +243,7 @@ class StoreServer(StockClients, Server):
             with self._conns_lock:
                 full = self._peers >= self.max_connections
                 self._peers += not full
+            self.accepted += not full
             if full:
                 self._refuse(sock, peer)
                 continue
@@ -235,6 +260,7 @@ class StoreServer(StockClients, Server):
         """Close a connection beyond ``max_connections`` at once; log it (at most one line
         every 5 s, with the count, so a flood cannot flood the log too)."""
         sock.close()
+        self.refused.add("limit")
         self._refused += 1
         now = time.monotonic()
         if now - self._refusal_logged >= 5.0:
@@ -300,14 +326,17 @@ class StoreServer(StockClients, Server):
             answer_challenge(conn, self.authkey)
             return True
         except AuthenticationError as exc:
+            self.refused.add("auth")
             log.warning("Rejected connection from %s: authentication failed (%s); "
                         "does the client use the server's authkey?", _peer(peer), exc)
         except EOFError:
             log.debug("Connection from %s closed during the handshake", _peer(peer))
         except BlockingIOError:
+            self.refused.add("handshake")
             log.warning("Dropped connection from %s: no handshake within %g s",
                         _peer(peer), self.handshake_timeout)
         except OSError as exc:
+            self.refused.add("handshake")
             log.warning("Dropped connection from %s during the handshake: %s", _peer(peer), exc)
         return False
 
@@ -397,7 +426,8 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
           max_connections: int = MAX_CONNECTIONS, max_message_size: int = MAX_MESSAGE_SIZE,
           busy_poll: float = BUSY_POLL, allow_classes: Iterable[str | type] = (),
           stop: threading.Event | None = None,
-          on_ready: Callable[[tuple[str, int]], None] | None = None) -> str:
+          on_ready: Callable[[tuple[str, int]], None] | None = None, call_stats: bool = True,
+          metrics: tuple[str, int] | None = None) -> str:
     """Serve ``store`` on ``host:port`` until ``stop`` is set or, when called from the main
     thread, SIGINT or SIGTERM arrives; then stop gracefully and return why ("SIGTERM" ...).
 
@@ -407,12 +437,15 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
     dispatcher polls without sleeping while requests come close together (0: never; see
     :class:`~mpstore.manager.loop.Dispatcher`); ``allow_classes``: names (``"module.Name"``, or
     the objects) that requests may contain beyond the default allow-list (see
-    :mod:`~mpstore.manager.safe_pickle`).
+    :mod:`~mpstore.manager.safe_pickle`); ``call_stats``: count and time every call (for
+    statistics() and metrics); ``metrics``: serve Prometheus metrics on this ``(host, port)``
+    too (needs ``mpstore[metrics]``; see :mod:`mpstore.metrics`).
     ``on_ready(address)`` is called once the server accepts connections. Raises
     ServerStartError if it cannot listen (the SPEC §6 message)."""
     stop = stop if stop is not None else threading.Event()
     ticking = threading.Event()  # set: the ticker ends
     server: StoreServer | None = None
+    exporter: Any = None
     reason = "stop"
     with _stop_on_signals(threading.current_thread() is threading.main_thread()) as quiet:
         try:
@@ -423,11 +456,15 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
                                  handshake_timeout=handshake_timeout,
                                  max_connections=max_connections,
                                  max_message_size=max_message_size, busy_poll=busy_poll,
-                                 allow_classes=allow_classes)
+                                 allow_classes=allow_classes, call_stats=call_stats)
             extra = server.allow.extra()
             if extra:
                 log.info("Requests may also contain: %s (--allow-class)", ", ".join(extra))
             server.serve_store(store)
+            if metrics is not None:
+                from ..metrics import start_exporter
+
+                exporter = start_exporter(server.statistics, *metrics)
             log.info("Starting server at %s:%s", host, server.address[1])
             server.start()
             if on_ready is not None:
@@ -435,8 +472,15 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
             stop.wait()
         except _StopSignal as sig:
             reason = str(sig)
+        except BaseException:
+            ticking.set()
+            if server is not None:
+                server.stop()
+            raise
         quiet()
         ticking.set()
+        if exporter is not None:
+            exporter.stop()
         if server is not None:
             log.info("Stopping server at %s:%s (%s)", host, server.address[1], reason)
             server.stop()
