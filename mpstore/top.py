@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 import select
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -39,11 +40,14 @@ from .api import BLOCKING
 from .errors import MpstoreError
 from .manager.client import StoreClient, connect
 
-__all__ = ["Sample", "frame", "run_top", "unreachable"]
+__all__ = ["Sample", "frame", "remember", "run_top", "unreachable"]
 
 _STATUSES = ("queuing", "requeuing", "preparing", "running", "succeeded", "failed",
              "cancelled")
-_RUNNER_ROWS = 12
+#: Lines of a frame besides the rows of its two tables: the header and the overview (12),
+#: each table's title, blank line, heading, rule and trailing blank line (2 x 5).
+_FIXED_LINES = 22
+_RUNNERS_SEEN = 1000
 
 
 @dataclass
@@ -217,7 +221,7 @@ def _storage_line(stats: dict[str, Any], delta: _Delta) -> str:
             f"{commits['failures']:,} failed")
 
 
-def _calls_table(stats: dict[str, Any], delta: _Delta) -> Table | None:
+def _calls_table(stats: dict[str, Any], delta: _Delta, rows: int | None) -> Table | None:
     server = stats.get("server") or {}
     calls = server.get("calls")
     if not calls:
@@ -230,18 +234,33 @@ def _calls_table(stats: dict[str, Any], delta: _Delta) -> Table | None:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     bounds = server["latency_bounds"]
     ordered = sorted(calls.items(), key=lambda item: (-_total(item[1]), item[0]))
-    for method, row in ordered:
+    shown = ordered if rows is None or len(ordered) <= rows else ordered[:rows - 1]
+    for method, row in shown:
         buckets = delta.buckets(method)
         rate = delta.count(method)
         table.add_row(method, "…" if rate is None else _num(rate),
                       _seconds(quantile(bounds, buckets, 0.5)),
                       _seconds(quantile(bounds, buckets, 0.99)), f"{_total(row):,}",
                       f"{row['store_error']:,}", f"{row['transport_error']:,}")
+    if len(shown) < len(ordered):
+        table.add_row("…", f"{len(ordered) - len(shown)} more", "", "", "", "", "")
     return table
 
 
-def _runners_table(stats: dict[str, Any], rows: int) -> Table:
+def _runner_rows(stats: dict[str, Any], seen: dict[str, dict[str, Any]] | None
+                 ) -> list[dict[str, Any]]:
+    """The runners in flight, then those seen in flight earlier (by this view) that are no
+    longer: idle, or gone (their last heard says which is likelier)."""
     runners = stats.get("runners") or []
+    busy = {r["worker_id"] for r in runners}
+    earlier = sorted((dict(r, status="idle", rollout_id=f"(last: {r['rollout_id']})")
+                      for w, r in (seen or {}).items() if w not in busy),
+                     key=lambda r: -r["last_heard"])
+    return runners + earlier
+
+
+def _runners_table(stats: dict[str, Any], runners: list[dict[str, Any]], rows: int | None
+                   ) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left",
                   title=f"runners with an attempt in flight: "
                         f"{stats.get('runners_in_flight', 0):,} "
@@ -249,12 +268,13 @@ def _runners_table(stats: dict[str, Any], rows: int) -> Table:
     for name in ("worker", "doing", "rollout", "attempt", "last heard"):
         table.add_column(name)
     now = stats.get("time", time.time())
-    for runner in runners[:rows]:
+    shown = runners if rows is None or len(runners) <= rows else runners[:rows - 1]
+    for runner in shown:
         table.add_row(runner["worker_id"] or "(no worker id)", runner["status"],
                       runner["rollout_id"], f"#{runner['attempt']}",
                       _ago(now - runner["last_heard"]))
-    if len(runners) > rows:
-        table.add_row("…", f"{len(runners) - rows} more", "", "", "")
+    if len(shown) < len(runners):
+        table.add_row("…", f"{len(runners) - len(shown)} more", "", "", "")
     return table
 
 
@@ -265,21 +285,49 @@ def _flat(stats: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _budget(height: int | None, runners: int, calls: int) -> tuple[int | None, int | None]:
+    """Rows of the runners' and the calls' tables in a terminal ``height`` lines high (None:
+    no limit): all if they fit, else at least half to the runners."""
+    if height is None:
+        return None, None
+    rows = max(2, height - _FIXED_LINES)
+    if runners + calls <= rows:
+        return runners, calls
+    mine = min(runners, max(rows - min(calls, rows // 2), 1))
+    return mine, max(rows - mine, 1)
+
+
 def frame(address: str, current: Sample, previous: Sample | None, interval: float,
-          runner_rows: int = _RUNNER_ROWS) -> RenderableType:
-    """One frame: ``current``, with rates over the interval since ``previous``."""
+          height: int | None = None, seen: dict[str, dict[str, Any]] | None = None
+          ) -> RenderableType:
+    """One frame: ``current``, with rates over the interval since ``previous``, fit into
+    ``height`` lines (None: all rows); ``seen``: the latest row of every runner seen in
+    flight so far (see :func:`remember`)."""
     stats, info = _flat(current.stats), current.info
     delta = _Delta(stats, None if previous is None else _flat(previous.stats))
     header = Text.assemble(
         ("mpstore ", "bold"), f"{info.get('version', '?')} at {address} · pid "
         f"{info.get('pid', '?')} · up {_uptime(stats.get('uptime', 0))} · every "
         f"{interval:g} s · q quits")
-    parts: list[RenderableType] = [header, _overview(stats, delta)]
-    calls = _calls_table(stats, delta)
+    runners = _runner_rows(stats, seen)
+    runner_rows, call_rows = _budget(height, len(runners),
+                                     len((stats.get("server") or {}).get("calls") or ()))
+    parts: list[RenderableType] = [header, _overview(stats, delta),
+                                   _runners_table(stats, runners, runner_rows)]
+    calls = _calls_table(stats, delta, call_rows)
     if calls is not None:
         parts.append(calls)
-    parts.append(_runners_table(stats, runner_rows))
     return Group(*parts)
+
+
+def remember(seen: dict[str, dict[str, Any]], stats: dict[str, Any]) -> None:
+    """Note the runners in flight in ``stats`` (the most recently heard 1,000 are kept)."""
+    for row in stats.get("runners") or []:
+        if row["worker_id"] is not None:
+            seen.pop(row["worker_id"], None)
+            seen[row["worker_id"]] = row
+    while len(seen) > _RUNNERS_SEEN:
+        del seen[next(iter(seen))]
 
 
 def unreachable(address: str, reason: str, interval: float) -> RenderableType:
@@ -324,13 +372,22 @@ def _reason(exc: BaseException) -> str:
 
 
 class _Keys:
-    """Single key presses from a terminal (cbreak mode: Ctrl-C still interrupts)."""
+    """Single key presses from a terminal (cbreak mode), and Ctrl-C.
+
+    SIGINT does not raise here: its handler only records it and wakes the wait (a pipe), so
+    it can never interrupt a call to the server half-way (which could leave the client's
+    locks held); the loop then ends at its next wait."""
 
     def __init__(self) -> None:
         self._fd = sys.stdin.fileno() if sys.stdin.isatty() else None
         self._saved: Any = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._previous: Any = None
+        self.interrupted = False
 
     def __enter__(self) -> _Keys:
+        self._previous = signal.signal(signal.SIGINT, self._interrupt)
         if self._fd is not None:
             import termios
             import tty
@@ -344,18 +401,24 @@ class _Keys:
             import termios
 
             termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
+        signal.signal(signal.SIGINT, self._previous)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        self.interrupted = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")
 
     def quit_within(self, seconds: float) -> bool:
-        """Wait up to ``seconds``; True as soon as q is pressed."""
-        if self._fd is None:
-            time.sleep(seconds)  # no terminal to read keys from: Ctrl-C only
-            return False
+        """Wait up to ``seconds``; True as soon as q or Ctrl-C is pressed."""
+        watched = [self._wake_r] + ([self._fd] if self._fd is not None else [])
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([self._fd], [], [], left)
-            if ready and os.read(self._fd, 1) in (b"q", b"Q"):
+        while not self.interrupted and (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select(watched, [], [], left)
+            if self._fd in ready and os.read(self._fd, 1) in (b"q", b"Q"):
                 return True
-        return False
+        return self.interrupted
 
 
 def _once(source: _Source, address: str, interval: float, console: Console) -> int:
@@ -366,12 +429,15 @@ def _once(source: _Source, address: str, interval: float, console: Console) -> i
     except (MpstoreError, OSError, EOFError) as exc:
         console.print(f"server unreachable at {address}: {_reason(exc)}", style="bold red")
         return 1
-    console.print(frame(address, second, first, interval))
+    seen: dict[str, dict[str, Any]] = {}
+    remember(seen, first.stats)
+    console.print(frame(address, second, first, interval, seen=seen))
     return 0
 
 
 def _live(source: _Source, address: str, interval: float, console: Console) -> int:
     previous: Sample | None = None
+    seen: dict[str, dict[str, Any]] = {}
     with _Keys() as keys, Live(console=console, screen=True, auto_refresh=False,
                                redirect_stdout=False, redirect_stderr=False) as live:
         while True:
@@ -381,8 +447,9 @@ def _live(source: _Source, address: str, interval: float, console: Console) -> i
                 previous = None
                 live.update(unreachable(address, _reason(exc), interval), refresh=True)
             else:
-                rows = max(3, console.size.height - 24)
-                live.update(frame(address, current, previous, interval, rows), refresh=True)
+                live.update(frame(address, current, previous, interval,
+                                  console.size.height, seen), refresh=True)
+                remember(seen, current.stats)
                 previous = current
             if keys.quit_within(interval):
                 return 0
@@ -394,12 +461,15 @@ def run_top(host: str, port: int, *, authkey_file: str | None, interval: float, 
     address = f"{host}:{port}"
     source = _Source(host, port, authkey_file, timeout)
     console = Console()
+    if once:
+        try:
+            code = _once(source, address, interval, Console(width=max(console.width, 100)))
+        except KeyboardInterrupt:
+            return 130  # interrupted, perhaps inside a call: exit without closing politely
+        source.close()
+        return code
     try:
-        if once:
-            return _once(source, address, interval, Console(width=max(console.width, 100)))
         return _live(source, address, interval, console)
-    except KeyboardInterrupt:
-        return 0
     finally:
         source.close()
 

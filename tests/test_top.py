@@ -168,7 +168,9 @@ def test_live_view_refreshes_survives_the_server_and_quits_on_q(
         tmp_path: Path, terminal: Callable[[str], Terminal]) -> None:
     with running_server(tmp_path) as srv:
         port = srv.port
-        command = (f"{sys.executable} -m mpstore top --port {port} --authkey-file "
+        # pytest exports COLUMNS=80 and LINES=24, which rich would trust over the terminal.
+        command = (f"env -u COLUMNS -u LINES {sys.executable} -m mpstore top --port {port} "
+                   f"--authkey-file "
                    f"{srv.authkey_file} --interval 0.2 --timeout 2")
         term = terminal(f"{command} 2> {tmp_path / 'top.err'}")
         first = term.wait_for(lambda s: re.search(r"queue\s+0 waiting", s) is not None,
@@ -181,6 +183,15 @@ def test_live_view_refreshes_survives_the_server_and_quits_on_q(
                                "the new queue length")
         assert screen.count("mpstore 0.1.0 at") == 1  # redrawn in place, not appended
         assert "4: 4 queuing" in screen
+        with srv.connect() as client:  # a runner claims one, is seen, then finishes it
+            claimed = client.dequeue_rollout(worker_id="runner-x")
+            assert claimed is not None
+            term.wait_for(lambda s: re.search(r"runner-x\s+preparing\s+" + claimed.rollout_id,
+                                              s) is not None, "the runner at work")
+            client.update_attempt(claimed.rollout_id, "latest", status="succeeded")
+            term.wait_for(lambda s: re.search(r"runner-x\s+idle\s+\(last: "
+                                              + claimed.rollout_id, s) is not None,
+                          "the runner idle")
     gone = term.wait_for(lambda s: "server unreachable, retrying" in s, "the outage")
     assert "Traceback" not in gone
     with running_server(tmp_path, port=port):  # back on the same port, same key
