@@ -92,7 +92,9 @@ class ServerProcess:
                 with self.connect(retry_for=0, timeout=2.0) as client:
                     client.ping()
                 return
-            except (StoreUnavailable, FileNotFoundError):  # no answer, or no key file yet
+            except (StoreUnavailable, FileNotFoundError, AuthenticationFailed):
+                # No answer, or no key file yet; or the answer of another process's server
+                # that took the port first (ours then exits with the conflict, above).
                 if time.monotonic() > deadline:
                     raise ServerStartError(
                         f"agl store did not answer within {timeout:g} s:\n{self.log()}"

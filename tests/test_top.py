@@ -4,8 +4,11 @@ it up again when it is back, and quits on q."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +22,7 @@ import pytest
 from mpstore import Span
 from mpstore.manager.ports import free_port
 from mpstore.testing import ServerProcess
+from tests.conftest import FakeClock
 from tests.remote import running_server
 
 
@@ -106,16 +110,23 @@ def test_once_without_a_server_says_so(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ the live view
 class Terminal:
-    """A tmux server of its own (``-L``), one 120x45 window running ``command``."""
+    """A tmux server of its own (``-L``), one 120x45 window running ``command``, with its
+    stderr in ``err``."""
 
-    def __init__(self, command: str) -> None:
+    def __init__(self, command: str, err: Path) -> None:
         self.socket = f"mpstore-test-{uuid.uuid4().hex[:8]}"
+        self.err = err
+        # pytest exports COLUMNS=80 and LINES=24, which rich would trust over the terminal.
+        command = f"env -u COLUMNS -u LINES PYTHONFAULTHANDLER=1 {command} 2> {err}"
         self._tmux("new-session", "-d", "-s", "top", "-x", "120", "-y", "45", command,
                    ";", "set-option", "-t", "top", "remain-on-exit", "on")
 
     def _tmux(self, *args: str) -> str:
         return subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", *args],
                               capture_output=True, text=True, check=True, timeout=30).stdout
+
+    def err_log(self) -> str:
+        return self.err.read_text(errors="replace") if self.err.exists() else ""
 
     def screen(self) -> str:
         return self._tmux("capture-pane", "-p", "-t", "top")
@@ -127,12 +138,23 @@ class Terminal:
         """The command's exit status, once it has exited."""
         deadline = time.monotonic() + timeout
         while True:
-            dead, _, status = self._tmux("list-panes", "-t", "top", "-F",
-                                         "#{pane_dead} #{pane_dead_status}").partition(" ")
-            if dead == "1" and status.strip():
-                return int(status)
-            assert time.monotonic() < deadline, f"still running:\n{self.screen()}"
+            dead, status, signal_, pid = self._tmux(
+                "list-panes", "-t", "top", "-F",
+                "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}:#{pane_pid}",
+            ).strip().split(":")
+            if dead == "1" and (status or signal_):
+                return int(status) if status else -int(signal_)
+            if time.monotonic() >= deadline:
+                self._fail(f"still running (pane {dead}:{status}:{signal_})", int(pid))
             time.sleep(0.05)
+
+    def _fail(self, what: str, pid: int) -> None:
+        """Fail with the screen and, from PYTHONFAULTHANDLER, where the process is stuck."""
+        screen = self.screen()
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGABRT)  # faulthandler dumps every thread's stack to stderr
+        time.sleep(1.0)  # only on the way to a failure: let the dump be written
+        raise AssertionError(f"{what}:\n{screen}\nstderr:\n{self.err_log()}")
 
     def wait_for(self, condition: Callable[[str], bool], what: str, timeout: float = 20.0
                  ) -> str:
@@ -141,7 +163,8 @@ class Terminal:
             screen = self.screen()
             if condition(screen):
                 return screen
-            assert time.monotonic() < deadline, f"no {what} on the screen:\n{screen}"
+            assert time.monotonic() < deadline, (
+                f"no {what} on the screen:\n{screen}\nstderr:\n{self.err_log()}")
             time.sleep(0.05)
 
     def close(self) -> None:
@@ -150,13 +173,13 @@ class Terminal:
 
 
 @pytest.fixture
-def terminal() -> Iterator[Callable[[str], Terminal]]:
+def terminal(tmp_path: Path) -> Iterator[Callable[[str], Terminal]]:
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (.ci/setup.d/40-top.sh installs it)")
     opened: list[Terminal] = []
 
     def open_terminal(command: str) -> Terminal:
-        opened.append(Terminal(command))
+        opened.append(Terminal(command, tmp_path / f"stderr-{len(opened)}.log"))
         return opened[-1]
 
     yield open_terminal
@@ -168,11 +191,9 @@ def test_live_view_refreshes_survives_the_server_and_quits_on_q(
         tmp_path: Path, terminal: Callable[[str], Terminal]) -> None:
     with running_server(tmp_path) as srv:
         port = srv.port
-        # pytest exports COLUMNS=80 and LINES=24, which rich would trust over the terminal.
-        command = (f"env -u COLUMNS -u LINES {sys.executable} -m mpstore top --port {port} "
-                   f"--authkey-file "
+        command = (f"{sys.executable} -m mpstore top --port {port} --authkey-file "
                    f"{srv.authkey_file} --interval 0.2 --timeout 2")
-        term = terminal(f"{command} 2> {tmp_path / 'top.err'}")
+        term = terminal(command)
         first = term.wait_for(lambda s: re.search(r"queue\s+0 waiting", s) is not None,
                               "first frame")
         assert first.count("mpstore 0.1.0 at") == 1
@@ -200,7 +221,7 @@ def test_live_view_refreshes_survives_the_server_and_quits_on_q(
         assert "server unreachable" not in back
         term.keys("q")
         assert term.exit_status() == 0
-    assert (tmp_path / "top.err").read_text() == ""
+    assert term.err_log() == ""
 
 
 def test_live_view_quits_on_ctrl_c(tmp_path: Path,
@@ -208,8 +229,40 @@ def test_live_view_quits_on_ctrl_c(tmp_path: Path,
     with running_server(tmp_path) as srv:
         command = (f"{sys.executable} -m mpstore top --port {srv.port} --authkey-file "
                    f"{srv.authkey_file} --interval 0.2")
-        term = terminal(f"{command} 2> {tmp_path / 'top.err'}")
+        term = terminal(command)
         term.wait_for(lambda s: "waiting" in s, "first frame")
         term.keys("C-c")
         assert term.exit_status() == 0
-    assert (tmp_path / "top.err").read_text() == ""  # no traceback, no KeyboardInterrupt
+    assert term.err_log() == ""  # no traceback, no KeyboardInterrupt
+
+
+# ------------------------------------------------------------------ the frame itself
+def test_a_frame_fits_the_terminal_and_says_what_it_left_out() -> None:
+    import io
+
+    from rich.console import Console
+
+    from mpstore import InMemoryStore
+    from mpstore.accounting import LATENCY_BUCKETS, CallStats
+    from mpstore.top import Sample, frame
+
+    store = InMemoryStore(clock=FakeClock())  # all heard at once: listed in creation order
+    for i in range(40):
+        store.start_rollout({"i": i}, worker_id=f"runner-{i}")
+    calls = CallStats(f"method_{i}" for i in range(25))
+    for i in range(25):
+        calls.record(f"method_{i}", 0, 20e-6)
+    stats = {**store.statistics(), "server": {
+        "connections": 1, "connections_accepted": 1, "connections_refused": {},
+        "calls": calls.snapshot(), "latency_bounds": list(LATENCY_BUCKETS),
+        "process": {"rss_bytes": 1, "cpu_seconds": 0.0, "threads": 1}}}
+    for height, shown in ((30, False), (200, True)):
+        out = io.StringIO()
+        console = Console(file=out, width=120, height=height, color_system=None)
+        console.print(frame("127.0.0.1:1", Sample(stats, {"version": "x", "pid": 1}), None,
+                            1.0, height=height))
+        lines = out.getvalue().splitlines()
+        assert len(lines) <= height
+        assert ("runner-39" in out.getvalue()) is shown  # the last of each table
+        assert ("method_9 " in out.getvalue()) is shown
+        assert ("more" in out.getvalue()) is not shown
