@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mpstore import Span
+from mpstore import Span, __version__
 from mpstore.manager.ports import free_port
 from mpstore.testing import ServerProcess
 from tests.conftest import FakeClock
@@ -196,13 +196,13 @@ def test_live_view_refreshes_survives_the_server_and_quits_on_q(
         term = terminal(command)
         first = term.wait_for(lambda s: re.search(r"queue\s+0 waiting", s) is not None,
                               "first frame")
-        assert first.count("mpstore 0.1.0 at") == 1
+        assert first.count(f"mpstore {__version__} at") == 1
         with srv.connect() as client:
             for i in range(4):
                 client.enqueue_rollout({"i": i})
         screen = term.wait_for(lambda s: re.search(r"queue\s+4 waiting", s) is not None,
                                "the new queue length")
-        assert screen.count("mpstore 0.1.0 at") == 1  # redrawn in place, not appended
+        assert screen.count(f"mpstore {__version__} at") == 1  # redrawn in place, not appended
         assert "4: 4 queuing" in screen
         with srv.connect() as client:  # a runner claims one, is seen, then finishes it
             claimed = client.dequeue_rollout(worker_id="runner-x")
