@@ -141,7 +141,9 @@ class Sections:
         if not self._journal.broken:
             return
         state = StoreState(self._state.thresholds)
-        state.restore(self._journal.recover(), self._clock())
+        now = self._clock()
+        state.skew = now - self._monotonic()  # before restore: it keeps monotonic times
+        state.restore(self._journal.recover(), now)
         state.track_changes()
         self._state = state
         self._queued.notify_all()
