@@ -116,8 +116,12 @@ class Terminal:
     def __init__(self, command: str, err: Path) -> None:
         self.socket = f"mpstore-test-{uuid.uuid4().hex[:8]}"
         self.err = err
+        # The exit status goes to a file: tmux's pane_dead_status was seen empty for a pane
+        # that had exited (tmux 3.3, under load).
+        self.status = err.with_name(err.name + ".status")
         # pytest exports COLUMNS=80 and LINES=24, which rich would trust over the terminal.
-        command = f"env -u COLUMNS -u LINES PYTHONFAULTHANDLER=1 {command} 2> {err}"
+        command = (f"env -u COLUMNS -u LINES PYTHONFAULTHANDLER=1 {command} 2> {err}; "
+                   f"echo $? > {self.status}")
         self._tmux("new-session", "-d", "-s", "top", "-x", "120", "-y", "45", command,
                    ";", "set-option", "-t", "top", "remain-on-exit", "on")
 
@@ -138,12 +142,13 @@ class Terminal:
         """The command's exit status, once it has exited."""
         deadline = time.monotonic() + timeout
         while True:
+            written = self.status.read_text().strip() if self.status.exists() else ""
+            if written:
+                return int(written)  # as the shell reports it (128 + n: killed by signal n)
             dead, status, signal_, pid = self._tmux(
                 "list-panes", "-t", "top", "-F",
                 "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}:#{pane_pid}",
             ).strip().split(":")
-            if dead == "1" and (status or signal_):
-                return int(status) if status else -int(signal_)
             if time.monotonic() >= deadline:
                 self._fail(f"still running (pane {dead}:{status}:{signal_})", int(pid))
             time.sleep(0.05)
