@@ -180,7 +180,12 @@ def test_refused_connections_by_reason(tmp_path: Path) -> None:
                 extra.settimeout(10)
                 assert extra.recv(1) == b""  # closed at once: over the limit
                 extra.close()
-                after = scrape(port)
+                # The accepter counts the refusal as it closes the socket: wait for it.
+                limit = value(before, "mpstore_connections_refused_total", reason="limit")
+                after = wait_until(
+                    lambda: (lambda s: s if value(s, "mpstore_connections_refused_total",
+                                                  reason="limit") > limit else None)(
+                        scrape(port)), "the over-the-limit refusal to be counted")
             finally:
                 for sock in silent:
                     sock.close()
