@@ -295,15 +295,21 @@ class DurableStoreMachine(StoreMachine):
         self.data_dir = tempfile.mkdtemp(prefix="mpstore-sm-")
         return InMemoryStore(clock=clock, data_dir=self.data_dir)
 
+    def restart_store(self) -> None:
+        self.store.close()
+        self.store = InMemoryStore(clock=self.clock, data_dir=self.data_dir)
+
+    def close_store(self) -> None:
+        self.store.close()
+
     @rule()
     def restart(self) -> None:
         before = self.snapshot()
-        self.store.close()
-        self.store = InMemoryStore(clock=self.clock, data_dir=self.data_dir)
+        self.restart_store()
         assert self.snapshot() == before
 
     def teardown(self) -> None:
-        self.store.close()
+        self.close_store()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
@@ -365,19 +371,12 @@ class LossyStoreMachine(DurableStoreMachine):
         self.real_store.close()
         self.real_store = InMemoryStore(clock=self.clock, data_dir=self.data_dir)
 
-    @rule()
-    def restart(self) -> None:
-        before = self.snapshot()
-        self.restart_store()
-        assert self.snapshot() == before
+    def close_store(self) -> None:
+        self.real_store.close()
 
     @rule(losing=st.booleans(), restart_between=st.booleans())
     def connection(self, losing: bool, restart_between: bool) -> None:
         self.losing, self.restart_between = losing, restart_between
-
-    def teardown(self) -> None:
-        self.real_store.close()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 LossyStoreMachine.TestCase.settings = settings(
