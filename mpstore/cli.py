@@ -185,12 +185,25 @@ def _require(module: str, extra: str, feature: str) -> None:
               envvar="MPSTORE_CALL_STATS", show_envvar=True,
               help="Count and time every call by method, for agl top, agl stats and the "
                    "metrics (a few increments per call).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), default=None,
+              envvar="MPSTORE_TLS_CERT", show_envvar=True,
+              help="Speak TLS on every connection, with this certificate (PEM, the chain "
+                   "after it). Clients then connect with tls_ca= (or MPSTORE_TLS_CA) and "
+                   "check that it names the host they connect to.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), default=None,
+              envvar="MPSTORE_TLS_KEY", show_envvar=True,
+              help="The certificate's private key (PEM). Default: in the --tls-cert file.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False, exists=True), default=None,
+              envvar="MPSTORE_TLS_CLIENT_CA", show_envvar=True,
+              help="Mutual TLS: clients must show a certificate signed by this CA (PEM); "
+                   "they give it with tls_cert= and tls_key= (or MPSTORE_TLS_CERT/_KEY).")
 def store_command(host: str, port: int, authkey_file: str | None, log_level: str,
                   watchdog_interval: float, eviction_threshold: float | int | None,
                   safe_threshold: float | int | None, data_dir: str | None, synchronous: str,
                   handshake_timeout: float, max_connections: int, max_message_size: int,
                   busy_poll: int, allow_classes: tuple[str, ...], metrics_port: int | None,
-                  metrics_host: str, call_stats: bool) -> None:
+                  metrics_host: str, call_stats: bool, tls_cert: str | None,
+                  tls_key: str | None, tls_client_ca: str | None) -> None:
     """Run the store server in the foreground until SIGINT or SIGTERM.
 
     It listens on 127.0.0.1 unless --host says otherwise. Clients need its authkey, which
@@ -200,6 +213,8 @@ def store_command(host: str, port: int, authkey_file: str | None, log_level: str
     if metrics_port is not None:
         _require("prometheus_client", "metrics", "--metrics-port")
     configure_logging(log_level)
+    if tls_cert is None and (tls_key is not None or tls_client_ca is not None):
+        raise click.UsageError("--tls-key and --tls-client-ca need --tls-cert")
     from .startup import run
 
     try:
@@ -209,7 +224,8 @@ def store_command(host: str, port: int, authkey_file: str | None, log_level: str
                    synchronous=synchronous.lower(), max_connections=max_connections,
                    max_message_size=max_message_size, busy_poll=busy_poll / 1e6,
                    allow_classes=allow_classes, call_stats=call_stats,
-                   metrics_host=metrics_host, metrics_port=metrics_port)
+                   metrics_host=metrics_host, metrics_port=metrics_port, tls_cert=tls_cert,
+                   tls_key=tls_key, tls_client_ca=tls_client_ca)
     except InvalidArgument as exc:
         raise click.UsageError(str(exc)) from None
     sys.exit(code)

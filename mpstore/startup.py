@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import ssl
 from collections.abc import Iterable
 
 from .errors import AuthenticationFailed, ServerStartError, StorageError
+from .manager import tls
 from .manager.auth import is_loopback, resolve_authkey
 from .manager.loop import BUSY_POLL
 from .manager.ports import check_port_free, start_failure_message
@@ -45,13 +47,16 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
         max_connections: int = MAX_CONNECTIONS, max_message_size: int = MAX_MESSAGE_SIZE,
         busy_poll: float = BUSY_POLL, allow_classes: Iterable[str] = (),
         call_stats: bool = True, metrics_host: str = METRICS_HOST,
-        metrics_port: int | None = None) -> int:
+        metrics_port: int | None = None, tls_cert: str | None = None,
+        tls_key: str | None = None, tls_client_ca: str | None = None) -> int:
     """``agl store``: serve a store (in memory, or durable in ``data_dir``) until
     SIGINT/SIGTERM, with Prometheus metrics on ``metrics_host:metrics_port`` if a port is
     given (see :mod:`mpstore.metrics`). Returns the exit code: 0 after a graceful stop, 1 if
     the server could not start (the reason is logged: port taken, key unusable, data
     directory locked or damaged).
 
+    With ``tls_cert`` (and ``tls_key``, unless the key is in the certificate's file) every
+    connection speaks TLS; ``tls_client_ca`` requires clients to show a certificate it signed.
     Raises InvalidArgument for option values the store rejects (a usage error), or an
     ``allow_classes`` name that cannot be imported."""
     allow_classes = list(allow_classes)
@@ -67,15 +72,9 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
         return 1
     tune_gc()
     try:
-        if not is_loopback(host):
-            log.warning("Listening on %s:%s, beyond this machine: anyone who can reach it and "
-                        "holds the authkey has full access to the store. Keep the key "
-                        "secret; without TLS the traffic is readable on the network.",
-                        host, port)
+        context = _tls_context(tls_cert, tls_key, tls_client_ca)
+        _warn_exposure(host, port, context is not None, metrics_host, metrics_port)
         check_port_free(host, port)
-        if metrics_port is not None and not is_loopback(metrics_host):
-            log.warning("Serving metrics on %s:%s, beyond this machine, without a key",
-                        metrics_host, metrics_port)
         try:
             key = resolve_authkey(host, port, authkey_file=authkey_file, create=True)
         except AuthenticationFailed as exc:
@@ -87,13 +86,40 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
         serve(store, host, port, authkey=key.key, watchdog_interval=watchdog_interval,
               handshake_timeout=handshake_timeout, max_connections=max_connections,
               max_message_size=max_message_size, busy_poll=busy_poll,
-              allow_classes=allow_classes, call_stats=call_stats, metrics=metrics)
+              allow_classes=allow_classes, call_stats=call_stats, metrics=metrics,
+              tls_context=context)
     except ServerStartError as exc:
         log.error("%s", exc)
         return 1
     finally:
         store.close()
     return 0
+
+
+def _tls_context(cert: str | None, key: str | None, client_ca: str | None
+                 ) -> ssl.SSLContext | None:
+    """The server's TLS context (None without ``cert``), logged. Raises ServerStartError
+    naming a file that cannot be used."""
+    if cert is None:
+        return None
+    context = tls.server_context(cert, key or None, client_ca)
+    log.info("TLS with certificate %s%s", cert,
+             f"; clients must show a certificate signed by {client_ca}" if client_ca else "")
+    return context
+
+
+def _warn_exposure(host: str, port: int, tls_on: bool, metrics_host: str,
+                   metrics_port: int | None) -> None:
+    """Say so when the store, or its metrics, can be reached from beyond this machine."""
+    if not is_loopback(host):
+        log.warning("Listening on %s:%s, beyond this machine: anyone who can reach it and "
+                    "holds the authkey has full access to the store. Keep the key "
+                    "secret%s.", host, port,
+                    "" if tls_on else "; without TLS (--tls-cert) the traffic is "
+                    "readable on the network")
+    if metrics_port is not None and not is_loopback(metrics_host):
+        log.warning("Serving metrics on %s:%s, beyond this machine, without a key",
+                    metrics_host, metrics_port)
 
 
 def raise_fd_limit() -> None:

@@ -44,10 +44,14 @@ class ServerProcess:
 
     def __init__(self, popen: subprocess.Popen[bytes], host: str, port: int,
                  authkey_file: Path | None, log_path: Path,
-                 tempdir: tempfile.TemporaryDirectory[str] | None = None) -> None:
+                 tempdir: tempfile.TemporaryDirectory[str] | None = None,
+                 connect_args: dict[str, Any] | None = None) -> None:
         """``authkey_file=None``: the server resolves its own key; the client side reads it
-        from ``MPSTORE_AUTHKEY`` or the default key file, as ``connect()`` does."""
+        from ``MPSTORE_AUTHKEY`` or the default key file, as ``connect()`` does.
+        ``connect_args``: what :meth:`connect` passes to ``connect()`` unless told otherwise
+        (``tls_ca=...`` for a TLS server, say)."""
         self.popen, self.host, self.port = popen, host, port
+        self.connect_args = dict(connect_args or {})
         self.authkey_file, self.log_path = authkey_file, log_path
         self._tempdir = tempdir
 
@@ -74,21 +78,27 @@ class ServerProcess:
 
     def connect(self, **kwargs: Any) -> StoreClient:
         """``connect()`` to this server with its key (keyword arguments are connect's)."""
-        return connect(self.address, self.authkey, **kwargs)
+        return connect(self.address, self.authkey, **{**self.connect_args, **kwargs})
 
     def log(self) -> str:
         """What the server has logged so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        """Poll ``ping`` until the server answers. Raises ServerStartError (with its log) if
-        the process exits first or ``timeout`` seconds pass."""
+    def wait_ready(self, timeout: float = 20.0, *, ping: bool = True) -> None:
+        """Poll ``ping`` until the server answers (``ping=False``: until it logs that it
+        listens, for a server no client can pass, e.g. one with an expired certificate).
+        Raises ServerStartError (with its log) if the process exits first or ``timeout``
+        seconds pass."""
         deadline = time.monotonic() + timeout
         while True:
             if self.popen.poll() is not None:
                 raise ServerStartError(
                     f"agl store exited with code {self.popen.returncode}:\n{self.log()}")
             try:
+                if not ping:
+                    if "Starting server at" not in self.log():
+                        raise FileNotFoundError("not listening yet")
+                    return
                 with self.connect(retry_for=0, timeout=2.0) as client:
                     client.ping()
                 return
@@ -129,7 +139,8 @@ class ServerProcess:
 def start_server(port: int | None = None, *, host: str = "127.0.0.1",
                  authkey_file: str | os.PathLike[str] | None = None, default_key: bool = False,
                  args: Sequence[str] = (), log_path: str | os.PathLike[str] | None = None,
-                 env: dict[str, str] | None = None, ready_timeout: float = 20.0
+                 env: dict[str, str] | None = None, ready_timeout: float = 20.0,
+                 connect_args: dict[str, Any] | None = None, ping_ready: bool = True
                  ) -> ServerProcess:
     """Start ``python -m mpstore store`` and return once it answers ``ping``.
 
@@ -137,8 +148,10 @@ def start_server(port: int | None = None, *, host: str = "127.0.0.1",
     ``authkey_file`` a fresh key is written into a temporary directory, removed on exit, and
     so is the log unless ``log_path`` is given; ``default_key=True`` lets the server resolve
     its key itself (MPSTORE_AUTHKEY or its per-host-and-port key file). ``args`` are more
-    ``agl store`` options. Raises ServerStartError (with the server's log) if it does not
-    come up."""
+    ``agl store`` options; ``connect_args`` are ``connect()``'s, for reaching it (a TLS
+    server's ``tls_ca``, say); ``ping_ready=False`` waits for the log line that says it
+    listens instead of a ``ping`` (see :meth:`ServerProcess.wait_ready`). Raises
+    ServerStartError (with the server's log) if it does not come up."""
     tempdir = None
     if (authkey_file is None and not default_key) or log_path is None:
         tempdir = tempfile.TemporaryDirectory(prefix="mpstore-")
@@ -156,9 +169,9 @@ def start_server(port: int | None = None, *, host: str = "127.0.0.1",
         with open(log, "ab") as sink:
             popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink,
                                      stderr=subprocess.STDOUT, env=env)
-        server = ServerProcess(popen, host, chosen, key, log, tempdir)
+        server = ServerProcess(popen, host, chosen, key, log, tempdir, connect_args)
         try:
-            server.wait_ready(ready_timeout)
+            server.wait_ready(ready_timeout, ping=ping_ready)
             return server
         except ServerStartError as exc:
             server.stop()

@@ -41,18 +41,28 @@ def memory_store(clock: FakeClock) -> InMemoryStore:
     return InMemoryStore(clock=clock)
 
 
-STORE_KINDS = ["memory", "remote"]
+STORE_KINDS = ["memory", "remote", "tls"]
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Certificates for TLS servers and clients, made for this session (tests/certs.py)."""
+    from tests.certs import make_tls_files
+
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture(params=STORE_KINDS)
 def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
-    """The same API in process and over the wire; each test gets a fresh, empty store."""
+    """The same API in process, over the wire, and over the wire through TLS
+    (``agl store --tls-cert``); each test gets a fresh, empty store."""
     if request.param == "memory":
         yield InMemoryStore()
         return
     from tests import remote
 
-    with remote.fresh_remote_store(tmp_path) as client:
+    tls = request.getfixturevalue("tls_files") if request.param == "tls" else None
+    with remote.fresh_remote_store(tmp_path, tls=tls) as client:
         yield client
 
 

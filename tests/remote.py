@@ -25,6 +25,7 @@ from mpstore import InMemoryStore, StoreClient, connect
 from mpstore.manager import serve
 from mpstore.manager.ports import free_port
 from mpstore.testing import ServerProcess, start_server, write_key_file
+from tests.certs import TLSFiles
 from tests.conftest import FakeClock
 
 __all__ = ["ClockedServer", "ValueClock", "fresh_remote_store", "running_server"]
@@ -32,14 +33,20 @@ __all__ = ["ClockedServer", "ValueClock", "fresh_remote_store", "running_server"
 
 @contextlib.contextmanager
 def running_server(tmp_path: Path, *args: str, port: int | None = None,
-                   env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+                   env: dict[str, str] | None = None, tls: TLSFiles | None = None,
+                   **connect_args: Any) -> Iterator[ServerProcess]:
     """A real ``agl store`` subprocess (key ``tmp_path/authkey``, log ``tmp_path/server.log``);
-    it must stop gracefully (exit 0) at the end unless the test already stopped it."""
+    it must stop gracefully (exit 0) at the end unless the test already stopped it. With
+    ``tls``, it speaks TLS with those certificates and its ``connect()`` verifies them;
+    ``connect_args`` are more of ``connect()``'s (for every ``server.connect()``)."""
     key = tmp_path / "authkey"
     if not key.exists():
         write_key_file(key)
+    if tls is not None:
+        args = (*tls.server_args(), *args)
+        connect_args = {**tls.client_args(), **connect_args}
     server = start_server(port, authkey_file=key, log_path=tmp_path / "server.log",
-                          args=args, env=env)
+                          args=args, env=env, connect_args=connect_args)
     try:
         yield server
     finally:
@@ -49,9 +56,10 @@ def running_server(tmp_path: Path, *args: str, port: int | None = None,
 
 
 @contextlib.contextmanager
-def fresh_remote_store(tmp_path: Any) -> Iterator[StoreClient]:
-    """A client connected to a fresh ``agl store`` server, torn down afterwards."""
-    with running_server(Path(tmp_path)) as server:
+def fresh_remote_store(tmp_path: Any, tls: TLSFiles | None = None) -> Iterator[StoreClient]:
+    """A client connected to a fresh ``agl store`` server (over TLS with ``tls``), torn down
+    afterwards."""
+    with running_server(Path(tmp_path), tls=tls) as server:
         client = server.connect()
         try:
             yield client

@@ -175,7 +175,8 @@ def test_store_defaults_are_handed_over(captured: dict[str, Any]) -> None:
                         "synchronous": "normal", "max_connections": 1024,
                         "max_message_size": 64 * 2**20, "busy_poll": 100e-6,
                         "allow_classes": (), "call_stats": True, "metrics_host": "127.0.0.1",
-                        "metrics_port": None}
+                        "metrics_port": None, "tls_cert": None, "tls_key": None,
+                        "tls_client_ca": None}
 
 
 def test_allow_class_is_repeatable_and_read_from_the_environment(

@@ -2,28 +2,33 @@
 gone.
 
 A blocking call (a row of :data:`mpstore.api.CALLS` with a ``wait``: ``wait_for_rollouts``,
-``dequeue_rollout`` with a ``wait`` ...) runs in a worker thread of the dispatcher, as
-successive waits of at most ``BLOCKING_SLICE`` seconds (:func:`mpstore.api.in_slices`);
-between them the worker checks that its caller is still connected, so a caller that died
-frees its worker instead of holding it, or claiming rollouts, until the wait ends.
+``dequeue_rollout`` with a ``wait`` ...) runs in a worker thread of the dispatcher
+(:class:`Workers`), as successive waits of at most ``BLOCKING_SLICE`` seconds
+(:func:`mpstore.api.in_slices`); between them the worker checks that its caller is still
+connected, so a caller that died frees its worker instead of holding it, or claiming
+rollouts, until the wait ends.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from ..api import BLOCKING, in_slices
 
-__all__ = ["BLOCKING_SLICE", "Abandoned", "blocks", "hung_up", "sliced"]
+__all__ = ["BLOCKING_SLICE", "WORKER_IDLE", "Abandoned", "Workers", "blocks", "hung_up", "sliced"]
 
 log = logging.getLogger("mpstore.manager.server")
 
 #: Longest time a blocking call waits in the store before its caller is checked: a caller
 #: that vanished is noticed within this, and 1,000 idle waiters cost 1,000 cheap wake-ups a second.
 BLOCKING_SLICE = 1.0
+#: Seconds a worker thread with no blocking call to run waits for one before it ends.
+WORKER_IDLE = 2.0
 
 
 class Abandoned(Exception):
@@ -65,3 +70,38 @@ def sliced(fd: int, name: str, func: Callable[..., Any], args: tuple[Any, ...],
             raise Abandoned
 
     return in_slices(wait, lambda kw: func(*args, **kw), kwds, BLOCKING_SLICE, still_there)
+
+
+class Workers:
+    """The dispatcher's threads for blocking calls. Waiting calls take a thread each
+    (bounded by --max-connections); a worker idle for WORKER_IDLE seconds ends, so a burst
+    leaves no pool behind, while long-pollers that come back every few seconds reuse their
+    threads instead of starting one per call."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle = 0  # workers waiting for a job; under _lock
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` in an idle worker, or a new one (thread-safe)."""
+        with self._lock:
+            reuse = self._idle > 0
+            self._idle -= reuse
+        self._jobs.put(job)
+        if not reuse:
+            threading.Thread(target=self._work, name="mpstore-wait", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=WORKER_IDLE)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # nobody counted on this worker: end it
+                        self._idle -= 1
+                        return
+                continue  # a job was promised to this worker: it is on its way
+            job()
+            with self._lock:
+                self._idle += 1

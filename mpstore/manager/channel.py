@@ -23,11 +23,13 @@ from __future__ import annotations
 import os
 import select
 import socket
+import ssl
 import weakref
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 
 from ..errors import AuthenticationFailed, VersionMismatch
+from . import tls
 from .sockets import set_socket_timeouts, tune_socket
 from .wire import frame, hello, mismatch, parse_hello
 
@@ -117,53 +119,50 @@ class Channel:
     ``epoch`` is the fork generation it was opened in (see :func:`fork_epoch`): a channel
     of another generation was inherited through ``fork`` and must not be used."""
 
-    __slots__ = ("__weakref__", "_poller", "_sock", "_timeout", "epoch")
+    __slots__ = ("__weakref__", "_poller", "_sock", "_timeout", "_tls", "epoch")
 
-    def __init__(self, host: str, port: int, authkey: bytes, timeout: float, epoch: int) -> None:
-        """Connect and authenticate within about ``timeout`` seconds per step.
+    def __init__(self, host: str, port: int, authkey: bytes, timeout: float, epoch: int,
+                 tls_context: ssl.SSLContext | None = None) -> None:
+        """Connect (over TLS with ``tls_context``) and authenticate within about ``timeout``
+        seconds per step.
 
-        Raises AuthenticationFailed for a wrong key (never worth retrying), OSError/EOFError
-        when the server cannot be reached or drops the connection."""
+        Raises AuthenticationFailed for a wrong key or a TLS failure that retrying cannot
+        mend (never worth retrying), OSError/EOFError when the server cannot be reached or
+        drops the connection."""
         sock = socket.create_connection((host, port), timeout=timeout)
+        conn: Connection
         try:
             tune_socket(sock)
-            sock.settimeout(None)  # blocking fd: timeouts are the kernel's, set just below
-            set_socket_timeouts(sock, timeout, timeout)
-            conn = Connection(sock.detach())
+            if tls_context is None:
+                sock.settimeout(None)  # blocking fd: timeouts are the kernel's, set below
+                set_socket_timeouts(sock, timeout, timeout)
+                conn = Connection(sock.detach())
+            else:
+                # Python's timeouts, not the kernel's: a blocking SSL socket retries a read
+                # that the kernel timed out, so SO_RCVTIMEO would never end it.
+                sock = tls.connect(tls_context, sock, host, port)
+                conn = tls.TLSConnection(sock)
         except BaseException:
             sock.close()
             raise
-        try:
-            # CPython internal: multiprocessing.connection's answer_challenge and
-            # deliver_challenge (not documented; the digest negotiation changed in 3.12),
-            # as the server's _authenticate uses them in the other order.
-            answer_challenge(conn, authkey)
-            deliver_challenge(conn, authkey)
-        except AuthenticationError as exc:
-            conn.close()
-            raise AuthenticationFailed(
-                f"authentication with the mpstore server at {host}:{port} failed ({exc}): "
-                "the client and the server do not use the same authkey"
-            ) from None
-        except EOFError:
-            conn.close()
-            raise EOFError("the server closed the connection before the handshake (at its "
-                           "--max-connections limit? see its log)") from None
-        except BaseException:
-            conn.close()
-            raise
+        _authenticate(conn, authkey, host, port)
         try:
             _say_versions(conn)
         except BaseException:
             conn.close()
             raise
-        # After the handshake, requests go over the socket itself: one send and (usually)
-        # one recv per call, where Connection.recv_bytes makes two reads through Python
-        # buffers. A Connection cannot hand over its descriptor, so take a duplicate.
-        try:
-            self._sock = socket.socket(fileno=os.dup(conn.fileno()))
-        finally:
+        self._tls = tls_context is not None
+        if isinstance(conn, tls.TLSConnection):
+            self._sock = conn.keep()
             conn.close()
+        else:
+            # After the handshake, requests go over the socket itself: one send and (usually)
+            # one recv per call, where Connection.recv_bytes makes two reads through Python
+            # buffers. A Connection cannot hand over its descriptor, so take a duplicate.
+            try:
+                self._sock = socket.socket(fileno=os.dup(conn.fileno()))
+            finally:
+                conn.close()
         self._timeout: float | None = timeout
         self._poller = select.poll()
         self._poller.register(self._sock.fileno(), select.POLLIN)
@@ -180,7 +179,10 @@ class Channel:
             raise TransportError(EOFError("connection closed by the server"), delivered=False)
         try:
             if timeout != self._timeout:
-                set_socket_timeouts(sock, timeout)
+                if self._tls:
+                    sock.settimeout(timeout)
+                else:
+                    set_socket_timeouts(sock, timeout)
                 self._timeout = timeout
             sock.sendall(frame(payload))
         except _IO_ERRORS as exc:
@@ -209,3 +211,31 @@ class Channel:
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+
+def _authenticate(conn: Connection, authkey: bytes, host: str, port: int) -> None:
+    """The client's side of the authkey handshake; closes ``conn`` if it fails. Raises
+    AuthenticationFailed, EOFError, OSError."""
+    try:
+        # CPython internal: multiprocessing.connection's answer_challenge and
+        # deliver_challenge (not documented; the digest negotiation changed in 3.12), as the
+        # server's _authenticate uses them in the other order.
+        answer_challenge(conn, authkey)
+        deliver_challenge(conn, authkey)
+    except AuthenticationError as exc:
+        conn.close()
+        raise AuthenticationFailed(
+            f"authentication with the mpstore server at {host}:{port} failed ({exc}): "
+            "the client and the server do not use the same authkey"
+        ) from None
+    except (EOFError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+        conn.close()
+        raise EOFError("the server closed the connection before the handshake (at its "
+                       "--max-connections limit, or it speaks TLS and this client does not: "
+                       "connect with tls_ca=; see its log)") from None
+    except ssl.SSLError as exc:
+        conn.close()
+        raise tls.refused_by_server(exc, host, port) from None
+    except BaseException:
+        conn.close()
+        raise

@@ -62,6 +62,7 @@ from ..types import Span
 from .auth import resolve_authkey
 from .channel import Channel, TransportError, fork_epoch
 from .safe_pickle import AllowList, Refused, refused_reply, resolve_class
+from .tls import ClientTLS, client_tls
 from .wire import (
     ARG0,
     ARG0_ITEMS,
@@ -169,7 +170,8 @@ class StoreClient(_Base):
     see the module docstring for connections, retries and timeouts."""
 
     def __init__(self, host: str, port: int, authkey: bytes, *, timeout: float = 30.0,
-                 retry_for: float = 5.0, allow_classes: Iterable[str | type] = ()) -> None:
+                 retry_for: float = 5.0, allow_classes: Iterable[str | type] = (),
+                 tls: ClientTLS | None = None) -> None:
         if not timeout > 0 or not retry_for >= 0:
             raise InvalidArgument(
                 f"timeout must be > 0 and retry_for >= 0, not {timeout!r}, {retry_for!r}")
@@ -178,6 +180,7 @@ class StoreClient(_Base):
         # As names, so that a pickled client (a spawned child's) allows the same.
         self._allow_classes = tuple(".".join(resolve_class(c)[0]) for c in allow_classes)
         self._loads = _replies(self._allow_classes).loads
+        self._tls, self._tls_context = tls, None if tls is None else tls.context()
         self._local = threading.local()
         self._channels: weakref.WeakSet[Channel] = weakref.WeakSet()  # for close()
         self._channels_lock = threading.Lock()
@@ -198,12 +201,14 @@ class StoreClient(_Base):
         # child needs both to connect. Connections do not travel; the copy opens its own.
         return (StoreClient, (self._host, self._port, self._authkey),
                 {"timeout": self._timeout, "retry_for": self._retry_for,
-                 "allow_classes": self._allow_classes})
+                 "allow_classes": self._allow_classes, "tls": self._tls})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._timeout, self._retry_for = state["timeout"], state["retry_for"]
         self._allow_classes = tuple(state.get("allow_classes", ()))
         self._loads = _replies(self._allow_classes).loads
+        self._tls = state.get("tls")
+        self._tls_context = None if self._tls is None else self._tls.context()
 
     def __enter__(self) -> StoreClient:
         return self
@@ -323,7 +328,8 @@ class StoreClient(_Base):
             step = self._timeout if first else min(self._timeout, max(remaining, 0.05))
             first = False
             try:
-                channel = Channel(self._host, self._port, self._authkey, step, fork_epoch())
+                channel = Channel(self._host, self._port, self._authkey, step, fork_epoch(),
+                                  self._tls_context)
             except (OSError, EOFError) as exc:
                 last = exc
                 remaining = deadline - time.monotonic()
@@ -440,7 +446,8 @@ del _name, _method, _own, _attr
 def connect(address: str | tuple[str, int] = DEFAULT_ADDRESS, authkey: bytes | str | None = None,
             *, timeout: float = 30.0, retry_for: float = 5.0,
             authkey_file: str | None = None,
-            allow_classes: Iterable[str | type] = ()) -> StoreClient:
+            allow_classes: Iterable[str | type] = (), tls_ca: str | None = None,
+            tls_cert: str | None = None, tls_key: str | None = None) -> StoreClient:
     """A client of the ``agl store`` server at ``address`` (``"host:port"``).
 
     ``authkey``: explicit key; else ``MPSTORE_AUTHKEY``, ``authkey_file``, or the key file a
@@ -451,6 +458,10 @@ def connect(address: str | tuple[str, int] = DEFAULT_ADDRESS, authkey: bytes | s
     beyond builtin containers and scalars, mpstore's records and the store's exceptions
     (see :mod:`~mpstore.manager.safe_pickle`); a reply with anything else raises
     InvalidArgument, and nothing of it is built.
+    ``tls_ca``: speak TLS and verify the server's certificate with this CA file (default
+    ``MPSTORE_TLS_CA``; neither: plaintext); the certificate must name ``address``'s host.
+    ``tls_cert``, ``tls_key``: this client's certificate and key, for a server that requires
+    one (``agl store --tls-client-ca``; default ``MPSTORE_TLS_CERT``, ``MPSTORE_TLS_KEY``).
 
     The connection is opened now: raises StoreUnavailable if no server answers within
     ``retry_for`` seconds, AuthenticationFailed for a wrong or missing key, InvalidArgument
@@ -459,6 +470,6 @@ def connect(address: str | tuple[str, int] = DEFAULT_ADDRESS, authkey: bytes | s
     host, port = parse_address(address)
     key = resolve_authkey(host, port, authkey, authkey_file).key
     client = StoreClient(host, port, key, timeout=timeout, retry_for=retry_for,
-                         allow_classes=allow_classes)
+                         allow_classes=allow_classes, tls=client_tls(tls_ca, tls_cert, tls_key))
     client._connect_now()
     return client

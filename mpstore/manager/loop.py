@@ -24,6 +24,7 @@ than ``max_message_size`` is discarded as it arrives, never buffered, and answer
 InvalidArgument. A peer whose replies are not being read is not read either, so its requests
 cannot pile up in the server. The first request decides the protocol: anything but the store's
 fixed ident (a stock ``BaseProxy``) is handed to ``fallback`` to be served by a thread.
+A TLS connection is served the same way, with TLS's reads and writes (see :func:`.tls.streams`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import queue
 import select
 import socket
 import threading
@@ -42,9 +42,10 @@ from typing import Any
 from .._version import WIRE_VERSION
 from ..accounting import OK, STORE_ERROR, TRANSPORT_ERROR, CallStats
 from ..api import BLOCKING, REQUEST_KEY
-from ..errors import InvalidArgument, StorageError, StoreError, VersionMismatch
-from .blocking import Abandoned, blocks, sliced
-from .safe_pickle import AllowList, Refused, refused_request
+from ..errors import StorageError, StoreError, VersionMismatch
+from .blocking import Abandoned, Workers, blocks, sliced
+from .safe_pickle import AllowList, Refused, refused
+from .tls import WOULD_BLOCK, streams
 from .wire import (
     HELLO,
     PACKED_IDENT,
@@ -62,7 +63,7 @@ from .wire import (
     unpickle_failure,
 )
 
-__all__ = ["BUSY_POLL", "Dispatcher", "peer_name", "refused"]
+__all__ = ["BUSY_POLL", "Dispatcher"]
 
 log = logging.getLogger("mpstore.manager.server")
 
@@ -79,41 +80,20 @@ _READ_SIZE = 64 * 1024
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 #: Rounds of ready requests one commit may cover (bounds how long the first reply waits).
 _BATCH_ROUNDS = 4
-#: Seconds a worker thread with no blocking call to run waits for one before it ends.
-WORKER_IDLE = 2.0
 _clock = time.perf_counter
-
-
-def peer_name(sock: socket.socket | int) -> str:
-    """``host:port`` of a connected socket (or its descriptor), for log lines."""
-    try:
-        if isinstance(sock, int):
-            probe = socket.socket(fileno=sock)
-            try:
-                address = probe.getpeername()
-            finally:
-                probe.detach()
-        else:
-            address = sock.getpeername()
-    except OSError:
-        return "a peer that has gone"
-    return f"{address[0]}:{address[1]}"
-
-
-def refused(exc: Refused, data: bytes, peer: str) -> InvalidArgument:
-    """Log a request refused by the allow-list (with its peer) and say why to its caller."""
-    error = refused_request(exc, data)
-    log.warning("Refused a request from %s: %s", peer, error)
-    return error
 
 
 class _Peer:
     """One connection's buffers and state (owned by the loop thread)."""
 
-    __slots__ = ("busy", "closed", "drain", "drain_size", "inbuf", "out", "said", "sock")
+    __slots__ = ("busy", "closed", "drain", "drain_size", "inbuf", "out", "recv", "said",
+                 "send", "sock", "tls")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        # The socket's own recv and send, or TLS's (see .tls.streams): chosen once here, so
+        # that a plaintext read or write checks nothing more per call.
+        self.recv, self.send, self.tls = streams(sock)
         self.inbuf = bytearray()
         self.out: memoryview | None = None  # reply bytes not yet sent
         self.busy = False  # a blocking call runs in a worker
@@ -164,9 +144,7 @@ class Dispatcher:
         self._watch(self._wake_r, None)
         self._inbox: collections.deque[tuple[str, Any, Any]] = collections.deque()
         self._peers: set[_Peer] = set()
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._idle_workers = 0  # workers waiting for a job; under _workers_lock
-        self._workers_lock = threading.Lock()
+        self._workers = Workers()  # the blocking calls' threads
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mpstore-dispatch", daemon=True)
 
@@ -290,6 +268,8 @@ class Dispatcher:
                 peer = _Peer(target)
                 self._peers.add(peer)
                 self._watch(target, peer)
+                if peer.tls and target.pending():  # decrypted during the handshake already
+                    self._read(peer)
             elif what == "reply":
                 self._finish_blocking(target, payload)
             elif what == "stop":
@@ -297,8 +277,8 @@ class Dispatcher:
 
     def _read(self, peer: _Peer) -> None:
         try:
-            chunk = peer.sock.recv(_READ_SIZE)
-        except BlockingIOError:
+            chunk = peer.recv(_READ_SIZE)
+        except WOULD_BLOCK:
             return
         except OSError:
             chunk = b""
@@ -357,7 +337,7 @@ class Dispatcher:
         try:
             request = self._loads(data)
         except Refused as exc:
-            self._send(peer, dump_error(refused(exc, data, peer_name(peer.sock))))
+            self._send(peer, dump_error(refused(exc, data, peer.sock)))
             self._count(None, TRANSPORT_ERROR, began)
             return
         except Exception as exc:  # e.g. a class the server cannot import
@@ -437,33 +417,7 @@ class Dispatcher:
                 outcome = STORE_ERROR if isinstance(exc, StoreError) else TRANSPORT_ERROR
             self._post("reply", peer, (reply, name, outcome, began))
 
-        self._submit(work)
-
-    def _submit(self, job: Callable[[], None]) -> None:
-        """Run ``job`` in an idle worker, or a new one. Waiting calls take a thread each
-        (bounded by --max-connections); a worker idle for WORKER_IDLE seconds ends, so a
-        burst leaves no pool behind, while long-pollers that come back every few seconds
-        reuse their threads instead of starting one per call."""
-        with self._workers_lock:
-            reuse = self._idle_workers > 0
-            self._idle_workers -= reuse
-        self._jobs.put(job)
-        if not reuse:
-            threading.Thread(target=self._worker, name="mpstore-wait", daemon=True).start()
-
-    def _worker(self) -> None:
-        while True:
-            try:
-                job = self._jobs.get(timeout=WORKER_IDLE)
-            except queue.Empty:
-                with self._workers_lock:
-                    if self._idle_workers > 0:  # nobody counted on this worker: end it
-                        self._idle_workers -= 1
-                        return
-                continue  # a job was promised to this worker: it is on its way
-            job()
-            with self._workers_lock:
-                self._idle_workers += 1
+        self._workers.submit(work)
 
     def _finish_blocking(self, peer: _Peer, answer: tuple[bytes | None, str, int, float]
                          ) -> None:
@@ -487,8 +441,8 @@ class Dispatcher:
             return
         data = frame(reply)
         try:
-            sent = peer.sock.send(data)
-        except BlockingIOError:
+            sent = peer.send(data)
+        except WOULD_BLOCK:  # TLS: retried with the same bytes, as SSL_write requires
             sent = 0
         except OSError:
             self._close(peer)
@@ -500,8 +454,8 @@ class Dispatcher:
     def _flush(self, peer: _Peer) -> None:
         assert peer.out is not None
         try:
-            sent = peer.sock.send(peer.out)
-        except BlockingIOError:
+            sent = peer.send(peer.out)
+        except WOULD_BLOCK:
             return
         except OSError:
             self._close(peer)
@@ -514,6 +468,10 @@ class Dispatcher:
     # ------------------------------------------------------------ closing
     def _hand_over(self, peer: _Peer, first: bytes) -> None:
         """The connection is a stock proxy's: a thread serves it from now on."""
+        if peer.tls:  # stock proxies cannot speak TLS: only a foreign client gets here
+            log.warning("Closed a TLS connection that spoke the stock manager protocol")
+            self._close(peer)
+            return
         self._unwatch(peer.sock)
         self._peers.discard(peer)
         peer.closed = True

@@ -32,8 +32,10 @@ import builtins
 import enum
 import importlib
 import io
+import logging
 import pickle
 import pickletools
+import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -52,6 +54,8 @@ __all__ = [
     "Refused",
     "method_of",
     "parse_class_names",
+    "peer_name",
+    "refused",
     "refused_reply",
     "refused_request",
     "reply_list",
@@ -59,6 +63,7 @@ __all__ = [
     "resolve_class",
 ]
 
+log = logging.getLogger("mpstore.manager.server")
 Names = dict[tuple[str, str], Any]
 
 
@@ -224,3 +229,27 @@ def refused_reply(exc: Refused, method: str) -> InvalidArgument:
         f"{method}: the server's reply contains {exc.qualified}, which this client does not "
         "decode: nothing was built or run (the call itself may have been applied). Allow it "
         f"with connect(..., allow_classes=[{exc.qualified!r}]) if you trust it")
+
+
+def peer_name(sock: socket.socket | int) -> str:
+    """``host:port`` of a connected socket (or its descriptor), for log lines."""
+    try:
+        if isinstance(sock, int):
+            probe = socket.socket(fileno=sock)
+            try:
+                address = probe.getpeername()
+            finally:
+                probe.detach()
+        else:
+            address = sock.getpeername()
+    except OSError:
+        return "a peer that has gone"
+    return f"{address[0]}:{address[1]}"
+
+
+def refused(exc: Refused, data: bytes, peer: socket.socket | int) -> InvalidArgument:
+    """Log a request refused by the allow-list, naming the peer on socket (or descriptor)
+    ``peer``, and say why to its caller."""
+    error = refused_request(exc, data)
+    log.warning("Refused a request from %s: %s", peer_name(peer), error)
+    return error

@@ -46,6 +46,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -57,6 +58,7 @@ from typing import Any
 
 from ..accounting import LATENCY_BUCKETS, CallStats, Tally, process_usage
 from ..api import SERVED
+from . import tls
 from .blocking import BLOCKING_SLICE
 from .loop import BUSY_POLL, Dispatcher
 from .ports import bind_failure
@@ -88,6 +90,7 @@ class _Handshake(Connection):
     def __init__(self, handle: int, deadline: float) -> None:
         super().__init__(handle)
         self.deadline = deadline
+        self.first = b""  # the peer's first bytes (to tell a TLS client what is wrong)
 
     # CPython internal: Connection._recv(size, read) -> io.BytesIO is what every read of
     # the handshake (recv_bytes) goes through, and _handle is the descriptor.
@@ -106,6 +109,7 @@ class _Handshake(Connection):
                 raise OSError("got end of file during message")
             buf.write(chunk)
             remaining -= len(chunk)
+            self.first = self.first or chunk
         return buf
 
 
@@ -131,7 +135,8 @@ class StoreServer(StockClients, Server):
                  serializer: str = "pickle", *, handshake_timeout: float = 5.0,
                  backlog: int = BACKLOG, max_connections: int = MAX_CONNECTIONS,
                  max_message_size: int = MAX_MESSAGE_SIZE, busy_poll: float = BUSY_POLL,
-                 allow_classes: Iterable[str | type] = (), call_stats: bool = True) -> None:
+                 allow_classes: Iterable[str | type] = (), call_stats: bool = True,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         # Not Server.__init__: it binds with a backlog of 16 through a Listener that
         # authenticates inside accept(). CPython internal: these are the attributes
         # Server.__init__ sets and Server's inherited methods (create, incref, decref,
@@ -159,6 +164,7 @@ class StoreServer(StockClients, Server):
         # What requests may name (see .safe_pickle); raises InvalidArgument for a bad name.
         self.allow = AllowList.for_requests(allow_classes)
         self._loads = self.allow.loads
+        self.tls = tls_context  # every connection speaks TLS (see .tls)
         self._peers = 0  # connections with a thread (authenticated or not); _conns_lock
         self._refused, self._refusal_logged = 0, -1e9  # accepter thread only
         # For statistics() and metrics: connections accepted (accepter thread only) and
@@ -284,11 +290,18 @@ class StoreServer(StockClients, Server):
     # ------------------------------------------------------------ connections
     def handle_request(self, sock: socket.socket, peer: Any) -> bool:  # type: ignore[override]
         """Authenticate the peer and hand it to the dispatcher; True once handed over."""
+        conn: Connection | None
         try:
             tune_socket(sock)
             timeout = self.handshake_timeout
-            set_socket_timeouts(sock, timeout, timeout)  # a silent peer gives up its thread
-            conn = _Handshake(sock.detach(), time.monotonic() + timeout)
+            deadline = time.monotonic() + timeout  # for the TLS and the authkey handshake
+            if self.tls is not None:
+                conn = tls.accept(self.tls, sock, deadline, _peer(peer), timeout, self.refused)
+                if conn is None:
+                    return False
+            else:
+                set_socket_timeouts(sock, timeout, timeout)  # a silent peer gives up its thread
+                conn = _Handshake(sock.detach(), deadline)
         except OSError:
             sock.close()
             return False
@@ -299,10 +312,13 @@ class StoreServer(StockClients, Server):
             self._conns.add(conn)
         try:
             if self._authenticate(conn, peer):
+                assert self._dispatcher is not None, "serve_store() first"
+                if isinstance(conn, tls.TLSConnection):
+                    self._dispatcher.adopt(conn.keep())  # non-blocking, no timeouts
+                    return True
                 set_socket_timeouts(conn.fileno(), None, None)  # idle clients are normal
                 # The Connection cannot give its descriptor away: the dispatcher gets a
                 # duplicate, and this one closes below.
-                assert self._dispatcher is not None, "serve_store() first"
                 self._dispatcher.adopt(socket.socket(fileno=os.dup(conn.fileno())))
                 return True
         except OSError:
@@ -337,7 +353,12 @@ class StoreServer(StockClients, Server):
                         _peer(peer), self.handshake_timeout)
         except OSError as exc:
             self.refused.add("handshake")
-            log.warning("Dropped connection from %s during the handshake: %s", _peer(peer), exc)
+            if tls.looks_like_tls(getattr(conn, "first", b"")):
+                log.warning("Rejected connection from %s: it speaks TLS and this server does "
+                            "not (start it with --tls-cert and --tls-key)", _peer(peer))
+            else:
+                log.warning("Dropped connection from %s during the handshake: %s",
+                            _peer(peer), exc)
         return False
 
 def _peer(peer: Any) -> str:
@@ -425,7 +446,7 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
           watchdog_interval: float | None = 1.0, handshake_timeout: float = 5.0,
           max_connections: int = MAX_CONNECTIONS, max_message_size: int = MAX_MESSAGE_SIZE,
           busy_poll: float = BUSY_POLL, allow_classes: Iterable[str | type] = (),
-          stop: threading.Event | None = None,
+          tls_context: ssl.SSLContext | None = None, stop: threading.Event | None = None,
           on_ready: Callable[[tuple[str, int]], None] | None = None, call_stats: bool = True,
           metrics: tuple[str, int] | None = None) -> str:
     """Serve ``store`` on ``host:port`` until ``stop`` is set or, when called from the main
@@ -437,9 +458,11 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
     dispatcher polls without sleeping while requests come close together (0: never; see
     :class:`~mpstore.manager.loop.Dispatcher`); ``allow_classes``: names (``"module.Name"``, or
     the objects) that requests may contain beyond the default allow-list (see
-    :mod:`~mpstore.manager.safe_pickle`); ``call_stats``: count and time every call (for
-    statistics() and metrics); ``metrics``: serve Prometheus metrics on this ``(host, port)``
-    too (needs ``mpstore[metrics]``; see :mod:`mpstore.metrics`).
+    :mod:`~mpstore.manager.safe_pickle`); ``tls_context``: a server context
+    (:func:`~mpstore.manager.tls.server_context`) that every connection speaks TLS with;
+    ``call_stats``: count and time every call (for statistics() and metrics); ``metrics``:
+    serve Prometheus metrics on this ``(host, port)`` too (needs ``mpstore[metrics]``; see
+    :mod:`mpstore.metrics`).
     ``on_ready(address)`` is called once the server accepts connections. Raises
     ServerStartError if it cannot listen (the SPEC §6 message)."""
     stop = stop if stop is not None else threading.Event()
@@ -456,7 +479,8 @@ def serve(store: Any, host: str = "127.0.0.1", port: int = 4747, *, authkey: byt
                                  handshake_timeout=handshake_timeout,
                                  max_connections=max_connections,
                                  max_message_size=max_message_size, busy_poll=busy_poll,
-                                 allow_classes=allow_classes, call_stats=call_stats)
+                                 allow_classes=allow_classes, call_stats=call_stats,
+                                 tls_context=tls_context)
             extra = server.allow.extra()
             if extra:
                 log.info("Requests may also contain: %s (--allow-class)", ", ".join(extra))

@@ -24,8 +24,7 @@ from typing import Any
 
 from ..api import BLOCKING, REQUEST_KEY
 from .blocking import Abandoned, sliced
-from .loop import peer_name, refused
-from .safe_pickle import Refused
+from .safe_pickle import Refused, refused
 from .wire import (
     MAX_MESSAGE_SIZE,
     STORE_IDENT,
@@ -161,7 +160,7 @@ class StockClients:
         try:
             request = self._loads(data)
         except Refused as exc:
-            return dump_error(refused(exc, data, peer_name(conn.fileno())))
+            return dump_error(refused(exc, data, conn.fileno()))
         except Exception as exc:  # e.g. a class the server cannot import
             return unpickle_failure(exc)
         try:
