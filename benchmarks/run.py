@@ -4,7 +4,7 @@ Starts real servers (``python -m mpstore store``, a raw ``multiprocessing.connec
 ``BaseManager`` echo) on free loopback ports with fresh 0600 key files, drives them from K
 client processes, prints a table and writes JSON (default ``benchmarks/results/latest.json``).
 Scenarios: limits, cycle, batched, inprocess, latency, connect, scale, runners, durable,
-metrics, agl
+metrics, tls, agl
 (only with ``--compare-agl VENV``). Exit status 1 if any scenario failed (its traceback is in
 the JSON).
 """
@@ -32,6 +32,7 @@ from .paging import run_paging
 from .report import compute_ratios, compute_targets
 from .scenarios import SCENARIOS, Bench, Config, run_main
 from .table import render
+from .tls import run_tls
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -171,6 +172,7 @@ def run_scenarios(bench: Bench) -> None:
         ("durable", cfg.wants("durable"), run_durable),
         ("paging", cfg.wants("paging"), run_paging),
         ("metrics", cfg.wants("metrics"), run_metrics),
+        ("tls", cfg.wants("tls"), run_tls),
         ("agl", cfg.wants("agl") and bool(cfg.compare_agl), run_agl),
     ]
     for name, wanted, fn in steps:

@@ -22,7 +22,7 @@ from .servers import Server, echo_server, running, store_server
 
 #: every scenario ``--only`` accepts, in the order a full run does them
 SCENARIOS = ("limits", "cycle", "batched", "inprocess", "latency", "connect", "scale",
-             "runners", "durable", "paging", "metrics", "agl")
+             "runners", "durable", "paging", "metrics", "tls", "agl")
 TASK_TIMEOUT = 120.0
 
 
@@ -50,6 +50,7 @@ class Config:
     metrics_k: int = 4
     metrics_repeats: int = 6
     scrape_interval: float = 1.0
+    tls_k: int = 4
     start_method: str = "spawn"
     quick: bool = False
     only: tuple[str, ...] = SCENARIOS

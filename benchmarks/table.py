@@ -117,7 +117,23 @@ def _small_rows(results: dict[str, Any]) -> list[str]:
             f"{_fmt(_get(met, 'off', 'server_us_per_call'), '.1f')} -> "
             f"{_fmt(_get(met, 'on', 'server_us_per_call'), '.1f')} us; "
             f"{met.get('scrapes', 0)} scrapes ({met.get('failures', 0)} failed)")
+    rows += _tls_rows(results)
     return rows
+
+
+def _tls_rows(results: dict[str, Any]) -> list[str]:
+    tls = results.get("tls") or {}
+    if tls.get("skipped"):
+        return [f"tls: skipped ({tls['skipped']})"]
+    if not tls:
+        return []
+    return [f"tls K={tls['k']}: cycle {_fmt(_get(tls, 'tls', 'ops_per_s'))} cycles/s with TLS, "
+            f"{_fmt(_get(tls, 'plain', 'ops_per_s'))} without (x"
+            f"{_fmt(tls.get('ratio_tls_to_plain'), '.3f')}; server "
+            f"{_fmt(_get(tls, 'tls', 'server_us_per_op'))} vs "
+            f"{_fmt(_get(tls, 'plain', 'server_us_per_op'))} us CPU/cycle); connect -> first "
+            f"call {_fmt(_get(tls, 'first_call_ms', 'tls'), '.2f')} ms with TLS, "
+            f"{_fmt(_get(tls, 'first_call_ms', 'plain'), '.2f')} ms without"]
 
 
 def _scale_rows(results: dict[str, Any]) -> list[str]:

@@ -30,7 +30,8 @@ Step = Callable[[], tuple[int, int]]
 def _connect_store(target: dict[str, Any]) -> Any:
     from mpstore import connect  # type: ignore[attr-defined]
 
-    return connect(target["address"], authkey=target["authkey"])
+    tls = {"tls_ca": target["tls_ca"]} if target.get("tls_ca") else {}  # the tls scenario's
+    return connect(target["address"], authkey=target["authkey"], **tls)
 
 
 def _open(target: dict[str, Any]) -> Any:
