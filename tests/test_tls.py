@@ -241,3 +241,14 @@ def test_max_connections_holds(tmp_path: Path, tls_files: TLSFiles) -> None:
         first.close()
         third.close()
         assert "Refused connection from" in server.log()
+
+
+def test_restricted_decoding_holds_over_tls(tls_server: ServerProcess, tmp_path: Path) -> None:
+    from tests.test_safe_pickle import ViaSystem
+
+    marker = tmp_path / "marker"
+    with tls_server.connect() as client:
+        with pytest.raises(InvalidArgument, match=r"posix\.system, which this server does"):
+            client.enqueue_rollout({"task": ViaSystem(marker)})
+        assert client.ping()
+    assert not marker.exists()
