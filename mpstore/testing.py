@@ -99,8 +99,15 @@ class ServerProcess:
                     if "Starting server at" not in self.log():
                         raise FileNotFoundError("not listening yet")
                     return
-                with self.connect(retry_for=0, timeout=2.0) as client:
-                    client.ping()
+                try:
+                    with self.connect(retry_for=0, timeout=2.0) as client:
+                        client.ping()
+                except AuthenticationFailed:
+                    # Before it listens, whatever answers on the port is another process's
+                    # server (ours then exits: the port is taken); after, it is a real error.
+                    if "Starting server at" in self.log():
+                        raise
+                    raise FileNotFoundError("another server answers on this port") from None
                 return
             except (StoreUnavailable, FileNotFoundError, AuthenticationFailed):
                 # No answer, or no key file yet; or the answer of another process's server
