@@ -175,3 +175,35 @@ def test_manager_protocol_messages() -> None:
     for kind in (wire.TRACEBACK, wire.UNSERIALIZABLE):
         with pytest.raises(managers.RemoteError):
             managers.dispatch(_Recorder((kind, "text")), "store", "x", (), {})
+
+
+def test_connection_private_writes_and_close() -> None:
+    """TLSConnection (mpstore/manager/tls.py) overrides _send, _recv and _close to run the
+    authkey handshake over an SSL socket."""
+    for name, expected in (("_send", ["self", "buf", "write"]), ("_close", ["self", "_close"])):
+        method = getattr(connection.Connection, name, None)
+        assert method is not None, changed(f"Connection.{name}", "gone")
+        params = list(inspect.signature(method).parameters)
+        assert params == expected, changed(f"Connection.{name}", f"takes {params}")
+    sent: list[bytes] = []
+    closed: list[bool] = []
+
+    class Recording(connection.Connection):
+        def _send(self, buf: Any, write: Any = None) -> None:
+            sent.append(bytes(buf))
+
+        def _close(self, _close: Any = None) -> None:
+            closed.append(True)
+
+    left, right = socket.socketpair()
+    try:
+        conn = Recording(left.fileno())
+        conn.send_bytes(b"hello")
+        assert b"".join(sent) == wire.frame(b"hello"), changed(
+            "Connection.send_bytes", "no longer writes through _send")
+        conn.close()
+        assert closed, changed("Connection.close", "no longer closes through _close")
+    finally:
+        left.close()
+        right.close()
+

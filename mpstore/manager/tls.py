@@ -227,7 +227,11 @@ class TLSConnection(Connection):
     handshake (``deliver_challenge``/``answer_challenge`` need a Connection). With a
     ``deadline`` the socket is non-blocking and every read and write waits at most until
     then (BlockingIOError after); without, it uses the socket as it is. Closing it leaves
-    the SSL socket open: it goes on to serve the connection."""
+    the SSL socket open: it goes on to serve the connection.
+
+    CPython internal: a Connection reads through ``_recv(size)`` (returning a BytesIO),
+    writes through ``_send(buf)`` and closes through ``_close()``; overriding those three is
+    what puts it on an SSL socket (tests/test_cpython_internals.py checks them)."""
 
     def __init__(self, sock: ssl.SSLSocket, deadline: float | None = None) -> None:
         super().__init__(sock.fileno())
