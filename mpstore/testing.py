@@ -187,4 +187,9 @@ def start_server(port: int | None = None, *, host: str = "127.0.0.1",
             if tempdir is not None:
                 tempdir.cleanup()
             raise
+        except BaseException:  # any other failure to reach it: the process must not outlive us
+            server.stop()
+            if tempdir is not None:
+                tempdir.cleanup()
+            raise
     raise AssertionError("unreachable")
