@@ -3,20 +3,20 @@
 table, :mod:`mpstore.api`.
 
 ===============  ==========  =============================================================
-module          side        holds
+module           side        holds
 ===============  ==========  =============================================================
-``client``      client      ``connect()``, ``StoreClient``: the store API, retries, slices
-``channel``     client      ``Channel``: one authenticated connection per thread, fork-safe
-``wire``        shared      framing, requests and replies, packed spans, the size limit
-``sockets``     shared      TCP options and the kernel's timeouts
-``auth``        shared      the authkey: explicit, environment, key files
-``safe_pickle`` shared      restricted decoding: the allow-list both ends unpickle with
-``tls``         shared      TLS contexts, the non-blocking server handshake, TLSConnection
-``server``      server      ``serve()``, ``StoreServer``: accept, authenticate, hand over
-``loop``        server      ``Dispatcher``: one epoll thread answers every connection
-``blocking``    server      blocking calls in worker threads, a caller's hang-up noticed
-``stock``       server      stock ``BaseProxy`` clients, served as the stock server does
-``ports``       server      who holds a port; SPEC §6's start-failure messages
+``client``       client      ``connect()``, ``StoreClient``: the store API, retries, slices
+``channel``      client      ``Channel``: one authenticated connection per thread, fork-safe
+``wire``         shared      framing, requests and replies, packed spans, the size limit
+``sockets``      shared      TCP options and the kernel's timeouts
+``auth``         shared      the authkey: explicit, environment, key files
+``safe_pickle``  shared      restricted decoding: the allow-list both ends unpickle with
+``tls``          shared      TLS contexts, the non-blocking server handshake, TLSConnection
+``server``       server      ``serve()``, ``StoreServer``: accept, authenticate, hand over
+``loop``         server      ``Dispatcher``: one epoll thread answers every connection
+``blocking``     server      blocking calls in worker threads, a caller's hang-up noticed
+``stock``        server      stock ``BaseProxy`` clients, served as the stock server does
+``ports``        server      who holds a port; SPEC §6's start-failure messages
 ===============  ==========  =============================================================
 
 A client imports only the client-side and shared modules. Elsewhere: ``agl store``'s
