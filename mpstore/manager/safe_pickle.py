@@ -39,12 +39,7 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tblib import Code, Frame, Traceback
-from tblib.pickling_support import (
-    unpickle_exception,
-    unpickle_exception_with_attrs,
-    unpickle_traceback,
-)
+from tblib import Code, Frame, Traceback, pickling_support
 
 from .. import errors, types
 from ..errors import InvalidArgument
@@ -108,8 +103,11 @@ def _exception_names() -> Names:
             names["builtins", value.__name__] = value
     for public in errors.__all__:
         names[_entry(getattr(errors, public))[0]] = getattr(errors, public)
-    for carrier in (Code, Frame, Traceback, unpickle_exception,
-                    unpickle_exception_with_attrs, unpickle_traceback):
+    carriers: list[Any] = [Code, Frame, Traceback]
+    for name in ("unpickle_exception", "unpickle_exception_with_attrs", "unpickle_traceback"):
+        if hasattr(pickling_support, name):  # (the second one is tblib 3.1's)
+            carriers.append(getattr(pickling_support, name))
+    for carrier in carriers:
         names[_entry(carrier)[0]] = carrier
     return names
 
