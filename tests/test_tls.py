@@ -260,3 +260,30 @@ def test_restricted_decoding_holds_over_tls(tls_server: ServerProcess, tmp_path:
             client.enqueue_rollout({"task": ViaSystem(marker)})
         assert client.ping()
     assert not marker.exists()
+
+
+def test_tls_connections_are_counted(tls_server: ServerProcess, tls_files: TLSFiles) -> None:
+    """The server's accounting (statistics()["server"], agl top, the metrics) counts TLS
+    connections as plaintext ones: accepted, refused in the handshake, their calls."""
+    with tls_server.connect() as client:
+        before = client.statistics()["server"]
+        for _ in range(5):
+            client.ping()
+        with pytest.raises(StoreUnavailable):  # plaintext: no TLS handshake in time
+            connect(tls_server.address, tls_server.authkey, retry_for=0,
+                    timeout=CLIENT_TIMEOUT)
+        with pytest.raises(AuthenticationFailed):  # the client refuses the server's cert
+            connect(tls_server.address, tls_server.authkey, tls_ca=tls_files.other_ca,
+                    retry_for=0, timeout=CLIENT_TIMEOUT)
+        deadline = time.monotonic() + 10
+        while True:  # the accepting thread counts a refusal as it logs it
+            after = client.statistics()["server"]
+            refused = after["connections_refused"].get("handshake", 0) - before[
+                "connections_refused"].get("handshake", 0)
+            if refused >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert refused == 2
+    assert after["connections_accepted"] - before["connections_accepted"] == 2
+    pings = after["calls"]["ping"]["ok"] - before["calls"]["ping"]["ok"]
+    assert pings == 5
