@@ -15,6 +15,9 @@ EXPECTED = {
                    "0 rollouts left after deleting"],
     "retries.py": ["runner-crashing  unresponsive", "runner-slow      timeout",
                    "runner-healthy   succeeded"],
+    "tls_cluster.py": ["TLS call: ping -> mpstore", "TLS call: enqueued",
+                       "without a client certificate: refused (AuthenticationFailed)",
+                       "plaintext: refused (StoreUnavailable)"],
 }
 
 
