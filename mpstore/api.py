@@ -221,8 +221,9 @@ def in_slices(wait: Wait, call: Callable[[dict[str, Any]], Any], kwargs: dict[st
 
     Both sides slice: the client in slices of its reply timeout, so that a server that
     stops answering is noticed within about twice that however long the wait; the server in
-    slices of a second, so that a caller that disconnected frees its thread (and claims
-    nothing) instead of holding it until the wait ends."""
+    slices of a second or more (:mod:`mpstore.manager.blocking`), so that a caller that
+    disconnected frees its thread (and claims nothing) instead of holding it until the wait
+    ends."""
     total = wait.of(kwargs)
     end = None if total is None else clock() + total
     while True:

@@ -12,9 +12,10 @@ with) with these changes, each because the stock one falls short:
 * it bounds what peers can take: at most ``max_connections`` at once (more are closed at
   once, with a log line), requests of at most ``max_message_size`` bytes (a larger frame is
   read and discarded in small chunks, never buffered, and answered with InvalidArgument), and
-  a blocking call (a long ``wait``/``timeout``) waits in slices of ``BLOCKING_SLICE`` seconds,
-  between which the server checks that its caller is still connected: a caller that died
-  gives its thread back instead of holding it, or claiming rollouts, until its wait ends;
+  a blocking call (a long ``wait``/``timeout``) waits in slices (``BLOCKING_SLICE`` seconds,
+  longer while many calls wait: :func:`.blocking.slice_seconds`), between which the server
+  checks that its caller is still connected: a caller that died gives its thread back
+  instead of holding it, or claiming rollouts, until its wait ends;
 * once authenticated, a connection is served by the one dispatcher thread of :mod:`.loop`
   (``epoll``; blocking calls in worker threads), not by a thread of its own: the store under
   the fixed ident ``"store"`` from a method table, exceptions with their tracebacks
