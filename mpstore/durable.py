@@ -47,7 +47,7 @@ from .accounting import COMMIT_BUCKETS, Histogram
 from .changes import ChangeSet, RolloutRow, Saved
 from .errors import StorageError
 
-__all__ = ["RETRY_AFTER", "RETRY_AFTER_MAX", "SYNCHRONOUS", "Journal"]
+__all__ = ["PRAGMAS", "RETRY_AFTER", "RETRY_AFTER_MAX", "SYNCHRONOUS", "Journal"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,20 @@ DB_NAME = "mpstore.sqlite3"
 LOCK_NAME = "mpstore.lock"
 #: The accepted ``synchronous`` levels and what SQLite calls them.
 SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
+#: The connection's settings beyond WAL mode and ``synchronous``, each for a measured reason
+#: (an in-process cycle committing every call, CPU per cycle: 976 µs as SQLite sets it,
+#: 843 with the first, 784 with the second, 728 with both):
+#: * ``locking_mode=EXCLUSIVE``: one server owns the file (the directory lock says so
+#:   already), so a transaction no longer takes and drops the WAL's shared-memory locks.
+#:   Another process cannot read the file while the server runs: ``Journal.backup`` copies it.
+#:   Set before the first read, it also keeps the WAL's index in memory: no ``-shm`` file,
+#:   which opening a database on a full disk could not create.
+#: * ``wal_autocheckpoint`` of 16,384 pages (64 MiB) instead of 1,000: a checkpoint copies
+#:   every page changed since the last one back into the database file (and syncs it); the
+#:   cycle changes the same few pages again and again, so a rarer checkpoint copies each of
+#:   them once for many more commits, and syncs 16 times less often. The cost: a WAL file of
+#:   up to 64 MiB beside the database, read again when a killed server restarts.
+PRAGMAS = {"locking_mode": "EXCLUSIVE", "wal_autocheckpoint": "16384"}
 #: Seconds writes are refused after a failed commit, then doubled per further failure.
 RETRY_AFTER = 1.0
 RETRY_AFTER_MAX = 30.0
@@ -194,6 +208,8 @@ class Journal:
         db = None
         try:
             db = sqlite3.connect(file, check_same_thread=False, isolation_level=None)
+            for name, value in PRAGMAS.items():  # before the first read: see PRAGMAS
+                db.execute(f"PRAGMA {name}={value}")
             if fresh:  # before the first table, and before WAL mode writes the header
                 db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             else:
@@ -211,6 +227,10 @@ class Journal:
         except _UNREADABLE as exc:
             if db is not None:
                 db.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise StorageError(
+                    f"{file} is open in another program (an sqlite3 shell?); the server "
+                    "needs it to itself: close that program and start again") from None
             raise StorageError(f"{file} is damaged or not an mpstore database: {exc}") from None
         return db
 
@@ -386,6 +406,19 @@ class Journal:
             "consecutive_failures": self._failures,
             "retry_in_seconds": max(self._refuse_until - self._monotonic(), 0.0),
         }
+
+    def backup(self, target: str | os.PathLike[str]) -> None:
+        """Copy what is committed now into a new SQLite file ``target``, consistently,
+        through this journal's own connection (while the server runs, no other process may
+        open the file: see PRAGMAS). Commits wait meanwhile."""
+        with self._cond:
+            while self._writing:
+                self._cond.wait()
+            copy = sqlite3.connect(target)
+            try:
+                self._db.backup(copy)
+            finally:
+                copy.close()
 
     def close(self) -> None:
         """Commit what is staged, then close the database and release the directory."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -95,14 +96,27 @@ def test_second_store_on_same_directory_is_refused(tmp_path: Path) -> None:
 
 def test_newer_schema_version_is_a_clear_error(tmp_path: Path) -> None:
     InMemoryStore(data_dir=tmp_path).close()
-    with sqlite3.connect(tmp_path / DB_NAME) as db:
+    with closing(sqlite3.connect(tmp_path / DB_NAME)) as db, db:
         db.execute("PRAGMA user_version=99")
     with pytest.raises(StorageError, match="schema version 99"):
         InMemoryStore(data_dir=tmp_path)
 
 
+def test_a_database_open_in_another_program_is_a_clear_error(tmp_path: Path) -> None:
+    first = InMemoryStore(data_dir=tmp_path)
+    first.enqueue_rollout("kept")
+    first.close()
+    with closing(sqlite3.connect(tmp_path / DB_NAME)) as other:
+        other.execute("SELECT COUNT(*) FROM rollouts").fetchone()  # an sqlite3 shell, say
+        with pytest.raises(StorageError, match="open in another program"):
+            InMemoryStore(data_dir=tmp_path)
+    store = InMemoryStore(data_dir=tmp_path)  # once it has let go
+    assert [r.input for r in store.query_rollouts()] == ["kept"]
+    store.close()
+
+
 def test_foreign_database_is_refused(tmp_path: Path) -> None:
-    with sqlite3.connect(tmp_path / DB_NAME) as db:
+    with closing(sqlite3.connect(tmp_path / DB_NAME)) as db, db:
         db.execute("CREATE TABLE t (x)")
     with pytest.raises(StorageError, match="not an mpstore database"):
         InMemoryStore(data_dir=tmp_path)

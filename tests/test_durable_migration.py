@@ -12,6 +12,7 @@ import json
 import pickle
 import shutil
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,7 @@ def test_a_version_1_database_opens_with_everything_in_it(tmp_path: Path) -> Non
         top = max([last, *(s["sequence_id"] for s in expected["spans"][rid])])
         assert store.get_next_span_sequence_id(rid, "latest") > top
     store.close()
-    with sqlite3.connect(data_dir / DB_NAME) as db:
+    with closing(sqlite3.connect(data_dir / DB_NAME)) as db, db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     again = open_v1(data_dir)  # migrated once; now it is a current database
     assert comparable(public(again))["rollouts"] == expected["rollouts"]
@@ -72,12 +73,12 @@ def test_a_version_1_database_opens_with_everything_in_it(tmp_path: Path) -> Non
 
 def test_a_failed_migration_leaves_the_file_as_it_was(tmp_path: Path) -> None:
     data_dir = copy_v1(tmp_path)
-    with sqlite3.connect(data_dir / DB_NAME) as db:  # one record no version can read
+    with closing(sqlite3.connect(data_dir / DB_NAME)) as db, db:  # one record no version can read
         db.execute("UPDATE resources SET record = x'00' WHERE resources_id = 'rs-fixed'")
     before = _rows(data_dir)
     with pytest.raises(StorageError, match="damaged"):
         open_v1(data_dir)
-    with sqlite3.connect(data_dir / DB_NAME) as db:
+    with closing(sqlite3.connect(data_dir / DB_NAME)) as db, db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1
     # Every row as it was. (Not the file's bytes: closing may checkpoint the write-ahead
     # log, which some SQLite versions do by rewriting pages with what they held.)
@@ -85,14 +86,14 @@ def test_a_failed_migration_leaves_the_file_as_it_was(tmp_path: Path) -> None:
 
 
 def _rows(data_dir: Path) -> dict[str, list[tuple[object, ...]]]:
-    with sqlite3.connect(data_dir / DB_NAME) as db:
+    with closing(sqlite3.connect(data_dir / DB_NAME)) as db, db:
         tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
         return {t: sorted(db.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in tables}
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     InMemoryStore(data_dir=tmp_path).close()
-    with sqlite3.connect(tmp_path / DB_NAME) as db:
+    with closing(sqlite3.connect(tmp_path / DB_NAME)) as db, db:
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     with pytest.raises(StorageError, match="upgrade mpstore"):
         InMemoryStore(data_dir=tmp_path)
@@ -103,7 +104,7 @@ def test_a_field_this_version_does_not_know_is_refused(tmp_path: Path) -> None:
     store.enqueue_rollout("a")
     store.close()
     layouts = {**LAYOUTS, "rollout": (*LAYOUTS["rollout"], "priority")}
-    with sqlite3.connect(tmp_path / DB_NAME) as db:
+    with closing(sqlite3.connect(tmp_path / DB_NAME)) as db, db:
         db.execute("UPDATE meta SET value = ? WHERE key = 'layouts'", (json.dumps(layouts),))
     with pytest.raises(StorageError, match="priority"):
         InMemoryStore(data_dir=tmp_path)
@@ -116,7 +117,7 @@ def test_a_field_the_database_lacks_takes_its_default(tmp_path: Path) -> None:
     store.close()
     older = {**LAYOUTS, "attempt": tuple(n for n in LAYOUTS["attempt"] if n != "worker_id")}
     index = LAYOUTS["attempt"].index("worker_id")
-    with sqlite3.connect(tmp_path / DB_NAME) as db:
+    with closing(sqlite3.connect(tmp_path / DB_NAME)) as db, db:
         (record,) = db.execute("SELECT record FROM rollouts").fetchone()
         rollout, attempts = pickle.loads(record)
         attempts = [a[:index] + a[index + 1:] for a in attempts]

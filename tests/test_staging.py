@@ -10,12 +10,13 @@ change path) makes the two differ at that method.
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from mpstore import LLM, InMemoryStore, PromptTemplate, Span
 from mpstore.api import CALLS
-from mpstore.durable import DB_NAME, read
+from mpstore.durable import Journal, read
 from mpstore.state import StoreState
 from tests.conftest import FakeClock
 
@@ -39,12 +40,12 @@ def dump(state: StoreState) -> dict[str, Any]:
     }
 
 
-def on_disk(data_dir: Path, tmp_path: Path, live: StoreState, now: float) -> StoreState:
+def on_disk(journal: Journal, tmp_path: Path, live: StoreState, now: float) -> StoreState:
     """A state restored from what the database file has committed now."""
     snapshot = tmp_path / "snapshot.sqlite3"
     snapshot.unlink(missing_ok=True)
-    with sqlite3.connect(data_dir / DB_NAME) as source, sqlite3.connect(snapshot) as target:
-        source.backup(target)
+    journal.backup(snapshot)
+    with closing(sqlite3.connect(snapshot)) as target, target:
         saved = read(target)
     state = StoreState(live.thresholds)
     state.restore(saved, now)
@@ -136,7 +137,8 @@ def test_every_public_method_has_its_change_on_disk_when_it_returns(tmp_path: Pa
         before = dump(store._state)
         call()
         live = store._state
-        assert dump(on_disk(data_dir, tmp_path, live, clock())) == dump(live), name
+        assert store._journal is not None
+        assert dump(on_disk(store._journal, tmp_path, live, clock())) == dump(live), name
         if dump(live) != before:
             changed.append(name)
     # The script did change the state at every mutating method (so the check had teeth).
