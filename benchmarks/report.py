@@ -58,6 +58,8 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
     out["runners_with_to_without"] = _get(results, "runners", "ratio_with_to_without")
     out["durable_to_memory"] = _get(results, "durable", "ratio_durable_to_memory")
     out["metrics_on_to_off"] = _get(results, "metrics", "ratio_on_to_off")
+    out["postgres_one_server_to_memory"] = _get(results, "backend", "ratio_one_to_memory")
+    out["postgres_two_servers_to_memory"] = _get(results, "backend", "ratio_two_to_memory")
     return out
 
 
@@ -103,6 +105,9 @@ def compute_targets(results: dict[str, Any], ratios: dict[str, Any]) -> list[dic
                            f"{metrics.get('repeats')} alternating windows each, scraped every "
                            f"{metrics.get('scrape_interval_s')} s" if metrics.get("on")
                            else "not measured"))
+    targets.append(_target("postgres", "cycle at K=4 through one server on PostgreSQL >= 0.25 "
+                           "x the in-memory server", ratios.get("postgres_one_server_to_memory"),
+                           0.25, True))
     return targets
 
 

@@ -4,7 +4,7 @@ Starts real servers (``python -m mpstore store``, a raw ``multiprocessing.connec
 ``BaseManager`` echo) on free loopback ports with fresh 0600 key files, drives them from K
 client processes, prints a table and writes JSON (default ``benchmarks/results/latest.json``).
 Scenarios: limits, cycle, batched, inprocess, latency, connect, scale, runners, durable,
-metrics, tls, agl
+metrics, tls, backend (PostgreSQL: one and two servers; skipped without its binaries), agl
 (only with ``--compare-agl VENV``). Exit status 1 if any scenario failed (its traceback is in
 the JSON).
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import servers
+from .backend import run_backend
 from .common import round_floats
 from .compare import run_agl
 from .extra import run_durable, run_runners, run_scale
@@ -173,6 +174,7 @@ def run_scenarios(bench: Bench) -> None:
         ("paging", cfg.wants("paging"), run_paging),
         ("metrics", cfg.wants("metrics"), run_metrics),
         ("tls", cfg.wants("tls"), run_tls),
+        ("backend", cfg.wants("backend"), run_backend),
         ("agl", cfg.wants("agl") and bool(cfg.compare_agl), run_agl),
     ]
     for name, wanted, fn in steps:

@@ -22,7 +22,7 @@ from .servers import Server, echo_server, running, store_server
 
 #: every scenario ``--only`` accepts, in the order a full run does them
 SCENARIOS = ("limits", "cycle", "batched", "inprocess", "latency", "connect", "scale",
-             "runners", "durable", "paging", "metrics", "tls", "agl")
+             "runners", "durable", "paging", "metrics", "tls", "backend", "agl")
 TASK_TIMEOUT = 120.0
 
 

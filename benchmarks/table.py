@@ -118,6 +118,7 @@ def _small_rows(results: dict[str, Any]) -> list[str]:
             f"{_fmt(_get(met, 'on', 'server_us_per_call'), '.1f')} us; "
             f"{met.get('scrapes', 0)} scrapes ({met.get('failures', 0)} failed)")
     rows += _tls_rows(results)
+    rows += _backend_rows(results.get("backend") or {})
     return rows
 
 
@@ -134,6 +135,21 @@ def _tls_rows(results: dict[str, Any]) -> list[str]:
             f"{_fmt(_get(tls, 'plain', 'server_us_per_op'))} us CPU/cycle); connect -> first "
             f"call {_fmt(_get(tls, 'first_call_ms', 'tls'), '.2f')} ms with TLS, "
             f"{_fmt(_get(tls, 'first_call_ms', 'plain'), '.2f')} ms without"]
+
+
+def _backend_rows(back: dict[str, Any]) -> list[str]:
+    if back.get("skipped"):
+        return [f"backend: skipped ({back['skipped']})"]
+    if not back:
+        return []
+    keys = {"1": "ratio_one_to_memory", "2": "ratio_two_to_memory"}
+    parts = [f"{n} server(s) {_fmt(fig.get('ops_per_s'))} cycles/s "
+             f"(x{_fmt(back.get(keys.get(n, '')), '.3f')}; per cycle: servers "
+             f"{_fmt(fig.get('server_us_per_op'))} us CPU, PostgreSQL "
+             f"{_fmt(fig.get('postgres_us_per_op'))} us CPU)"
+             for n, fig in (back.get("servers") or {}).items()]
+    return [f"postgres K={back['k']}: " + "; ".join(parts)
+            + f"; in-memory {_fmt(_get(back, 'memory', 'ops_per_s'))} cycles/s"]
 
 
 def _scale_rows(results: dict[str, Any]) -> list[str]:

@@ -197,13 +197,23 @@ def _require(module: str, extra: str, feature: str) -> None:
               envvar="MPSTORE_TLS_CLIENT_CA", show_envvar=True,
               help="Mutual TLS: clients must show a certificate signed by this CA (PEM); "
                    "they give it with tls_cert= and tls_key= (or MPSTORE_TLS_CERT/_KEY).")
+@click.option("--backend", default=None, metavar="postgresql://USER@HOST:PORT/DB",
+              envvar="MPSTORE_BACKEND", show_envvar=True,
+              help="Keep the state in this PostgreSQL database instead of memory; any number "
+                   "of servers may share it (needs mpstore[postgres]). An empty database is "
+                   "given mpstore's schema; a newer or foreign one is refused (exit 1).")
+@click.option("--migrate", is_flag=True, default=False, envvar="MPSTORE_MIGRATE",
+              show_envvar=True,
+              help="With --backend: migrate a database of an older mpstore schema (without "
+                   "it, such a database is refused).")
 def store_command(host: str, port: int, authkey_file: str | None, log_level: str,
                   watchdog_interval: float, eviction_threshold: float | int | None,
                   safe_threshold: float | int | None, data_dir: str | None, synchronous: str,
                   handshake_timeout: float, max_connections: int, max_message_size: int,
                   busy_poll: int, allow_classes: tuple[str, ...], metrics_port: int | None,
                   metrics_host: str, call_stats: bool, tls_cert: str | None,
-                  tls_key: str | None, tls_client_ca: str | None) -> None:
+                  tls_key: str | None, tls_client_ca: str | None, backend: str | None,
+                  migrate: bool) -> None:
     """Run the store server in the foreground until SIGINT or SIGTERM.
 
     It listens on 127.0.0.1 unless --host says otherwise. Clients need its authkey, which
@@ -225,7 +235,8 @@ def store_command(host: str, port: int, authkey_file: str | None, log_level: str
                    max_message_size=max_message_size, busy_poll=busy_poll / 1e6,
                    allow_classes=allow_classes, call_stats=call_stats,
                    metrics_host=metrics_host, metrics_port=metrics_port, tls_cert=tls_cert,
-                   tls_key=tls_key, tls_client_ca=tls_client_ca)
+                   tls_key=tls_key, tls_client_ca=tls_client_ca, backend=backend,
+                   migrate=migrate)
     except InvalidArgument as exc:
         raise click.UsageError(str(exc)) from None
     sys.exit(code)

@@ -21,8 +21,9 @@ import gc
 import logging
 import ssl
 from collections.abc import Iterable
+from typing import Any
 
-from .errors import AuthenticationFailed, ServerStartError, StorageError
+from .errors import AuthenticationFailed, InvalidArgument, ServerStartError, StorageError
 from .manager import tls
 from .manager.auth import is_loopback, resolve_authkey
 from .manager.loop import BUSY_POLL
@@ -48,12 +49,14 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
         busy_poll: float = BUSY_POLL, allow_classes: Iterable[str] = (),
         call_stats: bool = True, metrics_host: str = METRICS_HOST,
         metrics_port: int | None = None, tls_cert: str | None = None,
-        tls_key: str | None = None, tls_client_ca: str | None = None) -> int:
-    """``agl store``: serve a store (in memory, or durable in ``data_dir``) until
-    SIGINT/SIGTERM, with Prometheus metrics on ``metrics_host:metrics_port`` if a port is
-    given (see :mod:`mpstore.metrics`). Returns the exit code: 0 after a graceful stop, 1 if
-    the server could not start (the reason is logged: port taken, key unusable, data
-    directory locked or damaged).
+        tls_key: str | None = None, tls_client_ca: str | None = None,
+        backend: str | None = None, migrate: bool = False) -> int:
+    """``agl store``: serve a store (in memory, durable in ``data_dir``, or on the PostgreSQL
+    database ``backend``) until SIGINT/SIGTERM, with Prometheus metrics on
+    ``metrics_host:metrics_port`` if a port is given (see :mod:`mpstore.metrics`). Returns the
+    exit code: 0 after a graceful stop, 1 if the server could not start (the reason is logged:
+    port taken, key unusable, data directory locked or damaged, database unreachable or of a
+    newer/foreign schema).
 
     With ``tls_cert`` (and ``tls_key``, unless the key is in the certificate's file) every
     connection speaks TLS; ``tls_client_ca`` requires clients to show a certificate it signed.
@@ -63,10 +66,10 @@ def run(host: str = "127.0.0.1", port: int = 4747, *, authkey_file: str | None =
     AllowList.for_requests(allow_classes)  # a name that cannot be imported: a usage error
     raise_fd_limit()
     try:
-        store = InMemoryStore(eviction_threshold=eviction_threshold,
-                              safe_threshold=safe_threshold,
-                              watchdog_interval=watchdog_interval, copy_records=False,
-                              data_dir=data_dir, synchronous=synchronous)
+        store = _build_store(backend, migrate, eviction_threshold=eviction_threshold,
+                             safe_threshold=safe_threshold,
+                             watchdog_interval=watchdog_interval, data_dir=data_dir,
+                             synchronous=synchronous)
     except StorageError as exc:
         log.error("%s", start_failure_message(host, port, reason=str(exc)))
         return 1
@@ -120,6 +123,32 @@ def _warn_exposure(host: str, port: int, tls_on: bool, metrics_host: str,
     if metrics_port is not None and not is_loopback(metrics_host):
         log.warning("Serving metrics on %s:%s, beyond this machine, without a key",
                     metrics_host, metrics_port)
+
+
+def _build_store(backend: str | None, migrate: bool, *, eviction_threshold: float | int | None,
+                 safe_threshold: float | int | None, watchdog_interval: float,
+                 data_dir: str | None, synchronous: str) -> Any:
+    """The store ``agl store`` serves: in memory (optionally durable), or PostgreSQL."""
+    if backend is None:
+        return InMemoryStore(eviction_threshold=eviction_threshold,
+                             safe_threshold=safe_threshold,
+                             watchdog_interval=watchdog_interval, copy_records=False,
+                             data_dir=data_dir, synchronous=synchronous)
+    if data_dir is not None:
+        raise InvalidArgument("--backend and --data-dir exclude each other: the database "
+                              "is where the state is kept")
+    if eviction_threshold is not None or safe_threshold is not None:
+        log.warning("--eviction-threshold/--safe-threshold have no effect with --backend: "
+                    "spans are kept in the database, not in memory")
+    try:
+        from .postgres import PostgresStore
+    except ImportError as exc:
+        raise StorageError(f"--backend needs the postgres extra ({exc}): "
+                           "pip install 'mpstore[postgres]'") from None
+    store = PostgresStore(backend, watchdog_interval=watchdog_interval, migrate=migrate,
+                          copy_records=False)
+    log.info("Backend %s (schema %s)", store.safe_url, store.schema)
+    return store
 
 
 def raise_fd_limit() -> None:

@@ -56,10 +56,11 @@ def running_server(tmp_path: Path, *args: str, port: int | None = None,
 
 
 @contextlib.contextmanager
-def fresh_remote_store(tmp_path: Any, tls: TLSFiles | None = None) -> Iterator[StoreClient]:
-    """A client connected to a fresh ``agl store`` server (over TLS with ``tls``), torn down
-    afterwards."""
-    with running_server(Path(tmp_path), tls=tls) as server:
+def fresh_remote_store(tmp_path: Any, *args: str, tls: TLSFiles | None = None
+                       ) -> Iterator[StoreClient]:
+    """A client connected to a fresh ``agl store`` server (``args``: more options; over TLS
+    with ``tls``), torn down afterwards."""
+    with running_server(Path(tmp_path), *args, tls=tls) as server:
         client = server.connect()
         try:
             yield client

@@ -42,7 +42,7 @@ def test_targets_without_measurements_are_not_applicable() -> None:
 @pytest.mark.timeout(180)
 def test_quick_run_writes_expected_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    code = bench_run.main([*TINY, "--skip", "agl", "--output", str(out)])
+    code = bench_run.main([*TINY, "--skip", "agl,backend", "--output", str(out)])
     data = json.loads(out.read_text())
     assert data["errors"] == {}, data["errors"]
     assert code == 0
@@ -69,6 +69,24 @@ def test_quick_run_writes_expected_json(tmp_path: Path) -> None:
     assert {"calls_vs_echo", "cycle_vs_agl", "batched_vs_agl", "scale", "runners",
             "metrics"} <= ids
     assert all(t["met"] in (True, False, None) for t in data["targets"])
+
+
+@pytest.mark.timeout(180)
+def test_backend_scenario(tmp_path: Path) -> None:
+    """PostgreSQL beside in-memory (one and two servers); skipped inside without PostgreSQL."""
+    out = tmp_path / "backend.json"
+    code = bench_run.main([*TINY, "--only", "backend", "--k", "2", "--output", str(out)])
+    data = json.loads(out.read_text())
+    assert data["errors"] == {}, data["errors"]
+    assert code == 0
+    back = data["backend"]
+    if "skipped" in back:
+        return
+    assert set(back["servers"]) == {"1", "2"}
+    for figure in back["servers"].values():
+        assert figure["ops_per_s"] > 0
+        assert {"server_us_per_op", "postgres_us_per_op", "runs"} <= set(figure)
+    assert "postgres" in {t["id"] for t in data["targets"]}
 
 
 def test_only_one_scenario(tmp_path: Path) -> None:

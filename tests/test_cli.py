@@ -176,7 +176,7 @@ def test_store_defaults_are_handed_over(captured: dict[str, Any]) -> None:
                         "max_message_size": 64 * 2**20, "busy_poll": 100e-6,
                         "allow_classes": (), "call_stats": True, "metrics_host": "127.0.0.1",
                         "metrics_port": None, "tls_cert": None, "tls_key": None,
-                        "tls_client_ca": None}
+                        "tls_client_ca": None, "backend": None, "migrate": False}
 
 
 def test_allow_class_is_repeatable_and_read_from_the_environment(

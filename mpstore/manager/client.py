@@ -87,6 +87,7 @@ __all__ = [
     "StoreClient",
     "connect",
     "parse_address",
+    "parse_addresses",
 ]
 
 DEFAULT_PORT = 4747
@@ -171,11 +172,15 @@ class StoreClient(_Base):
 
     def __init__(self, host: str, port: int, authkey: bytes, *, timeout: float = 30.0,
                  retry_for: float = 5.0, allow_classes: Iterable[str | type] = (),
-                 tls: ClientTLS | None = None) -> None:
+                 tls: ClientTLS | None = None,
+                 fallbacks: tuple[tuple[str, int], ...] = ()) -> None:
         if not timeout > 0 or not retry_for >= 0:
             raise InvalidArgument(
                 f"timeout must be > 0 and retry_for >= 0, not {timeout!r}, {retry_for!r}")
         self._host, self._port, self._authkey = host, int(port), bytes(authkey)
+        # Failover: the servers in order (the first is host:port); a connection that cannot
+        # be opened, or breaks, moves this client on to the next one.
+        self._servers = ((host, int(port)), *((h, int(p)) for h, p in fallbacks))
         self._timeout, self._retry_for = float(timeout), float(retry_for)
         # As names, so that a pickled client (a spawned child's) allows the same.
         self._allow_classes = tuple(".".join(resolve_class(c)[0]) for c in allow_classes)
@@ -199,9 +204,10 @@ class StoreClient(_Base):
     def __reduce__(self) -> tuple[Any, ...]:
         # The key travels with the client (to a spawned child, say), like the address: the
         # child needs both to connect. Connections do not travel; the copy opens its own.
-        return (StoreClient, (self._host, self._port, self._authkey),
+        return (StoreClient, (*self._servers[0], self._authkey),
                 {"timeout": self._timeout, "retry_for": self._retry_for,
-                 "allow_classes": self._allow_classes, "tls": self._tls})
+                 "allow_classes": self._allow_classes, "tls": self._tls,
+                 "servers": self._servers})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._timeout, self._retry_for = state["timeout"], state["retry_for"]
@@ -209,6 +215,7 @@ class StoreClient(_Base):
         self._loads = _replies(self._allow_classes).loads
         self._tls = state.get("tls")
         self._tls_context = None if self._tls is None else self._tls.context()
+        self._servers = state.get("servers", self._servers)
 
     def __enter__(self) -> StoreClient:
         return self
@@ -283,6 +290,8 @@ class StoreClient(_Base):
         once = REQUEST_KEY in kwargs  # answered once however often it is sent
         if failure is not None and failure.delivered and not (once or name in RETRIED):
             raise self._unsafe(name, failure)
+        if failure is not None:
+            self._move_on()
         deadline, own_end = time.monotonic() + self._retry_for, None
         wait = BLOCKING.get(name)
         if wait is not None and name in RETRIED and is_seconds(wait.of(kwargs)):
@@ -307,6 +316,7 @@ class StoreClient(_Base):
                 if exc.delivered and not (once or name in RETRIED):
                     raise self._unsafe(name, exc) from None
                 failure = exc
+                self._move_on()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self._unavailable(failure) from None
@@ -318,23 +328,25 @@ class StoreClient(_Base):
     def _open(self, deadline: float, first: bool, failure: TransportError | None) -> Channel:
         """This thread's new connection, retried until ``deadline``. Raises
         AuthenticationFailed at once, StoreUnavailable when the deadline passes."""
-        delay = 0.01
+        delay, tried = 0.01, 0
         last: BaseException | None = failure.cause if failure is not None else None
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 and not first:
                 raise self._unavailable(last) from None
-            # The first attempt gets the full timeout even with retry_for=0 (one try).
+            # The first attempt at each server gets the full timeout even with retry_for=0.
             step = self._timeout if first else min(self._timeout, max(remaining, 0.05))
-            first = False
+            tried += 1
+            first = tried < len(self._servers)
             try:
                 channel = Channel(self._host, self._port, self._authkey, step, fork_epoch(),
                                   self._tls_context)
             except (OSError, EOFError) as exc:
                 last = exc
+                self._move_on()
                 remaining = deadline - time.monotonic()
-                if remaining > 0:
-                    time.sleep(min(delay, remaining))
+                if remaining > 0 and tried % len(self._servers) == 0:
+                    time.sleep(min(delay, remaining))  # after a round of every server
                     delay = min(delay * 2, 0.25)
                 continue
             self._local.channel = channel
@@ -346,6 +358,12 @@ class StoreClient(_Base):
             with self._channels_lock:
                 self._channels.add(channel)
             return channel
+
+    def _move_on(self) -> None:
+        """Point this client at the next of its servers (no-op with one)."""
+        if len(self._servers) > 1:
+            at = self._servers.index((self._host, self._port))
+            self._host, self._port = self._servers[(at + 1) % len(self._servers)]
 
     def _discard(self, channel: Channel) -> None:
         channel.close()
@@ -443,12 +461,31 @@ for _name in SERVED:
 del _name, _method, _own, _attr
 
 
-def connect(address: str | tuple[str, int] = DEFAULT_ADDRESS, authkey: bytes | str | None = None,
-            *, timeout: float = 30.0, retry_for: float = 5.0,
-            authkey_file: str | None = None,
+def parse_addresses(address: Any) -> list[tuple[str, int]]:
+    """One address, ``"h1:4747,h2:4747"``, or a list of addresses, in order."""
+    if isinstance(address, str) and "," in address:
+        items: list[Any] = [a for a in address.split(",") if a.strip()]
+    elif isinstance(address, list) or (isinstance(address, tuple) and address
+                                       and isinstance(address[0], (tuple, list))):
+        items = list(address)
+    else:
+        items = [address]
+    if not items:
+        raise InvalidArgument(f"no server address in {address!r}")
+    return [parse_address(item) for item in items]
+
+
+def connect(address: str | tuple[str, int] | list[Any] = DEFAULT_ADDRESS,
+            authkey: bytes | str | None = None, *, timeout: float = 30.0,
+            retry_for: float = 5.0, authkey_file: str | None = None,
             allow_classes: Iterable[str | type] = (), tls_ca: str | None = None,
             tls_cert: str | None = None, tls_key: str | None = None) -> StoreClient:
     """A client of the ``agl store`` server at ``address`` (``"host:port"``).
+
+    Several servers sharing one database (``agl store --backend``): ``"h1:4747,h2:4747"`` or
+    a list of addresses. The client tries them in order and moves on to the next whenever a
+    connection cannot be opened or breaks (the retry rules below apply across them); they
+    must share one authkey (found for the first address).
 
     ``authkey``: explicit key; else ``MPSTORE_AUTHKEY``, ``authkey_file``, or the key file a
     server on this machine wrote for that host and port (see :mod:`mpstore.manager.auth`).
@@ -467,9 +504,10 @@ def connect(address: str | tuple[str, int] = DEFAULT_ADDRESS, authkey: bytes | s
     ``retry_for`` seconds, AuthenticationFailed for a wrong or missing key, InvalidArgument
     for a malformed address.
     """
-    host, port = parse_address(address)
+    (host, port), *fallbacks = parse_addresses(address)
     key = resolve_authkey(host, port, authkey, authkey_file).key
     client = StoreClient(host, port, key, timeout=timeout, retry_for=retry_for,
-                         allow_classes=allow_classes, tls=client_tls(tls_ca, tls_cert, tls_key))
+                         allow_classes=allow_classes, tls=client_tls(tls_ca, tls_cert, tls_key),
+                         fallbacks=tuple(fallbacks))
     client._connect_now()
     return client

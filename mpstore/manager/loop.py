@@ -117,7 +117,7 @@ class Dispatcher:
                  busy_poll: float = BUSY_POLL,
                  loads: Callable[[bytes], Any] | None = None,
                  once: Callable[[Any, Callable[..., Any]], Callable[..., Any]] | None = None,
-                 calls: CallStats | None = None) -> None:
+                 calls: CallStats | None = None, offload: bool = False) -> None:
         self._methods = methods
         # The restricted decoder of .safe_pickle: the server's allow-list.
         self._loads = loads if loads is not None else AllowList.for_requests().loads
@@ -127,11 +127,16 @@ class Dispatcher:
         # Counts and times every call answered here (None: no accounting); only this
         # thread writes it.
         self._calls = calls
+        # With ``offload`` (a store whose calls wait on a database), every call runs in a
+        # worker thread, so that the calls of different clients overlap their waits. The
+        # loop then never busy-polls: spinning for the next request would hold the GIL the
+        # workers need to finish theirs.
+        self._offload = offload
         # With ``batch`` (a durable store's deferred_commits), the requests ready at one
         # wake-up are answered under ``batch()`` (one commit for all of them) and their
         # replies sent after it. Without, each reply goes out at once.
         self._batch = batch
-        self._busy_poll = busy_poll
+        self._busy_poll = 0.0 if offload else busy_poll
         self._outbox: list[tuple[_Peer, bytes]] | None = None
         self._max_size = max_message_size
         self._on_close, self._fallback = on_close, fallback
@@ -360,6 +365,9 @@ class Dispatcher:
                 args = unpack(name, args)
             if REQUEST_KEY in kwds:
                 func = once_call(self._once, kwds, func)
+            if self._offload and not (isinstance(kwds, dict) and blocks(name, kwds)):
+                self._start_offloaded(peer, name, func, args, kwds, began)
+                return
             if isinstance(kwds, dict) and blocks(name, kwds):
                 ready = self._without_waiting(name, func, args, kwds)
                 if ready is None:
@@ -412,6 +420,23 @@ class Dispatcher:
                 reply: bytes | None = dump_reply(sliced(fd, name, func, args, kwds))
             except Abandoned:
                 reply, outcome = None, TRANSPORT_ERROR
+            except Exception as exc:
+                reply = dump_error(exc)
+                outcome = STORE_ERROR if isinstance(exc, StoreError) else TRANSPORT_ERROR
+            self._post("reply", peer, (reply, name, outcome, began))
+
+        self._workers.submit(work)
+
+    def _start_offloaded(self, peer: _Peer, name: str, func: Callable[..., Any],
+                         args: tuple[Any, ...], kwds: dict[str, Any], began: float) -> None:
+        """A call that does not block by design, run in a worker (see ``offload``)."""
+        peer.busy = True
+        self._unwatch(peer.sock)
+
+        def work() -> None:
+            outcome = OK
+            try:
+                reply = dump_result(func(*args, **kwds), args)
             except Exception as exc:
                 reply = dump_error(exc)
                 outcome = STORE_ERROR if isinstance(exc, StoreError) else TRANSPORT_ERROR

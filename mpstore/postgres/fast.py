@@ -1,0 +1,174 @@
+"""The fast paths of the calls the cycle makes: fewer round trips, little Python per call.
+
+* **From a cached row** (:mod:`.cache`): ``add_span`` and single-rollout updates apply the
+  rules to the row this server last saw and write it with one statement
+  (``mpstore_add_span`` / ``mpstore_write``) that applies only if the row is still at that
+  version and, for REF's method set, no rollout is due for the watchdog.
+* **Claims** as a short transaction of prepared statements (no rollout due, or the full
+  path runs the watchdog first): lock the head ``FOR UPDATE SKIP LOCKED``, write the claims.
+* **Enqueue** with one statement (``mpstore_insert``), given the latest resources this
+  server saw are still the latest (REF Q12: a new rollout takes their id).
+
+Each returns None where the full path (:class:`~.db.Tx`) must decide; they never decide
+differently from it. Statements go through :class:`~.pq.Session` (libpq directly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from ..errors import StorageError, StoreError
+from ..types import AttemptedRollout, Rollout, RolloutStatus, Span, new_rollout_id
+from .cache import RowCache
+from .db import COLUMNS, decode_unit, encode_unit, unit_values
+from .pq import DbError, Session
+from .unit import Unit
+
+__all__ = ["FastPaths"]
+
+T = TypeVar("T")
+_loads = pickle.loads
+_WRITE = "SELECT mpstore_write(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_ADD_SPAN = "SELECT mpstore_add_span(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_INSERT = "SELECT mpstore_insert(%s, %s, %s, %s, %s, %s, %s, %s)"
+_ANY_DUE = "SELECT EXISTS (SELECT 1 FROM mpstore_rollouts WHERE check_at <= %s)"
+_HEAD = (f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE queue_pos IS NOT NULL "
+         "ORDER BY queue_pos LIMIT %s FOR UPDATE SKIP LOCKED")
+_UPDATE = ("UPDATE mpstore_rollouts SET status = %s, queue_pos = CASE WHEN %s THEN "
+           "nextval('mpstore_queue_pos') WHEN %s THEN queue_pos END, check_at = %s, "
+           "attempts = %s, record = %s, version = version + 1 WHERE rollout_id = %s")
+_STALE = "MPST1"
+
+
+class FastPaths:
+    """See the module docstring; ``pool``, ``cache`` and ``clock`` are the store's."""
+
+    def __init__(self, pool: Any, cache: RowCache, clock: Callable[[], float]) -> None:
+        self._pool, self._cache, self._clock = pool, cache, clock
+        #: the latest resources id as last seen ("": none), None: not seen yet
+        self.latest_resources: str | None = None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A pooled connection as a Session; a database error becomes StorageError."""
+        try:
+            with self._pool.connection() as conn:
+                yield Session(conn)
+        except DbError as exc:
+            raise StorageError(f"PostgreSQL: {exc}") from None
+        except Exception as exc:
+            if type(exc).__name__ == "PoolTimeout":
+                raise StorageError(f"PostgreSQL unreachable: {exc}") from None
+            raise
+
+    def _unit(self, rollout_id: str) -> Unit | None:
+        entry = self._cache.get(rollout_id)
+        if entry is None:
+            return None
+        rollout, attempts = _loads(entry[1])
+        return Unit(rollout, attempts, entry[2], version=entry[0])
+
+    # ----------------------------------------------------------------- cached rows
+    def write(self, rollout_id: str, apply: Callable[[Unit, float], T]) -> tuple[T] | None:
+        """``apply(unit, now)`` on the cached row, written if still current (a 1-tuple)."""
+        unit = self._unit(rollout_id)
+        if unit is None:
+            return None
+        now = self._clock()
+        try:
+            result = apply(unit, now)
+        except StoreError:
+            return None  # the cached row may be what is out of date: the full path decides
+        record = encode_unit(unit)
+        with self.session() as db:
+            done = db.run(_WRITE, (rollout_id, unit.version, now, *unit_values(unit), record,
+                                   unit.finished))[0][0]
+        if done != 1:
+            self._cache.drop(rollout_id)
+            return None
+        self._cache.put(rollout_id, unit.version + 1, record, unit.queued)
+        return (result,)
+
+    def add_span(self, span: Span, record: bytes) -> bool | None:
+        """True if stored, False for a duplicate (D7), None for the full path."""
+        unit = self._unit(span.rollout_id)
+        if unit is None:
+            return None
+        try:
+            attempt = unit.span_attempt(span.attempt_id)
+        except StoreError:
+            return None
+        unit.heartbeat(attempt, self._clock())
+        row = encode_unit(unit)
+        try:
+            with self._pool.connection() as conn:
+                done = Session(conn).run(_ADD_SPAN, (
+                    span.rollout_id, span.attempt_id, span.span_id, span.sequence_id,
+                    len(record), record, unit.version, *unit_values(unit), row))[0][0]
+        except DbError as exc:
+            self._cache.drop(span.rollout_id)
+            if exc.sqlstate == _STALE or exc.broken:
+                return None  # stale, or lost: the full path (add_span is idempotent)
+            raise StorageError(f"PostgreSQL: {exc}") from None
+        if done == 1:
+            self._cache.put(span.rollout_id, unit.version + 1, row, unit.queued)
+        return done == 1
+
+    # ----------------------------------------------------------------- claims
+    def claim(self, limit: int, worker: str | None) -> list[AttemptedRollout] | None:
+        """Claim up to ``limit`` from the head; None if a rollout is due for the watchdog."""
+        written = []
+        with self.session() as db:
+            db.script("BEGIN")
+            try:
+                now = self._clock()
+                if db.run(_ANY_DUE, (now,))[0][0]:
+                    db.script("ROLLBACK")
+                    return None
+                claimed = []
+                for row in db.run(_HEAD, (limit,)):
+                    unit = decode_unit(row)
+                    attempt = unit.new_attempt(worker, now)
+                    claimed.append(AttemptedRollout.of(unit.rollout.snapshot(),
+                                                       attempt.snapshot()))
+                    record = encode_unit(unit)
+                    db.run(_UPDATE, (*unit_values(unit), record, unit.rollout_id))
+                    written.append((unit.rollout_id, unit.version + 1, record, unit.queued))
+                db.script("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    db.script("ROLLBACK")
+                raise
+        for entry in written:
+            self._cache.put(*entry)
+        return claimed
+
+    # ----------------------------------------------------------------- enqueue
+    def enqueue(self, fields: dict[str, Any]) -> Rollout | None:
+        """A new queued rollout in one statement; None for the full path (no latest
+        resources seen yet, they changed since, or a rollout is due for the watchdog)."""
+        latest = self.latest_resources
+        resources_id = fields["resources_id"]
+        check = not resources_id  # REF Q12: then the rollout takes the latest resources
+        if check:
+            if latest is None:
+                return None
+            resources_id = latest or None
+        now = self._clock()
+        rollout = Rollout(new_rollout_id(), fields["input"], now, None, fields["mode"],
+                          resources_id, RolloutStatus.QUEUING, fields["config"],
+                          {} if fields["metadata"] is None else fields["metadata"])
+        unit = Unit(rollout, [], False, new=True)
+        unit.write_status(RolloutStatus.QUEUING, now)
+        record = encode_unit(unit)
+        with self.session() as db:
+            done = db.run(_INSERT, (rollout.rollout_id, now, rollout.status.value,
+                                    unit.check_at(), 0, record, check, resources_id))[0][0]
+        if done != 1:
+            self.latest_resources = None
+            return None
+        self._cache.put(rollout.rollout_id, 0, record, True)
+        return rollout

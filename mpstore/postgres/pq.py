@@ -1,0 +1,131 @@
+"""The hot statements, run through libpq directly (``psycopg.pq``, psycopg's own binding).
+
+psycopg's ``Connection.execute`` spends about 100 µs of Python per statement (adapting,
+its cursor, its wait loop); ``PGconn.exec_prepared`` spends about 15 and releases the GIL
+while it waits. So the calls of the benchmark cycle (``add_span``, updates, claims,
+enqueues) run their statements here: prepared once per connection, parameters as text (or
+raw bytes for ``bytea``), results in binary, decoded by column type. Everything else goes
+through psycopg proper. Errors raise :class:`DbError` with the SQLSTATE.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["DbError", "Session", "text_array"]
+
+_INT8, _INT4, _FLOAT8 = struct.Struct(">q"), struct.Struct(">i"), struct.Struct(">d")
+#: Binary result decoders by type OID: bool, bytea, int8, int4, text, varchar, float8.
+_DECODE: dict[int, Callable[[bytes], Any]] = {
+    16: lambda b: b == b"\x01",
+    17: bytes,
+    20: lambda b: _INT8.unpack(b)[0],
+    23: lambda b: _INT4.unpack(b)[0],
+    25: lambda b: b.decode(),
+    1043: lambda b: b.decode(),
+    701: lambda b: _FLOAT8.unpack(b)[0],
+}
+_PLACEHOLDER = re.compile(r"%s")
+#: Prepared statement names per connection (a connection's prepared statements die with it).
+_prepared: weakref.WeakKeyDictionary[Any, dict[str, bytes]] = weakref.WeakKeyDictionary()
+
+
+class DbError(Exception):
+    """A statement failed in the database; ``sqlstate`` says why (e.g. 40P01: deadlock)."""
+
+    def __init__(self, message: str, sqlstate: str | None, broken: bool) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.broken = broken  # the connection is lost: nothing more is known
+
+
+def _param(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if value is True:
+        return b"t"
+    if value is False:
+        return b"f"
+    kind = type(value)
+    if kind is str:
+        return value.encode()
+    if kind is float:
+        if value != value:
+            return b"NaN"
+        if value in (float("inf"), float("-inf")):
+            return b"Infinity" if value > 0 else b"-Infinity"
+        return repr(value).encode()
+    return str(value).encode()  # int
+
+
+def text_array(items: Sequence[str]) -> str:
+    """A text[] literal (for ``= ANY($1)``)."""
+    quoted = ('"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in items)
+    return "{" + ",".join(quoted) + "}"
+
+
+class Session:
+    """One pooled psycopg connection, driven through its ``pgconn``."""
+
+    __slots__ = ("_names", "pgconn")
+
+    def __init__(self, conn: Any) -> None:
+        self.pgconn = conn.pgconn
+        names = _prepared.get(conn)
+        if names is None:
+            names = _prepared[conn] = {}
+        self._names = names
+
+    def _fail(self, result: Any) -> DbError:
+        from psycopg import pq
+
+        message = (result.error_message or self.pgconn.error_message or b"").decode(
+            errors="replace").strip()
+        state = result.error_field(pq.DiagnosticField.SQLSTATE)
+        broken = self.pgconn.status != pq.ConnStatus.OK
+        return DbError(message or "statement failed", state.decode() if state else None,
+                       broken)
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one statement (``%s`` placeholders), prepared on first use."""
+        from psycopg import pq
+
+        name = self._names.get(sql)
+        if name is None:
+            name = f"mpstore_{len(self._names)}".encode()
+            count = iter(range(1, 1000))
+            text = _PLACEHOLDER.sub(lambda _: f"${next(count)}", sql)
+            result = self.pgconn.prepare(name, text.encode())
+            if result.status != pq.ExecStatus.COMMAND_OK:
+                raise self._fail(result)
+            self._names[sql] = name
+        values, formats = [], []
+        for value in params:
+            if type(value) is bytes:
+                values.append(value)
+                formats.append(1)
+            else:
+                values.append(_param(value))
+                formats.append(0)
+        result = self.pgconn.exec_prepared(name, values, formats, 1)
+        status = result.status
+        if status == pq.ExecStatus.COMMAND_OK:
+            return []
+        if status != pq.ExecStatus.TUPLES_OK:
+            raise self._fail(result)
+        decoders = [_DECODE[result.ftype(i)] for i in range(result.nfields)]
+        return [tuple(None if (v := result.get_value(row, i)) is None else decode(v)
+                      for i, decode in enumerate(decoders))
+                for row in range(result.ntuples)]
+
+    def script(self, sql: str) -> None:
+        """A statement without parameters or results (BEGIN, COMMIT, ROLLBACK)."""
+        from psycopg import pq
+
+        result = self.pgconn.exec_(sql.encode())
+        if result.status != pq.ExecStatus.COMMAND_OK:
+            raise self._fail(result)

@@ -1,0 +1,195 @@
+"""The PostgreSQL schema, its version, and creating or migrating it.
+
+Every table is prefixed ``mpstore_``; ``mpstore_schema`` records which schema the database
+holds (``name = 'mpstore'``, ``version``). :func:`prepare` runs in one transaction under an
+advisory lock (two servers starting at once do not both create it):
+
+* an empty database gets the current schema;
+* an older version is migrated (``MIGRATIONS``; none exist yet) when ``migrate`` is true,
+  or started on by default too (``agl store`` migrates on start);
+* a newer version, or a database with other tables called ``mpstore_*`` but no version row,
+  is a :class:`~mpstore.errors.StorageError`: ``agl store`` exits 1 with its message.
+
+Records are stored pickled (``record`` columns), as the SQLite journal does; the columns
+beside them are what the queries filter, sort and lock by, each with its index:
+
+* ``mpstore_rollouts``: one row per rollout, its attempts inside the record (a rollout has a
+  handful), ``created`` (creation order), ``status``, ``queue_pos`` (set iff queued: the
+  FIFO, claimed ``FOR UPDATE SKIP LOCKED``), ``check_at`` (the watchdog's next look),
+  ``span_counter`` (sequence ids);
+* ``mpstore_spans``: one row per span, keyed by (rollout, attempt, span_id) (D7), read by
+  (rollout, sequence_id, arrival) (D6);
+* ``mpstore_counters``: span counters of ids that are not rollouts (REF allows it);
+* ``mpstore_resources``: by id, and by ``updated`` for "latest".
+
+``version`` counts a rollout row's writes. Two functions write a row in one round trip
+without locking it first, if it is still at the version a server last saw (optimistic; the
+server keeps recent rows: see ``mpstore.postgres.cache``): ``mpstore_add_span`` (the span and
+its heartbeat) and ``mpstore_write`` (any other change of one rollout, when no rollout is due
+for the watchdog); ``mpstore_insert`` enqueues a rollout if the latest resources are still
+the ones the server saw. They hold no rule: what to write was decided by the server, with
+``transitions``, on the row as it read it; a stale version writes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import StorageError
+
+__all__ = ["SCHEMA_NAME", "SCHEMA_VERSION", "TABLES", "prepare"]
+
+SCHEMA_NAME = "mpstore"
+SCHEMA_VERSION = 1
+#: Taken (transaction-scoped) while the schema is checked or created: "mpst" in ASCII.
+SCHEMA_LOCK = 0x6D707374
+TABLES = ("mpstore_counters", "mpstore_resources", "mpstore_rollouts", "mpstore_schema",
+          "mpstore_spans")
+
+_CREATE = """
+CREATE TABLE mpstore_schema (name text PRIMARY KEY, version integer NOT NULL);
+CREATE TABLE mpstore_rollouts (
+    rollout_id text PRIMARY KEY,
+    created bigserial NOT NULL,
+    status text NOT NULL,
+    queue_pos bigint,
+    check_at double precision,
+    attempts integer NOT NULL,
+    span_counter bigint NOT NULL DEFAULT 0,
+    version bigint NOT NULL DEFAULT 0,
+    record bytea NOT NULL
+);
+CREATE UNIQUE INDEX mpstore_rollouts_created ON mpstore_rollouts (created);
+CREATE INDEX mpstore_rollouts_status ON mpstore_rollouts (status, created);
+CREATE INDEX mpstore_rollouts_queue ON mpstore_rollouts (queue_pos)
+    WHERE queue_pos IS NOT NULL;
+CREATE INDEX mpstore_rollouts_check ON mpstore_rollouts (check_at)
+    WHERE check_at IS NOT NULL;
+CREATE SEQUENCE mpstore_queue_pos;
+CREATE TABLE mpstore_spans (
+    rollout_id text NOT NULL,
+    attempt_id text NOT NULL,
+    span_id text NOT NULL,
+    sequence_id bigint NOT NULL,
+    arrival bigserial NOT NULL,
+    size integer NOT NULL,
+    record bytea NOT NULL,
+    PRIMARY KEY (rollout_id, attempt_id, span_id)
+);
+CREATE INDEX mpstore_spans_order ON mpstore_spans (rollout_id, sequence_id, arrival);
+CREATE TABLE mpstore_counters (rollout_id text PRIMARY KEY, value bigint NOT NULL);
+CREATE TABLE mpstore_resources (
+    resources_id text PRIMARY KEY,
+    updated bigserial NOT NULL,
+    record bytea NOT NULL
+);
+CREATE INDEX mpstore_resources_updated ON mpstore_resources (updated);
+CREATE FUNCTION mpstore_add_span(p_rid text, p_aid text, p_sid text, p_seq bigint,
+        p_size integer, p_span bytea, p_version bigint, p_status text, p_appended boolean,
+        p_queued boolean, p_check double precision, p_attempts integer, p_record bytea)
+    RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO mpstore_spans (rollout_id, attempt_id, span_id, sequence_id, size, record)
+        VALUES (p_rid, p_aid, p_sid, p_seq, p_size, p_span) ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN 0;  -- a duplicate (D7): nothing else happens
+    END IF;
+    UPDATE mpstore_rollouts SET status = p_status, queue_pos = CASE WHEN p_appended
+            THEN nextval('mpstore_queue_pos') WHEN p_queued THEN queue_pos END,
+        check_at = p_check, attempts = p_attempts, record = p_record,
+        span_counter = GREATEST(span_counter, p_seq), version = version + 1
+        WHERE rollout_id = p_rid AND version = p_version;
+    IF NOT FOUND THEN  -- written meanwhile: undo the span too, the caller reads afresh
+        RAISE EXCEPTION 'stale' USING ERRCODE = 'MPST1';
+    END IF;
+    RETURN 1;
+END $$;
+CREATE FUNCTION mpstore_insert(p_rid text, p_now double precision, p_status text,
+        p_check double precision, p_attempts integer, p_record bytea,
+        p_check_latest boolean, p_latest text)
+    RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM mpstore_rollouts WHERE check_at <= p_now) THEN
+        RETURN -1;  -- the watchdog has work to do first: the caller takes the full path
+    END IF;
+    IF p_check_latest AND coalesce((SELECT resources_id FROM mpstore_resources
+            ORDER BY updated DESC LIMIT 1), '') <> coalesce(p_latest, '') THEN
+        RETURN -1;  -- the latest resources are not the ones the caller saw
+    END IF;
+    INSERT INTO mpstore_rollouts (rollout_id, status, queue_pos, check_at, attempts, record)
+        VALUES (p_rid, p_status, nextval('mpstore_queue_pos'), p_check, p_attempts, p_record);
+    PERFORM pg_notify('mpstore_queued', '1');
+    RETURN 1;
+END $$;
+CREATE FUNCTION mpstore_write(p_rid text, p_version bigint, p_now double precision,
+        p_status text, p_appended boolean, p_queued boolean, p_check double precision,
+        p_attempts integer, p_record bytea, p_finished boolean)
+    RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM mpstore_rollouts WHERE check_at <= p_now) THEN
+        RETURN -1;  -- the watchdog has work to do first: the caller takes the full path
+    END IF;
+    UPDATE mpstore_rollouts SET status = p_status, queue_pos = CASE WHEN p_appended
+            THEN nextval('mpstore_queue_pos') WHEN p_queued THEN queue_pos END,
+        check_at = p_check, attempts = p_attempts, record = p_record, version = version + 1
+        WHERE rollout_id = p_rid AND version = p_version;
+    IF NOT FOUND THEN
+        RETURN -1;  -- written meanwhile
+    END IF;
+    IF p_finished THEN
+        PERFORM pg_notify('mpstore_finished', p_rid);
+    END IF;
+    IF p_appended THEN
+        PERFORM pg_notify('mpstore_queued', '1');
+    END IF;
+    RETURN 1;
+END $$;
+"""
+
+#: version -> the statements that migrate a database of that version to version + 1.
+MIGRATIONS: dict[int, str] = {}
+
+
+def _found(conn: Any) -> tuple[int | None, list[str]]:
+    """(the recorded version or None, the mpstore_* tables present)."""
+    tables = [row[0] for row in conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+        "AND tablename LIKE 'mpstore\\_%'")]
+    if "mpstore_schema" not in tables:
+        return None, tables
+    row = conn.execute("SELECT version FROM mpstore_schema WHERE name = %s",
+                       (SCHEMA_NAME,)).fetchone()
+    return (None if row is None else int(row[0])), tables
+
+
+def prepare(conn: Any, *, migrate: bool = False) -> str:
+    """Check the schema of the database behind ``conn`` and create or migrate it; returns
+    what was done ("created", "migrated from N", "current"). Raises StorageError for a
+    newer or foreign schema, or an older one when ``migrate`` is false."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        version, tables = _found(conn)
+        if version is None and not tables:
+            conn.execute(_CREATE)
+            conn.execute("INSERT INTO mpstore_schema VALUES (%s, %s)",
+                         (SCHEMA_NAME, SCHEMA_VERSION))
+            return "created"
+        if version is None:
+            raise StorageError(
+                f"the database holds tables {sorted(tables)} but no mpstore schema version: "
+                "not an mpstore database, or a damaged one (use an empty database)")
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"the database's mpstore schema is version {version}, newer than this "
+                f"mpstore's {SCHEMA_VERSION}: upgrade mpstore")
+        if version == SCHEMA_VERSION:
+            return "current"
+        if not migrate:
+            raise StorageError(
+                f"the database's mpstore schema is version {version}, older than "
+                f"{SCHEMA_VERSION}: start with --migrate to migrate it")
+        for step in range(version, SCHEMA_VERSION):
+            conn.execute(MIGRATIONS[step])
+        conn.execute("UPDATE mpstore_schema SET version = %s WHERE name = %s",
+                     (SCHEMA_VERSION, SCHEMA_NAME))
+        return f"migrated from {version}"

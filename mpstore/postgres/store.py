@@ -1,0 +1,766 @@
+"""``PostgresStore``: the store's API with its state in PostgreSQL only.
+
+The same contract as :class:`~mpstore.store.InMemoryStore`, method for method: arguments are
+checked by :mod:`mpstore.validate`, statuses follow :mod:`mpstore.transitions` through
+:class:`~.unit.Unit`, and every call is one transaction (:class:`~.db.Tx`), so a refused or
+failed call writes nothing. Any number of stores (servers) may share one database:
+
+* claims lock the queue's head rows ``FOR UPDATE SKIP LOCKED``: no rollout is claimed twice,
+  and claimers do not queue up behind each other's locks;
+* sequence ids are counted by the database (``UPDATE ... RETURNING``);
+* waits are woken across servers by ``LISTEN``/``NOTIFY`` (:mod:`.notify`);
+* the watchdog runs on entry of REF's method set on every server (its rows are locked, so no
+  rollout is judged twice), and its background passes on one server at a time: the holder of
+  an advisory lock, which another takes over when that server's connection dies.
+
+Spans are never evicted: they are kept on disk until deleted (retention), so ``query_spans``
+never raises SpansEvicted and ``statistics()['evicted_rollouts']`` is 0.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from .. import transitions as tr
+from .. import validate as v
+from .._version import __version__
+from ..errors import InvalidArgument, RolloutNotFound, StorageError, StoreUnavailable
+from ..replies import ReplyMemory
+from ..types import (
+    UNSET,
+    Attempt,
+    AttemptedRollout,
+    FinishedRollouts,
+    ResourcesUpdate,
+    Rollout,
+    RolloutStatus,
+    Span,
+    new_resources_id,
+    new_rollout_id,
+)
+from .cache import RowCache
+from .db import COLUMNS, SPAN_AND_HEARTBEAT, Tx, encode_unit, unit_values
+from .fast import FastPaths
+from .notify import Listener
+from .schema import prepare
+from .unit import Unit
+
+__all__ = ["PostgresStore"]
+
+T = TypeVar("T")
+NOT_GIVEN: Any = UNSET
+_dumps, _loads = pickle.dumps, pickle.loads
+_QUEUING, _PREPARING = RolloutStatus.QUEUING, RolloutStatus.PREPARING
+#: Advisory lock held (per session) by the one store whose background watchdog runs.
+WATCHDOG_LOCK = 0x6D707377
+_BY_ID = f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE rollout_id = %s"
+_LATEST_RESOURCES = "SELECT record FROM mpstore_resources ORDER BY updated DESC LIMIT 1"
+_RETRIES = 5
+
+
+class PostgresStore:
+    """The store on a PostgreSQL database (``postgresql://USER@HOST:PORT/DB``).
+
+    ``clock`` is the store's notion of now (servers sharing a database must agree on it:
+    keep their clocks synchronised); ``watchdog_interval`` is how often waiters run the
+    watchdog while anyone waits; ``migrate`` migrates an older schema (an empty database is
+    always given the current one); ``pool_size`` bounds the connections the calls use (plus
+    one for LISTEN and one for the watchdog's lock). Call :meth:`close` when done.
+    Raises StorageError if the database cannot be reached or holds a newer/foreign schema."""
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.time,
+                 watchdog_interval: float = 1.0, migrate: bool = False, pool_size: int = 8,
+                 copy_records: bool = True, connect_timeout: float = 10.0) -> None:
+        if not watchdog_interval > 0:
+            raise InvalidArgument(f"watchdog_interval must be > 0, not {watchdog_interval!r}")
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self._psycopg = psycopg
+        self.url = url
+        self.safe_url = _safe(url)  # for logs: without a password
+        self._clock = clock
+        self._interval = float(watchdog_interval)
+        self._started = time.monotonic()
+        del copy_records  # every record read is unpickled afresh: nothing is shared
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout) as conn:
+                self.schema = prepare(conn, migrate=migrate)
+        except psycopg.Error as exc:
+            raise StorageError(f"PostgreSQL at {_safe(url)}: {_first_line(exc)}") from None
+        # A call waits at most 2 s for a connection: while the database is down, calls fail
+        # (StorageError) instead of piling up; the pool reconnects in the background.
+        # psycopg prepares nothing itself (prepare_threshold None): after a rollback it
+        # would DEALLOCATE ALL, the fast paths' prepared statements too (see pq.py).
+        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=True,
+                                    kwargs={"autocommit": True, "connect_timeout": 5,
+                                            "prepare_threshold": None},
+                                    timeout=2.0, num_workers=1, name="mpstore")
+        self._listener = Listener(url, self._run_watchdog_quietly, self._interval)
+        self._cache = RowCache()
+        self._replies, self._replies_lock = ReplyMemory(), threading.Lock()
+        self._fast = FastPaths(self._pool, self._cache, clock)
+        self._lead_conn: Any = None
+        self._lead_lock = threading.Lock()
+
+    durable = False  # commits are the database's: no group commit to batch in the server
+    #: Calls wait on the database: a server runs each in a worker thread, so the calls of
+    #: different clients overlap (and a slow query holds up only its own caller).
+    blocking_io = True
+
+    # ----------------------------------------------------------------- the call path
+    def _call(self, fn: Callable[[Tx], T], *, watchdog: bool = True) -> T:
+        """``fn(tx)`` in one transaction (after the watchdog's part, on REF's method set).
+        A deadlock, or a lost connection before anything was written, is retried."""
+        errors = self._psycopg.errors
+        for attempt in range(_RETRIES):
+            tx = None
+            try:
+                with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+                    tx = Tx(conn, self._clock(), watchdog)
+                    result = fn(tx)
+                    tx.flush()
+                self._remember(tx.rows_after)
+                return result
+            except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
+                failure: Exception = exc
+            except self._psycopg.OperationalError as exc:
+                if tx is not None and tx.wrote:
+                    raise StorageError(f"PostgreSQL: {_first_line(exc)} (the change may or "
+                                       "may not have been committed)") from None
+                failure = exc
+            except self._psycopg.Error as exc:
+                raise StorageError(f"PostgreSQL: {_first_line(exc)}") from None
+            except Exception as exc:
+                if _is_pool_timeout(exc):  # no connection to be had: the database is down
+                    raise StorageError(f"PostgreSQL unreachable: {exc}") from None
+                raise
+            time.sleep(0.05 * (attempt + 1))
+        raise StorageError(f"PostgreSQL: {_first_line(failure)}")
+
+    def _remember(self, rows: dict[str, tuple[int, bytes, bool] | None]) -> None:
+        for rid, row in rows.items():
+            if row is None:
+                self._cache.drop(rid)
+            else:
+                self._cache.put(rid, *row)
+
+    def _rollout_unit(self, tx: Tx, rollout_id: str) -> Unit:
+        units = tx.load(_BY_ID + " FOR UPDATE", (rollout_id,))
+        if not units:
+            raise RolloutNotFound(rollout_id)
+        return units[0]
+
+    # ----------------------------------------------------------------- create
+    @staticmethod
+    def _fields(input: Any, mode: Any, resources_id: Any, config: Any, metadata: Any,
+                rollout_id: Any = None) -> dict[str, Any]:
+        return {"input": input, "mode": v.mode(mode),
+                "resources_id": v.optional_str(resources_id, "resources_id"),
+                "config": v.config(config), "metadata": v.metadata(metadata),
+                "rollout_id": v.chosen_id(rollout_id)}
+
+    def _create(self, tx: Tx, items: list[dict[str, Any]], status: RolloutStatus
+                ) -> list[Unit]:
+        """New rollouts (fields validated), queued at the tail or already claimed."""
+        latest: Any = UNSET
+        units = []
+        for fields in items:
+            chosen = fields.get("rollout_id")
+            if chosen:  # caller-chosen and already stored (or earlier in the batch): as it is
+                known = tx.units.get(chosen) or next(iter(tx.load(_BY_ID + " FOR UPDATE",
+                                                                  (chosen,))), None)
+                if known is not None:
+                    units.append(known)
+                    continue
+            resources_id = fields["resources_id"]
+            if not resources_id:  # REF Q12: the latest resources at creation ("" too)
+                if latest is UNSET:
+                    row = tx.one("SELECT resources_id FROM mpstore_resources "
+                                 "ORDER BY updated DESC LIMIT 1")
+                    latest = None if row is None else row[0]
+                    self._fast.latest_resources = "" if row is None else row[0]
+                resources_id = latest
+            rollout = Rollout(chosen or new_rollout_id(), fields["input"], tx.now, None,
+                              fields["mode"],
+                              resources_id, _QUEUING, fields["config"],
+                              {} if fields["metadata"] is None else fields["metadata"])
+            unit = tx.add(Unit(rollout, [], False, new=True))
+            if status is _QUEUING:
+                unit.write_status(_QUEUING, tx.now)
+            else:
+                unit.new_attempt(None, tx.now)
+            units.append(unit)
+        return units
+
+    def start_rollout(self, input: Any, mode: str | None = None, resources_id: str | None = None,
+                      config: Any = None, metadata: dict[str, Any] | None = None,
+                      worker_id: str | None = None, *, rollout_id: str | None = None
+                      ) -> AttemptedRollout:
+        """Create a rollout already claimed: status preparing, attempt 1; not queued (E2).
+        With ``rollout_id`` (caller-chosen) already stored, that rollout is returned
+        unchanged with its latest attempt; InvalidArgument if it has none."""
+        fields = self._fields(input, mode, resources_id, config, metadata, rollout_id)
+        worker = v.optional_str(worker_id, "worker_id")
+
+        def run(tx: Tx) -> AttemptedRollout:
+            unit = self._create(tx, [fields], _PREPARING)[0]
+            if not unit.new:
+                attempt = unit.latest()
+                if attempt is None:
+                    raise InvalidArgument(
+                        f"Rollout {unit.rollout_id} exists and was never started; "
+                        f"start_attempt({unit.rollout_id!r}) starts it")
+                return AttemptedRollout.of(unit.rollout.snapshot(), attempt.snapshot())
+            attempt = unit.attempts[-1]
+            attempt.worker_id = worker
+            return AttemptedRollout.of(unit.rollout.snapshot(), attempt.snapshot())
+
+        return self._call(run)
+
+    def enqueue_rollout(self, input: Any, mode: str | None = None, resources_id: str | None = None,
+                        config: Any = None, metadata: dict[str, Any] | None = None, *,
+                        rollout_id: str | None = None) -> Rollout:
+        """Create a rollout at the queue's tail, status queuing, no attempt (E1). With
+        ``rollout_id`` (caller-chosen) already stored, that rollout is returned unchanged."""
+        fields = self._fields(input, mode, resources_id, config, metadata, rollout_id)
+        fast = None if fields["rollout_id"] else self._fast.enqueue(fields)
+        if fast is not None:
+            return fast
+        return self._call(lambda tx: self._create(tx, [fields], _QUEUING)[0].rollout.snapshot())
+
+    def enqueue_many_rollouts(self, requests: Sequence[dict[str, Any]]) -> list[Rollout]:
+        """Enqueue several rollouts in order, atomically (dicts of enqueue_rollout's args)."""
+        if isinstance(requests, (str, bytes, dict)) or not isinstance(requests, Sequence):
+            raise InvalidArgument("enqueue_many_rollouts takes a list of dicts")
+        items = [v.enqueue_request(r, i) for i, r in enumerate(requests)]
+        return self._call(
+            lambda tx: [u.rollout.snapshot() for u in self._create(tx, items, _QUEUING)])
+
+    def delete_rollouts(self, rollout_ids: Sequence[str]) -> int:
+        """Delete rollouts with their attempts, spans and counters, atomically; running ones
+        too (their later spans and updates get RolloutNotFound). Unknown ids are ignored;
+        returns how many were deleted. Frees their rows (spans are kept until deleted)."""
+        ids = v.string_list(rollout_ids, "rollout_ids")
+
+        def run(tx: Tx) -> int:
+            tx.wrote = True
+            tx.execute("DELETE FROM mpstore_spans WHERE rollout_id = ANY(%s)", (ids,))
+            tx.execute("DELETE FROM mpstore_counters WHERE rollout_id = ANY(%s)", (ids,))
+            deleted = tx.rows("DELETE FROM mpstore_rollouts WHERE rollout_id = ANY(%s) "
+                              "RETURNING rollout_id", (ids,))
+            for row in deleted:
+                tx.units.pop(row[0], None)
+                tx.rows_after[row[0]] = None
+            return len(deleted)
+
+        return self._call(run)
+
+    def finished_rollouts(self, after: int = 0, limit: int = 1000, *, wait: float = 0.0
+                          ) -> FinishedRollouts:
+        """The feed of finished rollouts: not built for the PostgreSQL backend yet (raises
+        InvalidArgument); ``wait_for_rollouts`` and ``query_rollouts(status=...)`` work."""
+        raise InvalidArgument("finished_rollouts (the feed) is not supported by the "
+                              "PostgreSQL backend yet; use wait_for_rollouts or "
+                              "query_rollouts(status=[...])")
+
+    # ----------------------------------------------------------------- claim
+    def dequeue_rollout(self, worker_id: str | None = None, *, wait: float = 0.0
+                        ) -> AttemptedRollout | None:
+        """Claim the rollout at the head of the queue (E3), or None when the queue stays
+        empty for ``wait`` seconds (D13)."""
+        claimed = self.dequeue_many_rollouts(1, worker_id, wait=wait)
+        return claimed[0] if claimed else None
+
+    def dequeue_many_rollouts(self, limit: int, worker_id: str | None = None, *,
+                              wait: float = 0.0) -> list[AttemptedRollout]:
+        """Claim up to ``limit`` rollouts from the head, in queue order, skipping rows other
+        claimers hold; with ``wait`` > 0, block until one is available or the time is up
+        (woken by NOTIFY from any server)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise InvalidArgument(f"limit must be an int >= 0, not {limit!r}")
+        worker = v.optional_str(worker_id, "worker_id")
+        wait = v.optional_float(wait, "wait") or 0.0
+
+        def claim(tx: Tx) -> list[AttemptedRollout]:
+            units = tx.load(f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE queue_pos IS NOT "
+                            "NULL ORDER BY queue_pos LIMIT %s FOR UPDATE SKIP LOCKED",
+                            (limit,)) if limit else []
+            return [_claim(u, worker, tx.now) for u in units[:limit]]
+
+        def attempt() -> list[AttemptedRollout]:
+            fast = self._fast.claim(limit, worker) if limit else []
+            return self._call(claim) if fast is None else fast
+
+        claimed = attempt()
+        if claimed or limit == 0 or wait <= 0:
+            return claimed
+        deadline = time.monotonic() + wait
+        with self._listener.queue_waiter() as waiter:
+            while True:
+                claimed = attempt()
+                if claimed or not waiter.wait(deadline):
+                    return claimed
+
+    def start_attempt(self, rollout_id: str, worker_id: str | None = None) -> AttemptedRollout:
+        """A new attempt from any status; the rollout becomes preparing and leaves the queue
+        (E4; max_attempts is not checked: this is the manual retry)."""
+        v.identifier(rollout_id, "rollout_id")
+        worker = v.optional_str(worker_id, "worker_id")
+
+        def run(tx: Tx) -> AttemptedRollout:
+            unit = self._rollout_unit(tx, rollout_id)
+            attempt = unit.new_attempt(worker, tx.now)
+            return AttemptedRollout.of(unit.rollout.snapshot(), attempt.snapshot())
+
+        return self._call(run)
+
+    # ----------------------------------------------------------------- read
+    def query_rollouts(self, *, status: Sequence[str] | None = None,
+                       rollout_ids: Sequence[str] | None = None) -> list[Rollout]:
+        """Rollouts in creation order, filtered by status and ids (AND); an empty list
+        matches nothing (D9)."""
+        statuses = None if status is None else [
+            v.rollout_status(s).value for s in v.sequence(status, "status")]
+        ids = None if rollout_ids is None else v.string_list(rollout_ids, "rollout_ids")
+        where, params = [], []
+        if statuses is not None:
+            where.append("status = ANY(%s)")
+            params.append(statuses)
+        if ids is not None:
+            where.append("rollout_id = ANY(%s)")
+            params.append(ids)
+        query = "SELECT record FROM mpstore_rollouts"
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += " ORDER BY created"
+        return self._call(lambda tx: [_loads(row[0])[0] for row in tx.rows(query, params)])
+
+    def get_rollout_by_id(self, rollout_id: str) -> Rollout | None:
+        v.identifier(rollout_id, "rollout_id")
+        return self._call(lambda tx: _first(tx, rollout_id, lambda u: u.rollout))
+
+    def query_attempts(self, rollout_id: str) -> list[Attempt]:
+        """The rollout's attempts by sequence_id; [] for an unknown rollout (REF Q11)."""
+        v.identifier(rollout_id, "rollout_id")
+        return self._call(lambda tx: _first(tx, rollout_id, lambda u: u.attempts) or [])
+
+    def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
+        v.identifier(rollout_id, "rollout_id")
+        return self._call(lambda tx: _first(tx, rollout_id, lambda u: u.latest()))
+
+    # ----------------------------------------------------------------- wait
+    def wait_for_rollouts(self, *, rollout_ids: Sequence[str], timeout: float | None = None
+                          ) -> list[Rollout]:
+        """The given rollouts that are finished, in input order (D11), once all known ones
+        are finished or ``timeout`` seconds passed (None: no limit; <= 0: a snapshot).
+        Unknown ids are omitted and not waited for; duplicates give duplicates."""
+        ids = v.string_list(rollout_ids, "rollout_ids")
+        timeout = v.optional_float(timeout, "timeout")
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def look(tx: Tx) -> tuple[bool, list[Rollout]]:
+            found = {}
+            for row in tx.rows("SELECT rollout_id, record FROM mpstore_rollouts "
+                               "WHERE rollout_id = ANY(%s)", (ids,)):
+                found[row[0]] = _loads(row[1])[0]
+            pending = any(r.status not in tr.TERMINAL for r in found.values())
+            return pending, [found[i] for i in ids
+                             if i in found and found[i].status in tr.TERMINAL]
+
+        pending, done = self._call(look)
+        if not pending or (timeout is not None and timeout <= 0):
+            return done
+        with self._listener.finish_waiter(ids) as waiter:
+            while True:
+                pending, done = self._call(look)
+                if not pending or not waiter.wait(deadline):
+                    return done
+
+    # ----------------------------------------------------------------- update
+    def update_rollout(self, rollout_id: str, input: Any = NOT_GIVEN, mode: Any = NOT_GIVEN,
+                       resources_id: Any = NOT_GIVEN, status: Any = NOT_GIVEN,
+                       config: Any = NOT_GIVEN, metadata: Any = NOT_GIVEN) -> Rollout:
+        """Replace the given fields (UNSET: keep). A status is written as given, with its side
+        effects (E5): queue membership, end_time for terminal statuses, waiters woken."""
+        v.identifier(rollout_id, "rollout_id")
+        changes: dict[str, Any] = {}
+        for name, value, check in (
+            ("input", input, lambda x: x),
+            ("mode", mode, v.mode),
+            ("resources_id", resources_id, lambda x: v.optional_str(x, "resources_id")),
+            ("status", status, v.rollout_status),
+            ("config", config, v.config),
+            ("metadata", metadata, v.metadata),
+        ):
+            if v.is_set(value):
+                changes[name] = check(value)
+
+        def apply(unit: Unit, now: float) -> Rollout:
+            unit.update_rollout(dict(changes), now)
+            return unit.rollout.snapshot()
+
+        fast = self._fast.write(rollout_id, apply)
+        if fast is not None:
+            return fast[0]
+        return self._call(lambda tx: apply(self._rollout_unit(tx, rollout_id), tx.now))
+
+    def update_attempt(self, rollout_id: str, attempt_id: str, status: Any = NOT_GIVEN,
+                       worker_id: Any = NOT_GIVEN, last_heartbeat_time: Any = NOT_GIVEN,
+                       metadata: Any = NOT_GIVEN) -> Attempt:
+        """Replace the given fields of an attempt (``"latest"`` allowed). Setting a status on
+        the latest attempt re-derives the rollout with P (E6), except a cancelled one (D2);
+        an update without status never does (D3)."""
+        v.identifier(rollout_id, "rollout_id")
+        v.identifier(attempt_id, "attempt_id")
+        changes: dict[str, Any] = {}
+        for name, value, check in (
+            ("status", status, v.attempt_status),
+            ("worker_id", worker_id, lambda x: v.optional_str(x, "worker_id")),
+            ("last_heartbeat_time", last_heartbeat_time,
+             lambda x: v.optional_float(x, "last_heartbeat_time")),
+            ("metadata", metadata, v.metadata),
+        ):
+            if v.is_set(value):
+                changes[name] = check(value)
+
+        def apply(unit: Unit, now: float) -> Attempt:
+            attempt = unit.attempt(attempt_id)
+            unit.update_attempt(attempt, changes, now)
+            return attempt.snapshot()
+
+        fast = self._fast.write(rollout_id, apply)
+        if fast is not None:
+            return fast[0]
+        return self._call(lambda tx: apply(self._rollout_unit(tx, rollout_id), tx.now))
+
+    # ----------------------------------------------------------------- spans
+    def get_next_span_sequence_id(self, rollout_id: str, attempt_id: str) -> int:
+        """The next number of the rollout's span counter (shared by its attempts; REF §3.5)."""
+        return self.get_many_span_sequence_ids([(rollout_id, attempt_id)])[0]
+
+    def get_many_span_sequence_ids(self, pairs: Sequence[tuple[str, str]]) -> list[int]:
+        """One sequence id per (rollout_id, attempt_id), allocated in order, atomically."""
+        checked = v.pairs(pairs)
+        if len(checked) == 1:  # one statement: atomic by itself
+            with self._fast.session() as db:
+                return [int(db.run(_NEXT_SEQUENCE, (checked[0][0], checked[0][0]))[0][0])]
+
+        def run(tx: Tx) -> list[int]:
+            cursors = [tx.execute(_NEXT_SEQUENCE, (rid, rid)) for rid, _ in checked]
+            return [int(c.fetchone()[0]) for c in cursors]
+
+        return self._call(run, watchdog=False)
+
+    def add_span(self, span: Span) -> Span:
+        """Store a span and count it as its attempt's heartbeat (E7, D4). Idempotent (D7): a
+        span already stored under the same (rollout, attempt, span_id) is returned unchanged
+        and nothing else happens. Raises RolloutNotFound / AttemptNotFound."""
+        checked = v.span(span)
+        record = _dumps(checked, 5)
+        fast = self._fast.add_span(checked, record)
+        if fast is not None:
+            return checked if fast else (self._stored_span(checked) or checked)
+
+        def run(tx: Tx) -> Any:
+            unit = self._rollout_unit(tx, checked.rollout_id)
+            unit.heartbeat(unit.span_attempt(checked.attempt_id), tx.now)
+            unit.dirty = tx.wrote = True
+            # One statement: the span, and the heartbeat only if the span is new (D7). A
+            # heartbeat never finishes nor queues a rollout: nothing to notify.
+            cursor = tx.execute(SPAN_AND_HEARTBEAT, (
+                checked.rollout_id, checked.attempt_id, checked.span_id, checked.sequence_id,
+                len(record), record, *unit_values(unit), encode_unit(unit),
+                checked.sequence_id, checked.rollout_id))
+            unit.dirty = False
+            tx.rows_after[unit.rollout_id] = None  # written or not: known only at the sync
+            return cursor
+
+        if self._call(run, watchdog=False).rowcount:  # known once the pipeline synced
+            return checked
+        return self._stored_span(checked) or checked
+
+    def _stored_span(self, span: Span) -> Span | None:
+        def run(tx: Tx) -> Span | None:
+            row = tx.one("SELECT record FROM mpstore_spans WHERE rollout_id = %s AND "
+                         "attempt_id = %s AND span_id = %s",
+                         (span.rollout_id, span.attempt_id, span.span_id))
+            return None if row is None else _loads(row[0])
+
+        return self._call(run, watchdog=False)
+
+    def add_many_spans(self, spans: Sequence[Span]) -> list[Span]:
+        """``add_span`` for each, atomically: every span is checked before any is stored."""
+        if isinstance(spans, (str, bytes, dict)) or not isinstance(spans, Sequence):
+            raise InvalidArgument("add_many_spans takes a list of spans")
+        given = [v.span(s) for s in spans]
+        if not given:
+            return []
+        records = [_dumps(s, 5) for s in given]
+        return self._call(lambda tx: _add_spans(tx, given, records), watchdog=False)
+
+    def query_spans(self, rollout_id: str, attempt_id: str | None = None) -> list[Span]:
+        """Spans by sequence_id, ties in arrival order (D6); ``attempt_id="latest"`` means the
+        latest attempt; [] for an unknown rollout. Spans are never evicted (retention)."""
+        v.identifier(rollout_id, "rollout_id")
+        v.optional_str(attempt_id, "attempt_id")
+
+        def run(tx: Tx) -> list[Span]:
+            wanted = attempt_id
+            if attempt_id == "latest":
+                latest = _first(tx, rollout_id, lambda u: u.latest())
+                if latest is None:
+                    return []
+                wanted = latest.attempt_id
+            query = "SELECT record FROM mpstore_spans WHERE rollout_id = %s"
+            params: list[Any] = [rollout_id]
+            if wanted is not None:
+                query += " AND attempt_id = %s"
+                params.append(wanted)
+            return [_loads(row[0]) for row in
+                    tx.rows(query + " ORDER BY sequence_id, arrival", params)]
+
+        return self._call(run)
+
+    # ----------------------------------------------------------------- resources
+    def add_resources(self, resources: dict[str, Any]) -> ResourcesUpdate:
+        """Store resources under a new ``rs-`` id; they become the latest."""
+        checked = v.resources(resources)
+        return self._call(lambda tx: _put_resources(tx, new_resources_id(), checked, False))
+
+    def update_resources(self, resources_id: str, resources: dict[str, Any]) -> ResourcesUpdate:
+        """Upsert resources under ``resources_id`` (version + 1); they become the latest."""
+        v.identifier(resources_id, "resources_id")
+        checked = v.resources(resources)
+        return self._call(lambda tx: _put_resources(tx, resources_id, checked, True))
+
+    def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate | None:
+        v.identifier(resources_id, "resources_id")
+        return self._call(lambda tx: _record(tx.one(
+            "SELECT record FROM mpstore_resources WHERE resources_id = %s", (resources_id,))))
+
+    def get_latest_resources(self) -> ResourcesUpdate | None:
+        return self._call(lambda tx: _record(tx.one(_LATEST_RESOURCES)))
+
+    # ----------------------------------------------------------------- ops
+    def ping(self) -> dict[str, Any]:
+        """Who answers: name, version, pid, the store clock's time, uptime, whether it takes
+        writes (always: a failed write is refused by the database, not the server), and the
+        backend. Does not touch the database."""
+        return {"name": "mpstore", "version": __version__, "pid": os.getpid(),
+                "time": self._clock(), "uptime": time.monotonic() - self._started,
+                "writable": True, "backend": "postgresql"}
+
+    def statistics(self) -> dict[str, Any]:
+        """Counts (by counting rows: costs grow with the tables), rollouts per status."""
+        def run(tx: Tx) -> dict[str, Any]:
+            by_status = {s.value: 0 for s in RolloutStatus}
+            attempts = 0
+            for status, count, tries in tx.rows(
+                    "SELECT status, count(*), sum(attempts) FROM mpstore_rollouts "
+                    "GROUP BY status"):
+                by_status[status] = int(count)
+                attempts += int(tries)
+            queued = tx.one("SELECT count(*) FROM mpstore_rollouts WHERE queue_pos IS NOT NULL")
+            spans = tx.one("SELECT count(*), coalesce(sum(size), 0) FROM mpstore_spans")
+            resources = tx.one("SELECT count(*) FROM mpstore_resources")
+            return {
+                "total_rollouts": sum(by_status.values()), "total_attempts": attempts,
+                "total_spans": int(spans[0]), "total_resources": int(resources[0]),
+                "queue_length": int(queued[0]), "span_bytes": int(spans[1]),
+                "rollouts_by_status": by_status, "evicted_rollouts": 0,
+                "backend": "postgresql", "watchdog_leader": self._lead_conn is not None,
+            }
+
+        stats = self._call(run)
+        stats["uptime"] = time.monotonic() - self._started
+        return stats
+
+    def run_watchdog(self) -> int:
+        """One watchdog pass now, if this store leads (holds the watchdog's advisory lock;
+        else 0: another store's passes cover the database); returns how many were due."""
+        if not self._lead():
+            return 0
+        return self._call(lambda tx: tx.watchdog())
+
+    def _run_watchdog_quietly(self) -> None:
+        try:
+            self.run_watchdog()
+        except StorageError:
+            pass
+
+    def _lead(self) -> bool:
+        """True while this store holds the watchdog lock (tried again on every pass, on a
+        connection of its own, so it is released when this process dies)."""
+        with self._lead_lock:
+            conn = self._lead_conn
+            if conn is not None:
+                try:  # still connected, so still holding the lock (one cheap round trip)
+                    conn.execute("SELECT 1")
+                    return True
+                except self._psycopg.Error:
+                    conn.close()
+            try:
+                conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+                if conn.execute("SELECT pg_try_advisory_lock(%s)", (WATCHDOG_LOCK,)
+                                ).fetchone()[0]:
+                    self._lead_conn = conn
+                    return True
+                conn.close()
+            except self._psycopg.Error:
+                pass
+            self._lead_conn = None
+            return False
+
+    def once(self, request: Any, method: Callable[..., T]) -> Callable[..., T]:
+        """``method`` as a call answered at most once per request id ``(client id, int)``,
+        for a server (see :mod:`mpstore.replies`). The answers are kept in this process,
+        not in the database: a request resent to the same server is answered with its first
+        result; one resent to another server after a failover is applied there again
+        (request ids in the database are not built yet). Not served remotely."""
+        if not (isinstance(request, tuple) and len(request) == 2 and isinstance(request[0], str)
+                and type(request[1]) is int):
+            raise InvalidArgument(f"a request id is (client id, int), not {request!r}")
+        client, seq = request
+
+        def call(*args: Any, **kwargs: Any) -> T:
+            with self._replies_lock:
+                try:
+                    found, result = self._replies.lookup(client, seq)
+                except LookupError:
+                    raise StoreUnavailable(
+                        f"request {seq} of client {client} was sent again after its reply was "
+                        "forgotten; it may have been applied") from None
+            if found:
+                return result  # type: ignore[no-any-return]
+            result = method(*args, **kwargs)
+            with self._replies_lock:
+                self._replies.remember(client, seq, result, time.monotonic())
+            return result
+
+        return call
+
+    def close(self) -> None:
+        """Close the connections (and give up the watchdog's lead); idempotent. Not served
+        remotely."""
+        self._listener.close()
+        with self._lead_lock:
+            if self._lead_conn is not None:
+                self._lead_conn.close()
+                self._lead_conn = None
+        self._pool.close()
+
+
+_NEXT_SEQUENCE = (
+    "WITH r AS (UPDATE mpstore_rollouts SET span_counter = span_counter + 1 "
+    "WHERE rollout_id = %s RETURNING span_counter), "
+    "o AS (INSERT INTO mpstore_counters SELECT %s, 1 WHERE NOT EXISTS (SELECT 1 FROM r) "
+    "ON CONFLICT (rollout_id) DO UPDATE SET value = mpstore_counters.value + 1 "
+    "RETURNING value) "
+    "SELECT span_counter FROM r UNION ALL SELECT value FROM o")
+
+
+def _claim(unit: Unit, worker: str | None, now: float) -> AttemptedRollout:
+    attempt = unit.new_attempt(worker, now)
+    return AttemptedRollout.of(unit.rollout.snapshot(), attempt.snapshot())
+
+
+def _first(tx: Tx, rollout_id: str, pick: Callable[[Unit], Any]) -> Any:
+    units = tx.load(_BY_ID, (rollout_id,))
+    return pick(units[0]) if units else None
+
+
+def _record(row: Any) -> Any:
+    return None if row is None else _loads(row[0])
+
+
+def _put_resources(tx: Tx, resources_id: str, resources: dict[str, Any], upsert: bool
+                   ) -> ResourcesUpdate:
+    old = _record(tx.one("SELECT record FROM mpstore_resources WHERE resources_id = %s "
+                         "FOR UPDATE", (resources_id,))) if upsert else None
+    if old is None:
+        update = ResourcesUpdate(resources_id, resources, tx.now, tx.now, 1)
+    else:
+        update = ResourcesUpdate(resources_id, resources, old.create_time, tx.now,
+                                 old.version + 1)
+    tx.wrote = True
+    tx.execute("INSERT INTO mpstore_resources (resources_id, record) VALUES (%s, %s) "
+               "ON CONFLICT (resources_id) DO UPDATE SET record = EXCLUDED.record, "
+               "updated = nextval('mpstore_resources_updated_seq')",
+               (resources_id, _dumps(update, 5)))
+    return update
+
+
+def _add_spans(tx: Tx, spans: list[Span], records: list[bytes]) -> list[Span]:
+    """Check every span, store the new ones (one statement), then their heartbeats."""
+    ids = sorted({s.rollout_id for s in spans})  # locked in one order: no deadlock between
+    units = {u.rollout_id: u for u in tx.load(
+        f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE rollout_id = ANY(%s) "
+        "ORDER BY rollout_id FOR UPDATE", (ids,))}
+    attempts = []
+    for span in spans:
+        unit = units.get(span.rollout_id)
+        if unit is None:
+            raise RolloutNotFound(span.rollout_id)
+        attempts.append(unit.span_attempt(span.attempt_id))
+    tx.wrote = True
+    inserted = {(r[0], r[1], r[2]) for r in tx.rows(
+        "INSERT INTO mpstore_spans (rollout_id, attempt_id, span_id, sequence_id, size, record) "
+        "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::int[], "
+        "%s::bytea[]) ON CONFLICT DO NOTHING RETURNING rollout_id, attempt_id, span_id",
+        ([s.rollout_id for s in spans], [s.attempt_id for s in spans],
+         [s.span_id for s in spans], [s.sequence_id for s in spans],
+         [len(r) for r in records], records))}
+    out: list[Span] = []
+    highest: dict[str, int] = {}
+    missing = []
+    for span, attempt in zip(spans, attempts, strict=True):
+        key = (span.rollout_id, span.attempt_id, span.span_id)
+        if key in inserted:
+            inserted.discard(key)  # a second copy in the same batch is a duplicate
+            units[span.rollout_id].heartbeat(attempt, tx.now)
+            highest[span.rollout_id] = max(highest.get(span.rollout_id, 0), span.sequence_id)
+            out.append(span)
+        else:
+            missing.append(len(out))
+            out.append(span)
+    if highest:
+        tx.execute("UPDATE mpstore_rollouts AS r SET span_counter = GREATEST(r.span_counter, "
+                   "h.seq) FROM unnest(%s::text[], %s::bigint[]) AS h(rid, seq) "
+                   "WHERE r.rollout_id = h.rid", (list(highest), list(highest.values())))
+    if missing:
+        stored = {}
+        for row in tx.rows(
+                "SELECT rollout_id, attempt_id, span_id, record FROM mpstore_spans WHERE "
+                "(rollout_id, attempt_id, span_id) IN (SELECT * FROM unnest(%s::text[], "
+                "%s::text[], %s::text[]))",
+                ([out[i].rollout_id for i in missing], [out[i].attempt_id for i in missing],
+                 [out[i].span_id for i in missing])):
+            stored[(row[0], row[1], row[2])] = _loads(row[3])
+        for i in missing:
+            s = out[i]
+            out[i] = stored.get((s.rollout_id, s.attempt_id, s.span_id), s)
+    return out
+
+
+def _is_pool_timeout(exc: Exception) -> bool:
+    return type(exc).__name__ == "PoolTimeout"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _safe(url: str) -> str:
+    """The URL without a password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}@{host}"
+    return url

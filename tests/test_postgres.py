@@ -1,0 +1,227 @@
+"""The PostgreSQL backend beyond the contract suite: several stores (servers) on one
+database, the schema's version checks, failures in the database, client failover.
+
+Each test has a database of its own (the shared one has servers running on it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mpstore import RolloutNotFound, Span, StorageError, connect
+from mpstore.manager.ports import free_port
+from mpstore.testing import write_key_file
+from tests import pg
+from tests.remote import running_server
+
+
+@pytest.fixture
+def url(postgres_server: str, postgres_shared: str) -> Iterator[str]:
+    with pg.fresh_database(postgres_server) as own:
+        yield own
+
+
+@pytest.fixture
+def two(url: str) -> Iterator[list[Any]]:
+    from mpstore.postgres import PostgresStore
+
+    stores = [PostgresStore(url) for _ in range(2)]
+    try:
+        yield stores
+    finally:
+        for store in stores:
+            store.close()
+
+
+def _sql(url: str, *statements: str) -> list[Any]:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows: list[Any] = []
+        for statement in statements:
+            cursor = conn.execute(statement)
+            rows = cursor.fetchall() if cursor.description else []
+        return rows
+
+
+# ------------------------------------------------------------------ several stores
+def test_a_write_on_one_store_is_read_on_the_other(two: list[Any]) -> None:
+    a, b = two
+    rollout = a.enqueue_rollout({"q": 1})
+    claimed = b.dequeue_rollout(worker_id="w")
+    assert claimed is not None and claimed.rollout_id == rollout.rollout_id
+    assert a.dequeue_rollout() is None  # claimed once, whichever store asks
+    assert a.get_rollout_by_id(rollout.rollout_id).status == "preparing"
+    assert [b.get_next_span_sequence_id(rollout.rollout_id, "x") for _ in range(2)] == [1, 2]
+    assert a.get_next_span_sequence_id(rollout.rollout_id, "x") == 3
+
+
+def test_a_claim_waiting_on_one_store_is_woken_by_an_enqueue_on_the_other(
+        two: list[Any]) -> None:
+    a, b = two
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(b.dequeue_rollout(wait=30.0)))
+    waiter.start()
+    while not b._listener._claimers:  # the waiter is registered (before it looks)
+        threading.Event().wait(0.01)
+    rollout = a.enqueue_rollout("x")
+    waiter.join(30.0)
+    assert not waiter.is_alive() and got[0].rollout_id == rollout.rollout_id
+
+
+def test_a_wait_on_one_store_is_woken_by_a_finish_on_the_other(two: list[Any]) -> None:
+    a, b = two
+    started = a.start_rollout("x")
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(
+        b.wait_for_rollouts(rollout_ids=[started.rollout_id], timeout=30.0)))
+    waiter.start()
+    while started.rollout_id not in b._listener._finishers:
+        threading.Event().wait(0.01)
+    a.update_attempt(started.rollout_id, "latest", status="succeeded")
+    waiter.join(30.0)
+    assert not waiter.is_alive()
+    assert [r.status for r in got[0]] == ["succeeded"]
+
+
+def test_the_watchdog_runs_on_one_store_at_a_time_and_is_taken_over(url: str) -> None:
+    from mpstore.postgres import PostgresStore
+
+    a, b = PostgresStore(url), PostgresStore(url)
+    try:
+        a.enqueue_rollout("x", config={"timeout_seconds": -1.0})
+        claimed = a.dequeue_rollout()
+        assert claimed is not None
+        # The next call on any store would see the timeout; only the leader's pass runs it.
+        first = a.run_watchdog(), b.run_watchdog()
+        assert first == (1, 0)
+        assert a.statistics()["watchdog_leader"] and not b.statistics()["watchdog_leader"]
+        a.close()  # the leader goes (as when its server dies: its connection closes)
+        b.enqueue_rollout("y", config={"timeout_seconds": -1.0})
+        assert b.dequeue_rollout() is not None
+        assert b.run_watchdog() == 1
+        assert b.statistics()["watchdog_leader"]
+    finally:
+        for store in (a, b):
+            store.close()
+
+
+# ------------------------------------------------------------------ failures
+def test_a_failing_statement_leaves_nothing_half_written(url: str, two: list[Any]) -> None:
+    store = two[0]
+    _sql(url, "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+              "IF NEW.span_id = 'boom' THEN RAISE EXCEPTION 'no boom'; END IF; "
+              "RETURN NEW; END $$",
+         "CREATE TRIGGER boom BEFORE INSERT ON mpstore_spans FOR EACH ROW "
+         "EXECUTE FUNCTION boom()")
+    claimed = store.start_rollout("x")
+    rid, aid = claimed.rollout_id, claimed.attempt.attempt_id
+    before = (store.query_attempts(rid), store.get_rollout_by_id(rid), store.statistics())
+    with pytest.raises(StorageError, match="no boom"):
+        store.add_many_spans([Span(rid, aid, 1, "ok"), Span(rid, aid, 2, "b", span_id="boom")])
+    with pytest.raises(StorageError, match="no boom"):
+        store.add_span(Span(rid, aid, 3, "b", span_id="boom"))
+    after = (store.query_attempts(rid), store.get_rollout_by_id(rid), store.statistics())
+    assert store.query_spans(rid) == []
+    assert after[0] == before[0] and after[1] == before[1]  # no heartbeat, no revival
+    assert after[2]["total_spans"] == 0
+    store.add_span(Span(rid, aid, 4, "fine"))  # and the store goes on
+    assert [s.name for s in store.query_spans(rid)] == ["fine"]
+
+
+def test_a_refused_batch_of_rollouts_writes_none(url: str, two: list[Any]) -> None:
+    store = two[0]
+    _sql(url, "CREATE FUNCTION third() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+              "IF (SELECT count(*) FROM mpstore_rollouts) >= 2 THEN "
+              "RAISE EXCEPTION 'table full'; END IF; RETURN NEW; END $$",
+         "CREATE TRIGGER third BEFORE INSERT ON mpstore_rollouts FOR EACH ROW "
+         "EXECUTE FUNCTION third()")
+    with pytest.raises(StorageError, match="table full"):
+        store.enqueue_many_rollouts([{"input": i} for i in range(3)])
+    assert store.query_rollouts() == [] and store.statistics()["queue_length"] == 0
+    with pytest.raises(RolloutNotFound):
+        store.update_rollout("ro-nope", status="failed")
+
+
+def test_a_newer_or_foreign_schema_is_refused(url: str, postgres_server: str,
+                                              tmp_path: Path) -> None:
+    from mpstore.postgres import SCHEMA_VERSION, PostgresStore
+
+    _sql(url, f"UPDATE mpstore_schema SET version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StorageError, match="newer"):
+        PostgresStore(url)
+    with pg.fresh_database(postgres_server) as other:
+        _sql(other, "DELETE FROM mpstore_schema")
+        with pytest.raises(StorageError, match="not an mpstore database"):
+            PostgresStore(other)
+    result = subprocess.run(
+        [sys.executable, "-m", "mpstore", "store", "--port", str(free_port()), "--authkey-file",
+         str(tmp_path / "key"), "--backend", url], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "newer" in result.stderr
+
+
+def test_an_empty_database_gets_the_schema(postgres_server: str) -> None:
+    import psycopg
+
+    from mpstore.postgres import SCHEMA_VERSION, PostgresStore
+
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS mpstore_empty WITH (FORCE)")
+        conn.execute("CREATE DATABASE mpstore_empty")
+    url = pg.with_database(postgres_server, "mpstore_empty")
+    store = PostgresStore(url)
+    try:
+        assert store.schema == "created"
+        assert _sql(url, "SELECT version FROM mpstore_schema") == [(SCHEMA_VERSION,)]
+    finally:
+        store.close()
+    again = PostgresStore(url)
+    assert again.schema == "current"
+    again.close()
+
+
+# ------------------------------------------------------------------ failover
+def test_a_client_of_two_servers_moves_on_when_one_dies(url: str, tmp_path: Path) -> None:
+    for name in ("a", "b"):  # one key for both: a client of several servers has one
+        (tmp_path / name).mkdir()
+    write_key_file(tmp_path / "a" / "authkey")
+    shutil.copy(tmp_path / "a" / "authkey", tmp_path / "b" / "authkey")
+    with running_server(tmp_path / "a", "--backend", url) as a, \
+            running_server(tmp_path / "b", "--backend", url) as b:
+        client = connect(f"{a.address},{b.address}", a.authkey, retry_for=10.0)
+        try:
+            rollout = client.enqueue_rollout("x")
+            assert client.ping()["pid"] == a.pid  # in order: the first one first
+            a.kill()
+            # A read is retried on the next server; a write on a fresh connection is sent.
+            assert client.get_rollout_by_id(rollout.rollout_id) == rollout
+            assert client.ping()["pid"] == b.pid
+            assert client.dequeue_rollout().rollout_id == rollout.rollout_id
+        finally:
+            client.close()
+
+
+def test_the_same_methods_with_the_same_signatures() -> None:
+    import inspect
+
+    from mpstore import InMemoryStore
+    from mpstore.api import CALLS
+    from mpstore.postgres import PostgresStore
+
+    def public(cls: type) -> dict[str, str]:
+        return {name: str(inspect.signature(getattr(cls, name))) for name in dir(cls)
+                if not name.startswith("_") and callable(getattr(cls, name))}
+
+    memory, postgres = public(InMemoryStore), public(PostgresStore)
+    memory.pop("deferred_commits")  # a durable in-memory store's batching: not served
+    assert postgres == memory
+    assert {name for name, call in CALLS.items() if call.served} <= set(postgres)
