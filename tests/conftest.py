@@ -105,8 +105,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
         with remote.fresh_remote_store(tmp_path, tls=tls) as client:
             yield client
         return
-    if _calls(request.function, "finished_rollouts"):
-        pytest.skip("the feed (finished_rollouts) is not built for the PostgreSQL backend yet")
     url = request.getfixturevalue("postgres_url")
     if request.param == "postgres":
         from mpstore.postgres import PostgresStore

@@ -86,8 +86,9 @@ def reset(url: str) -> None:
     """Empty every mpstore table of the database at ``url`` (a new test's store)."""
     with _admin(url) as conn:
         conn.execute("TRUNCATE mpstore_rollouts, mpstore_spans, mpstore_counters, "
-                     "mpstore_resources RESTART IDENTITY")
+                     "mpstore_resources, mpstore_workers RESTART IDENTITY")
         conn.execute("ALTER SEQUENCE mpstore_queue_pos RESTART")
+        conn.execute("ALTER SEQUENCE mpstore_finish_seq RESTART")
 
 
 @contextlib.contextmanager

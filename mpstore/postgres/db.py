@@ -18,6 +18,8 @@ import pickle
 from collections.abc import Sequence
 from typing import Any
 
+from . import worker_rows
+from .schema import FEED_LOCK
 from .unit import Unit
 
 __all__ = ["COLUMNS", "Tx", "decode_unit", "encode_unit"]
@@ -31,9 +33,15 @@ DUE = (f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE check_at <= %s "
 INSERT = ("INSERT INTO mpstore_rollouts (rollout_id, status, queue_pos, check_at, attempts, "
           "record) VALUES (%s, %s, CASE WHEN %s THEN nextval('mpstore_queue_pos') END, %s, "
           "%s, %s)")
+#: The feed's number (``finished``): a new one when the write finishes the rollout, the one
+#: it has while it stays terminal, none once reopened (see schema.FEED_LOCK).
+FEED_NUMBER = ("finished = CASE WHEN %s THEN nextval('mpstore_finish_seq') WHEN %s THEN "
+               "finished END")
 UPDATE = ("UPDATE mpstore_rollouts SET status = %s, queue_pos = CASE WHEN %s THEN "
           "nextval('mpstore_queue_pos') WHEN %s THEN queue_pos END, check_at = %s, "
-          "attempts = %s, record = %s, version = version + 1 WHERE rollout_id = %s")
+          f"attempts = %s, record = %s, version = version + 1, {FEED_NUMBER} "
+          "WHERE rollout_id = %s")
+FEED_LOCK_SQL = f"SELECT pg_advisory_xact_lock({FEED_LOCK})"
 #: A new span and its heartbeat in one statement: the rollout row is rewritten only if the
 #: span was not already stored (D7: a duplicate has no effect at all).
 SPAN_AND_HEARTBEAT = (
@@ -41,7 +49,8 @@ SPAN_AND_HEARTBEAT = (
     "size, record) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1) "
     "UPDATE mpstore_rollouts SET status = %s, queue_pos = CASE WHEN %s THEN "
     "nextval('mpstore_queue_pos') WHEN %s THEN queue_pos END, check_at = %s, attempts = %s, "
-    "record = %s, span_counter = GREATEST(span_counter, %s), version = version + 1 "
+    "record = %s, span_counter = GREATEST(span_counter, %s), version = version + 1, "
+    "finished = CASE WHEN %s THEN finished END "
     "WHERE rollout_id = %s AND EXISTS (SELECT 1 FROM new)")
 NOTIFY_FINISHED = "SELECT pg_notify('mpstore_finished', rid) FROM unnest(%s::text[]) AS rid"
 NOTIFY_QUEUED = "SELECT pg_notify('mpstore_queued', %s)"
@@ -74,6 +83,8 @@ class Tx:
         #: rows as they are once this transaction commits: id -> (version, record, queued),
         #: or None where that is not known
         self.rows_after: dict[str, tuple[int, bytes, bool] | None] = {}
+        #: changes of worker records, beside those of the units (see .worker_rows)
+        self.worker_changes: list[tuple[str, worker_rows.Change]] = []
         self._due_cursor = conn.execute(DUE, (now,), binary=True) if watchdog else None
 
     def execute(self, query: str, params: Any = None) -> Any:
@@ -140,19 +151,30 @@ class Tx:
                 inserts.append((unit.rollout_id, values[0], values[2], values[3], values[4],
                                 record))
             else:
-                updates.append((*values, record, unit.rollout_id))
+                updates.append((*values, record, unit.finished, unit.terminal,
+                                unit.rollout_id))
                 unit.version += 1
             self.rows_after[unit.rollout_id] = (unit.version, record, unit.queued)
             finished += [unit.rollout_id] if unit.finished else []
             appended += unit.appended
+            self.worker_changes += [(a.worker_id or "", worker_rows.attempt_change(a, d))
+                                    for a, d in unit.worker_events]
+            unit.worker_events = []
             unit.dirty = unit.new = unit.appended = unit.finished = False
         self.notify(finished, appended)
+        if finished:
+            self.conn.execute(FEED_LOCK_SQL)
         if inserts:
             self.wrote = True
             self.conn.cursor().executemany(INSERT, inserts)
         if updates:
             self.wrote = True
             self.conn.cursor().executemany(UPDATE, updates)
+        if self.worker_changes:
+            self.wrote = True
+            changes, self.worker_changes = self.worker_changes, []
+            worker_rows.apply(self.conn, [wid for wid, _ in changes],
+                              [change for _, change in changes], self.now)
 
     def notify(self, finished: list[str], appended: int) -> None:
         """Waiters on every server are told at commit (NOTIFY is transactional)."""

@@ -39,7 +39,8 @@ _HEAD = (f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE queue_pos IS NOT NULL "
          "ORDER BY queue_pos LIMIT %s FOR UPDATE SKIP LOCKED")
 _UPDATE = ("UPDATE mpstore_rollouts SET status = %s, queue_pos = CASE WHEN %s THEN "
            "nextval('mpstore_queue_pos') WHEN %s THEN queue_pos END, check_at = %s, "
-           "attempts = %s, record = %s, version = version + 1 WHERE rollout_id = %s")
+           "attempts = %s, record = %s, version = version + 1, finished = NULL "
+           "WHERE rollout_id = %s")
 _STALE = "MPST1"
 
 
@@ -82,6 +83,8 @@ class FastPaths:
             result = apply(unit, now)
         except StoreError:
             return None  # the cached row may be what is out of date: the full path decides
+        if unit.worker_events:
+            return None  # a worker's record changes too: the full path writes both
         record = encode_unit(unit)
         with self.session() as db:
             done = db.run(_WRITE, (rollout_id, unit.version, now, *unit_values(unit), record,
@@ -119,7 +122,10 @@ class FastPaths:
 
     # ----------------------------------------------------------------- claims
     def claim(self, limit: int, worker: str | None) -> list[AttemptedRollout] | None:
-        """Claim up to ``limit`` from the head; None if a rollout is due for the watchdog."""
+        """Claim up to ``limit`` from the head; None if a rollout is due for the watchdog, or
+        for a claim by a worker (its record changes too: the full path writes both)."""
+        if worker is not None:
+            return None
         written = []
         with self.session() as db:
             db.script("BEGIN")

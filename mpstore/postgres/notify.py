@@ -6,7 +6,8 @@ and ``mpstore_finished`` (payload: a rollout id written terminal). The :class:`L
 thread waits on its connection's socket and sets the events of the waiters concerned:
 
 * a claim waiter (``dequeue_rollout(wait=...)``) is woken by "queued", as many as entered;
-* a finish waiter (``wait_for_rollouts``) by the finish of one of its ids only.
+* a finish waiter (``wait_for_rollouts``) by the finish of one of its ids only;
+* a feed waiter (``finished_rollouts(wait=...)``) by any finish.
 
 A waiter registers *before* it looks at the database, so a notification that arrives
 between its look and its sleep is not lost. While anyone waits, a ticker runs the store's
@@ -62,6 +63,7 @@ class Listener:
         self._lock = threading.Lock()
         self._claimers: dict[Waiter, None] = {}  # in arrival order
         self._finishers: dict[str, set[Waiter]] = {}
+        self._feed: set[Waiter] = set()
         self._waiting = 0
         self._thread: threading.Thread | None = None
         self._ticking = False
@@ -80,6 +82,19 @@ class Listener:
         finally:
             with self._lock:
                 self._claimers.pop(waiter, None)
+                self._waiting -= 1
+
+    @contextlib.contextmanager
+    def feed_waiter(self) -> Iterator[Waiter]:
+        waiter = Waiter()
+        with self._lock:
+            self._feed.add(waiter)
+        try:
+            self._started()
+            yield waiter
+        finally:
+            with self._lock:
+                self._feed.discard(waiter)
                 self._waiting -= 1
 
     @contextlib.contextmanager
@@ -183,6 +198,8 @@ class Listener:
             if channel == "mpstore_finished":
                 for waiter in self._finishers.get(payload, ()):
                     waiter.event.set()
+                for waiter in self._feed:
+                    waiter.event.set()
                 return
             count = int(payload) if payload.isdigit() else len(self._claimers)
             for waiter in list(self._claimers)[:count]:
@@ -190,7 +207,7 @@ class Listener:
 
     def _wake_all(self) -> None:
         with self._lock:
-            for waiter in self._claimers:
+            for waiter in (*self._claimers, *self._feed):
                 waiter.event.set()
             for waiters in self._finishers.values():
                 for waiter in waiters:

@@ -44,7 +44,12 @@ SCHEMA_VERSION = 1
 #: Taken (transaction-scoped) while the schema is checked or created: "mpst" in ASCII.
 SCHEMA_LOCK = 0x6D707374
 TABLES = ("mpstore_counters", "mpstore_resources", "mpstore_rollouts", "mpstore_schema",
-          "mpstore_spans")
+          "mpstore_spans", "mpstore_workers")
+#: Taken (transaction-scoped) by every transaction that finishes a rollout, just before it
+#: takes the feed's next number: finishes commit in the order of their numbers, so a reader
+#: of the feed never sees number n+1 before n ("mpsf").
+FEED_LOCK = 0x6D707366
+
 
 _CREATE = """
 CREATE TABLE mpstore_schema (name text PRIMARY KEY, version integer NOT NULL);
@@ -57,8 +62,12 @@ CREATE TABLE mpstore_rollouts (
     attempts integer NOT NULL,
     span_counter bigint NOT NULL DEFAULT 0,
     version bigint NOT NULL DEFAULT 0,
+    finished bigint,
     record bytea NOT NULL
 );
+CREATE UNIQUE INDEX mpstore_rollouts_finished ON mpstore_rollouts (finished)
+    WHERE finished IS NOT NULL;
+CREATE SEQUENCE mpstore_finish_seq;
 CREATE UNIQUE INDEX mpstore_rollouts_created ON mpstore_rollouts (created);
 CREATE INDEX mpstore_rollouts_status ON mpstore_rollouts (status, created);
 CREATE INDEX mpstore_rollouts_queue ON mpstore_rollouts (queue_pos)
@@ -81,9 +90,17 @@ CREATE TABLE mpstore_counters (rollout_id text PRIMARY KEY, value bigint NOT NUL
 CREATE TABLE mpstore_resources (
     resources_id text PRIMARY KEY,
     updated bigserial NOT NULL,
+    added bigserial NOT NULL,
     record bytea NOT NULL
 );
 CREATE INDEX mpstore_resources_updated ON mpstore_resources (updated);
+CREATE UNIQUE INDEX mpstore_resources_added ON mpstore_resources (added);
+CREATE TABLE mpstore_workers (
+    worker_id text PRIMARY KEY,
+    added bigserial NOT NULL,
+    record bytea NOT NULL
+);
+CREATE UNIQUE INDEX mpstore_workers_added ON mpstore_workers (added);
 CREATE FUNCTION mpstore_add_span(p_rid text, p_aid text, p_sid text, p_seq bigint,
         p_size integer, p_span bytea, p_version bigint, p_status text, p_appended boolean,
         p_queued boolean, p_check double precision, p_attempts integer, p_record bytea)
@@ -97,7 +114,8 @@ BEGIN
     UPDATE mpstore_rollouts SET status = p_status, queue_pos = CASE WHEN p_appended
             THEN nextval('mpstore_queue_pos') WHEN p_queued THEN queue_pos END,
         check_at = p_check, attempts = p_attempts, record = p_record,
-        span_counter = GREATEST(span_counter, p_seq), version = version + 1
+        span_counter = GREATEST(span_counter, p_seq), version = version + 1,
+        finished = CASE WHEN p_status IN ('failed', 'succeeded', 'cancelled') THEN finished END
         WHERE rollout_id = p_rid AND version = p_version;
     IF NOT FOUND THEN  -- written meanwhile: undo the span too, the caller reads afresh
         RAISE EXCEPTION 'stale' USING ERRCODE = 'MPST1';
@@ -129,9 +147,14 @@ BEGIN
     IF EXISTS (SELECT 1 FROM mpstore_rollouts WHERE check_at <= p_now) THEN
         RETURN -1;  -- the watchdog has work to do first: the caller takes the full path
     END IF;
+    IF p_finished THEN  -- finishes commit in the order of their feed numbers
+        PERFORM pg_advisory_xact_lock(1836086118);
+    END IF;
     UPDATE mpstore_rollouts SET status = p_status, queue_pos = CASE WHEN p_appended
             THEN nextval('mpstore_queue_pos') WHEN p_queued THEN queue_pos END,
-        check_at = p_check, attempts = p_attempts, record = p_record, version = version + 1
+        check_at = p_check, attempts = p_attempts, record = p_record, version = version + 1,
+        finished = CASE WHEN p_finished THEN nextval('mpstore_finish_seq')
+            WHEN p_status IN ('failed', 'succeeded', 'cancelled') THEN finished END
         WHERE rollout_id = p_rid AND version = p_version;
     IF NOT FOUND THEN
         RETURN -1;  -- written meanwhile

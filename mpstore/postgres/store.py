@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from .. import transitions as tr
 from .. import validate as v
+from .. import workers as wk
 from .._version import __version__
 from ..errors import InvalidArgument, RolloutNotFound, StorageError, StoreUnavailable
 from ..replies import ReplyMemory
@@ -35,19 +36,21 @@ from ..types import (
     UNSET,
     Attempt,
     AttemptedRollout,
-    FinishedRollouts,
     ResourcesUpdate,
     Rollout,
     RolloutStatus,
-    Span,
+    Worker,
     new_resources_id,
     new_rollout_id,
 )
+from . import worker_rows
 from .cache import RowCache
-from .db import COLUMNS, SPAN_AND_HEARTBEAT, Tx, encode_unit, unit_values
+from .db import COLUMNS, Tx
 from .fast import FastPaths
 from .notify import Listener
+from .reads import Reads
 from .schema import prepare
+from .spans import Spans
 from .unit import Unit
 
 __all__ = ["PostgresStore"]
@@ -63,7 +66,7 @@ _LATEST_RESOURCES = "SELECT record FROM mpstore_resources ORDER BY updated DESC 
 _RETRIES = 5
 
 
-class PostgresStore:
+class PostgresStore(Reads, Spans):
     """The store on a PostgreSQL database (``postgresql://USER@HOST:PORT/DB``).
 
     ``clock`` is the store's notion of now (servers sharing a database must agree on it:
@@ -165,8 +168,8 @@ class PostgresStore:
                 "config": v.config(config), "metadata": v.metadata(metadata),
                 "rollout_id": v.chosen_id(rollout_id)}
 
-    def _create(self, tx: Tx, items: list[dict[str, Any]], status: RolloutStatus
-                ) -> list[Unit]:
+    def _create(self, tx: Tx, items: list[dict[str, Any]], status: RolloutStatus,
+                worker: str | None = None) -> list[Unit]:
         """New rollouts (fields validated), queued at the tail or already claimed."""
         latest: Any = UNSET
         units = []
@@ -194,7 +197,7 @@ class PostgresStore:
             if status is _QUEUING:
                 unit.write_status(_QUEUING, tx.now)
             else:
-                unit.new_attempt(None, tx.now)
+                unit.new_attempt(worker, tx.now)
             units.append(unit)
         return units
 
@@ -209,7 +212,7 @@ class PostgresStore:
         worker = v.optional_str(worker_id, "worker_id")
 
         def run(tx: Tx) -> AttemptedRollout:
-            unit = self._create(tx, [fields], _PREPARING)[0]
+            unit = self._create(tx, [fields], _PREPARING, worker)[0]
             if not unit.new:
                 attempt = unit.latest()
                 if attempt is None:
@@ -218,7 +221,6 @@ class PostgresStore:
                         f"start_attempt({unit.rollout_id!r}) starts it")
                 return AttemptedRollout.of(unit.rollout.snapshot(), attempt.snapshot())
             attempt = unit.attempts[-1]
-            attempt.worker_id = worker
             return AttemptedRollout.of(unit.rollout.snapshot(), attempt.snapshot())
 
         return self._call(run)
@@ -261,14 +263,6 @@ class PostgresStore:
 
         return self._call(run)
 
-    def finished_rollouts(self, after: int = 0, limit: int = 1000, *, wait: float = 0.0
-                          ) -> FinishedRollouts:
-        """The feed of finished rollouts: not built for the PostgreSQL backend yet (raises
-        InvalidArgument); ``wait_for_rollouts`` and ``query_rollouts(status=...)`` work."""
-        raise InvalidArgument("finished_rollouts (the feed) is not supported by the "
-                              "PostgreSQL backend yet; use wait_for_rollouts or "
-                              "query_rollouts(status=[...])")
-
     # ----------------------------------------------------------------- claim
     def dequeue_rollout(self, worker_id: str | None = None, *, wait: float = 0.0
                         ) -> AttemptedRollout | None:
@@ -291,7 +285,12 @@ class PostgresStore:
             units = tx.load(f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE queue_pos IS NOT "
                             "NULL ORDER BY queue_pos LIMIT %s FOR UPDATE SKIP LOCKED",
                             (limit,)) if limit else []
-            return [_claim(u, worker, tx.now) for u in units[:limit]]
+            claimed = [_claim(u, worker, tx.now) for u in units[:limit]]
+            if worker and limit and not claimed:  # the worker is idle (mpstore.workers)
+                tx.wrote = True
+                tx.worker_changes.append((worker, lambda ws, now: wk.dequeued_nothing(
+                    ws, worker, now)))
+            return claimed
 
         def attempt() -> list[AttemptedRollout]:
             fast = self._fast.claim(limit, worker) if limit else []
@@ -319,40 +318,6 @@ class PostgresStore:
             return AttemptedRollout.of(unit.rollout.snapshot(), attempt.snapshot())
 
         return self._call(run)
-
-    # ----------------------------------------------------------------- read
-    def query_rollouts(self, *, status: Sequence[str] | None = None,
-                       rollout_ids: Sequence[str] | None = None) -> list[Rollout]:
-        """Rollouts in creation order, filtered by status and ids (AND); an empty list
-        matches nothing (D9)."""
-        statuses = None if status is None else [
-            v.rollout_status(s).value for s in v.sequence(status, "status")]
-        ids = None if rollout_ids is None else v.string_list(rollout_ids, "rollout_ids")
-        where, params = [], []
-        if statuses is not None:
-            where.append("status = ANY(%s)")
-            params.append(statuses)
-        if ids is not None:
-            where.append("rollout_id = ANY(%s)")
-            params.append(ids)
-        query = "SELECT record FROM mpstore_rollouts"
-        if where:
-            query += " WHERE " + " AND ".join(where)
-        query += " ORDER BY created"
-        return self._call(lambda tx: [_loads(row[0])[0] for row in tx.rows(query, params)])
-
-    def get_rollout_by_id(self, rollout_id: str) -> Rollout | None:
-        v.identifier(rollout_id, "rollout_id")
-        return self._call(lambda tx: _first(tx, rollout_id, lambda u: u.rollout))
-
-    def query_attempts(self, rollout_id: str) -> list[Attempt]:
-        """The rollout's attempts by sequence_id; [] for an unknown rollout (REF Q11)."""
-        v.identifier(rollout_id, "rollout_id")
-        return self._call(lambda tx: _first(tx, rollout_id, lambda u: u.attempts) or [])
-
-    def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
-        v.identifier(rollout_id, "rollout_id")
-        return self._call(lambda tx: _first(tx, rollout_id, lambda u: u.latest()))
 
     # ----------------------------------------------------------------- wait
     def wait_for_rollouts(self, *, rollout_ids: Sequence[str], timeout: float | None = None
@@ -439,94 +404,6 @@ class PostgresStore:
             return fast[0]
         return self._call(lambda tx: apply(self._rollout_unit(tx, rollout_id), tx.now))
 
-    # ----------------------------------------------------------------- spans
-    def get_next_span_sequence_id(self, rollout_id: str, attempt_id: str) -> int:
-        """The next number of the rollout's span counter (shared by its attempts; REF §3.5)."""
-        return self.get_many_span_sequence_ids([(rollout_id, attempt_id)])[0]
-
-    def get_many_span_sequence_ids(self, pairs: Sequence[tuple[str, str]]) -> list[int]:
-        """One sequence id per (rollout_id, attempt_id), allocated in order, atomically."""
-        checked = v.pairs(pairs)
-        if len(checked) == 1:  # one statement: atomic by itself
-            with self._fast.session() as db:
-                return [int(db.run(_NEXT_SEQUENCE, (checked[0][0], checked[0][0]))[0][0])]
-
-        def run(tx: Tx) -> list[int]:
-            cursors = [tx.execute(_NEXT_SEQUENCE, (rid, rid)) for rid, _ in checked]
-            return [int(c.fetchone()[0]) for c in cursors]
-
-        return self._call(run, watchdog=False)
-
-    def add_span(self, span: Span) -> Span:
-        """Store a span and count it as its attempt's heartbeat (E7, D4). Idempotent (D7): a
-        span already stored under the same (rollout, attempt, span_id) is returned unchanged
-        and nothing else happens. Raises RolloutNotFound / AttemptNotFound."""
-        checked = v.span(span)
-        record = _dumps(checked, 5)
-        fast = self._fast.add_span(checked, record)
-        if fast is not None:
-            return checked if fast else (self._stored_span(checked) or checked)
-
-        def run(tx: Tx) -> Any:
-            unit = self._rollout_unit(tx, checked.rollout_id)
-            unit.heartbeat(unit.span_attempt(checked.attempt_id), tx.now)
-            unit.dirty = tx.wrote = True
-            # One statement: the span, and the heartbeat only if the span is new (D7). A
-            # heartbeat never finishes nor queues a rollout: nothing to notify.
-            cursor = tx.execute(SPAN_AND_HEARTBEAT, (
-                checked.rollout_id, checked.attempt_id, checked.span_id, checked.sequence_id,
-                len(record), record, *unit_values(unit), encode_unit(unit),
-                checked.sequence_id, checked.rollout_id))
-            unit.dirty = False
-            tx.rows_after[unit.rollout_id] = None  # written or not: known only at the sync
-            return cursor
-
-        if self._call(run, watchdog=False).rowcount:  # known once the pipeline synced
-            return checked
-        return self._stored_span(checked) or checked
-
-    def _stored_span(self, span: Span) -> Span | None:
-        def run(tx: Tx) -> Span | None:
-            row = tx.one("SELECT record FROM mpstore_spans WHERE rollout_id = %s AND "
-                         "attempt_id = %s AND span_id = %s",
-                         (span.rollout_id, span.attempt_id, span.span_id))
-            return None if row is None else _loads(row[0])
-
-        return self._call(run, watchdog=False)
-
-    def add_many_spans(self, spans: Sequence[Span]) -> list[Span]:
-        """``add_span`` for each, atomically: every span is checked before any is stored."""
-        if isinstance(spans, (str, bytes, dict)) or not isinstance(spans, Sequence):
-            raise InvalidArgument("add_many_spans takes a list of spans")
-        given = [v.span(s) for s in spans]
-        if not given:
-            return []
-        records = [_dumps(s, 5) for s in given]
-        return self._call(lambda tx: _add_spans(tx, given, records), watchdog=False)
-
-    def query_spans(self, rollout_id: str, attempt_id: str | None = None) -> list[Span]:
-        """Spans by sequence_id, ties in arrival order (D6); ``attempt_id="latest"`` means the
-        latest attempt; [] for an unknown rollout. Spans are never evicted (retention)."""
-        v.identifier(rollout_id, "rollout_id")
-        v.optional_str(attempt_id, "attempt_id")
-
-        def run(tx: Tx) -> list[Span]:
-            wanted = attempt_id
-            if attempt_id == "latest":
-                latest = _first(tx, rollout_id, lambda u: u.latest())
-                if latest is None:
-                    return []
-                wanted = latest.attempt_id
-            query = "SELECT record FROM mpstore_spans WHERE rollout_id = %s"
-            params: list[Any] = [rollout_id]
-            if wanted is not None:
-                query += " AND attempt_id = %s"
-                params.append(wanted)
-            return [_loads(row[0]) for row in
-                    tx.rows(query + " ORDER BY sequence_id, arrival", params)]
-
-        return self._call(run)
-
     # ----------------------------------------------------------------- resources
     def add_resources(self, resources: dict[str, Any]) -> ResourcesUpdate:
         """Store resources under a new ``rs-`` id; they become the latest."""
@@ -539,13 +416,21 @@ class PostgresStore:
         checked = v.resources(resources)
         return self._call(lambda tx: _put_resources(tx, resources_id, checked, True))
 
-    def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate | None:
-        v.identifier(resources_id, "resources_id")
-        return self._call(lambda tx: _record(tx.one(
-            "SELECT record FROM mpstore_resources WHERE resources_id = %s", (resources_id,))))
+    # ----------------------------------------------------------------- workers
+    def update_worker(self, worker_id: str, heartbeat_stats: Any = NOT_GIVEN) -> Worker:
+        """A worker's heartbeat, as ``InMemoryStore.update_worker`` (creates the worker if
+        it is new; its status is derived from its claims and attempts, never set here)."""
+        v.identifier(worker_id, "worker_id")
+        given = v.is_set(heartbeat_stats)
+        stats = v.metadata(heartbeat_stats, "heartbeat_stats") if given else None
 
-    def get_latest_resources(self) -> ResourcesUpdate | None:
-        return self._call(lambda tx: _record(tx.one(_LATEST_RESOURCES)))
+        def run(tx: Tx) -> Worker:
+            tx.wrote = True
+            return worker_rows.apply(tx.conn, [worker_id], [
+                lambda ws, now: wk.heartbeat(ws, worker_id, stats, given, now)], tx.now
+            )[worker_id]
+
+        return self._call(run, watchdog=False)
 
     # ----------------------------------------------------------------- ops
     def ping(self) -> dict[str, Any]:
@@ -569,15 +454,21 @@ class PostgresStore:
             queued = tx.one("SELECT count(*) FROM mpstore_rollouts WHERE queue_pos IS NOT NULL")
             spans = tx.one("SELECT count(*), coalesce(sum(size), 0) FROM mpstore_spans")
             resources = tx.one("SELECT count(*) FROM mpstore_resources")
+            workers = tx.one("SELECT count(*) FROM mpstore_workers")
             return {
                 "total_rollouts": sum(by_status.values()), "total_attempts": attempts,
                 "total_spans": int(spans[0]), "total_resources": int(resources[0]),
                 "queue_length": int(queued[0]), "span_bytes": int(spans[1]),
+                "total_span_bytes": int(spans[1]), "total_workers": int(workers[0]),
                 "rollouts_by_status": by_status, "evicted_rollouts": 0,
                 "backend": "postgresql", "watchdog_leader": self._lead_conn is not None,
+                # Spans are kept on disk, not in memory: no thresholds (see the module).
+                "eviction_threshold_bytes": None, "safe_threshold_bytes": None,
+                "memory_capacity_bytes": None, "time": tx.now,
             }
 
         stats = self._call(run)
+        stats["name"] = type(self).__name__
         stats["uptime"] = time.monotonic() - self._started
         return stats
 
@@ -656,23 +547,9 @@ class PostgresStore:
         self._pool.close()
 
 
-_NEXT_SEQUENCE = (
-    "WITH r AS (UPDATE mpstore_rollouts SET span_counter = span_counter + 1 "
-    "WHERE rollout_id = %s RETURNING span_counter), "
-    "o AS (INSERT INTO mpstore_counters SELECT %s, 1 WHERE NOT EXISTS (SELECT 1 FROM r) "
-    "ON CONFLICT (rollout_id) DO UPDATE SET value = mpstore_counters.value + 1 "
-    "RETURNING value) "
-    "SELECT span_counter FROM r UNION ALL SELECT value FROM o")
-
-
 def _claim(unit: Unit, worker: str | None, now: float) -> AttemptedRollout:
-    attempt = unit.new_attempt(worker, now)
+    attempt = unit.new_attempt(worker, now, dequeued=True)
     return AttemptedRollout.of(unit.rollout.snapshot(), attempt.snapshot())
-
-
-def _first(tx: Tx, rollout_id: str, pick: Callable[[Unit], Any]) -> Any:
-    units = tx.load(_BY_ID, (rollout_id,))
-    return pick(units[0]) if units else None
 
 
 def _record(row: Any) -> Any:
@@ -694,58 +571,6 @@ def _put_resources(tx: Tx, resources_id: str, resources: dict[str, Any], upsert:
                "updated = nextval('mpstore_resources_updated_seq')",
                (resources_id, _dumps(update, 5)))
     return update
-
-
-def _add_spans(tx: Tx, spans: list[Span], records: list[bytes]) -> list[Span]:
-    """Check every span, store the new ones (one statement), then their heartbeats."""
-    ids = sorted({s.rollout_id for s in spans})  # locked in one order: no deadlock between
-    units = {u.rollout_id: u for u in tx.load(
-        f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE rollout_id = ANY(%s) "
-        "ORDER BY rollout_id FOR UPDATE", (ids,))}
-    attempts = []
-    for span in spans:
-        unit = units.get(span.rollout_id)
-        if unit is None:
-            raise RolloutNotFound(span.rollout_id)
-        attempts.append(unit.span_attempt(span.attempt_id))
-    tx.wrote = True
-    inserted = {(r[0], r[1], r[2]) for r in tx.rows(
-        "INSERT INTO mpstore_spans (rollout_id, attempt_id, span_id, sequence_id, size, record) "
-        "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::int[], "
-        "%s::bytea[]) ON CONFLICT DO NOTHING RETURNING rollout_id, attempt_id, span_id",
-        ([s.rollout_id for s in spans], [s.attempt_id for s in spans],
-         [s.span_id for s in spans], [s.sequence_id for s in spans],
-         [len(r) for r in records], records))}
-    out: list[Span] = []
-    highest: dict[str, int] = {}
-    missing = []
-    for span, attempt in zip(spans, attempts, strict=True):
-        key = (span.rollout_id, span.attempt_id, span.span_id)
-        if key in inserted:
-            inserted.discard(key)  # a second copy in the same batch is a duplicate
-            units[span.rollout_id].heartbeat(attempt, tx.now)
-            highest[span.rollout_id] = max(highest.get(span.rollout_id, 0), span.sequence_id)
-            out.append(span)
-        else:
-            missing.append(len(out))
-            out.append(span)
-    if highest:
-        tx.execute("UPDATE mpstore_rollouts AS r SET span_counter = GREATEST(r.span_counter, "
-                   "h.seq) FROM unnest(%s::text[], %s::bigint[]) AS h(rid, seq) "
-                   "WHERE r.rollout_id = h.rid", (list(highest), list(highest.values())))
-    if missing:
-        stored = {}
-        for row in tx.rows(
-                "SELECT rollout_id, attempt_id, span_id, record FROM mpstore_spans WHERE "
-                "(rollout_id, attempt_id, span_id) IN (SELECT * FROM unnest(%s::text[], "
-                "%s::text[], %s::text[]))",
-                ([out[i].rollout_id for i in missing], [out[i].attempt_id for i in missing],
-                 [out[i].span_id for i in missing])):
-            stored[(row[0], row[1], row[2])] = _loads(row[3])
-        for i in missing:
-            s = out[i]
-            out[i] = stored.get((s.rollout_id, s.attempt_id, s.span_id), s)
-    return out
 
 
 def _is_pool_timeout(exc: Exception) -> bool:

@@ -36,7 +36,7 @@ class Unit:
     """A rollout and its attempts (in sequence order), with what changed; see the module."""
 
     __slots__ = ("appended", "attempts", "checked", "dirty", "finished", "new", "queued",
-                 "rollout", "version")
+                 "rollout", "version", "worker_events")
 
     def __init__(self, rollout: Rollout, attempts: list[Attempt], queued: bool,
                  *, new: bool = False, version: int = 0) -> None:
@@ -49,6 +49,13 @@ class Unit:
         self.appended = False
         self.finished = False
         self.checked: float | None = None  # set by watchdog(): the time it looked
+        #: (attempt as it was then, claimed by a dequeue) for mpstore.workers.attempt_changed,
+        #: in order: the worker records the storage must update with the rollout
+        self.worker_events: list[tuple[Attempt, bool]] = []
+
+    @property
+    def terminal(self) -> bool:
+        return self.rollout.status in tr.TERMINAL
 
     @property
     def rollout_id(self) -> str:
@@ -94,13 +101,20 @@ class Unit:
         if status is not self.rollout.status:
             self.write_status(status, now)
 
-    def new_attempt(self, worker_id: str | None, now: float) -> Attempt:
-        """Claim: attempt n+1, rollout preparing and out of the queue (E3/E4)."""
+    def new_attempt(self, worker_id: str | None, now: float, dequeued: bool = False
+                    ) -> Attempt:
+        """Claim: attempt n+1, rollout preparing and out of the queue (E3/E4); its worker
+        becomes busy (``dequeued``: by a dequeue, which stamps its last dequeue)."""
         attempt = Attempt(self.rollout_id, new_attempt_id(), len(self.attempts) + 1, now,
                           worker_id=worker_id)
         self.attempts.append(attempt)
         self.write_status(RolloutStatus.PREPARING, now)
+        self._worker_event(attempt, dequeued)
         return attempt
+
+    def _worker_event(self, attempt: Attempt, dequeued: bool = False) -> None:
+        if attempt.worker_id:
+            self.worker_events.append((attempt.snapshot(), dequeued))
 
     # ----------------------------------------------------------------- updates
     def update_attempt(self, attempt: Attempt, changes: dict[str, Any], now: float) -> None:
@@ -111,6 +125,8 @@ class Unit:
             setattr(attempt, name, value)
         if "status" in changes and changes["status"] in tr.ATTEMPT_ENDED:
             attempt.end_time = now
+        if changes.get("worker_id") or "status" in changes:
+            self._worker_event(attempt)
         if attempt is self.latest() and "status" in changes:
             self.propagate(now)
 
@@ -143,6 +159,7 @@ class Unit:
         verdict = tr.watchdog_verdict(latest, self.rollout.config, now)
         if verdict.attempt_status is not None:
             latest.status = verdict.attempt_status
+            self._worker_event(latest)
         if verdict.propagate:
             self.propagate(now)
 
