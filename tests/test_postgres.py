@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,7 @@ def test_the_watchdog_runs_on_one_store_at_a_time_and_is_taken_over(url: str) ->
         assert first == (1, 0)
         assert a.statistics()["watchdog_leader"] and not b.statistics()["watchdog_leader"]
         a.close()  # the leader goes (as when its server dies: its connection closes)
+        _until_released(url)
         b.enqueue_rollout("y", config={"timeout_seconds": -1.0})
         assert b.dequeue_rollout() is not None
         assert b.run_watchdog() == 1
@@ -112,6 +114,18 @@ def test_the_watchdog_runs_on_one_store_at_a_time_and_is_taken_over(url: str) ->
     finally:
         for store in (a, b):
             store.close()
+
+
+def _until_released(url: str) -> None:
+    """Wait (bounded) until the closed leader's backend has ended and released the lock: the
+    server side of a closed connection exits on its own time, under load a moment later."""
+    from mpstore.postgres.ops import WATCHDOG_LOCK
+
+    deadline = time.monotonic() + 30.0
+    while _sql(url, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
+                    f"objid = {WATCHDOG_LOCK}")[0][0]:
+        assert time.monotonic() < deadline, "the closed leader still holds the lock"
+        threading.Event().wait(0.05)
 
 
 # ------------------------------------------------------------------ failures

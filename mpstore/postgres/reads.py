@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .. import query as q
 from .. import validate as v
 from ..errors import InvalidArgument
-from ..types import AttemptedRollout, FinishedRollouts, Page, ResourcesUpdate, Rollout, Worker
+from ..types import (
+    Attempt,
+    AttemptedRollout,
+    FinishedRollouts,
+    Page,
+    ResourcesUpdate,
+    Rollout,
+    Worker,
+)
 from .db import Tx
 
 if TYPE_CHECKING:
@@ -140,7 +148,7 @@ class Reads:
 
         return self._call(run)
 
-    def get_latest_attempt(self, rollout_id: str) -> Any:
+    def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
         v.identifier(rollout_id, "rollout_id")
         return self._call(lambda tx: _by_id(tx, rollout_id, lambda r, a: a[-1] if a else None))
 

@@ -19,9 +19,7 @@ never raises SpansEvicted and ``statistics()['evicted_rollouts']`` is 0.
 
 from __future__ import annotations
 
-import os
 import pickle
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -29,9 +27,7 @@ from typing import Any, TypeVar
 from .. import transitions as tr
 from .. import validate as v
 from .. import workers as wk
-from .._version import __version__
-from ..errors import InvalidArgument, RolloutNotFound, StorageError, StoreUnavailable
-from ..replies import ReplyMemory
+from ..errors import InvalidArgument, RolloutNotFound, StorageError
 from ..types import (
     UNSET,
     Attempt,
@@ -48,6 +44,7 @@ from .cache import RowCache
 from .db import COLUMNS, Tx
 from .fast import FastPaths
 from .notify import Listener
+from .ops import Operations
 from .reads import Reads
 from .schema import prepare
 from .spans import Spans
@@ -59,14 +56,11 @@ T = TypeVar("T")
 NOT_GIVEN: Any = UNSET
 _dumps, _loads = pickle.dumps, pickle.loads
 _QUEUING, _PREPARING = RolloutStatus.QUEUING, RolloutStatus.PREPARING
-#: Advisory lock held (per session) by the one store whose background watchdog runs.
-WATCHDOG_LOCK = 0x6D707377
 _BY_ID = f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE rollout_id = %s"
-_LATEST_RESOURCES = "SELECT record FROM mpstore_resources ORDER BY updated DESC LIMIT 1"
 _RETRIES = 5
 
 
-class PostgresStore(Reads, Spans):
+class PostgresStore(Reads, Spans, Operations):
     """The store on a PostgreSQL database (``postgresql://USER@HOST:PORT/DB``).
 
     ``clock`` is the store's notion of now (servers sharing a database must agree on it:
@@ -106,10 +100,8 @@ class PostgresStore(Reads, Spans):
                                     timeout=2.0, num_workers=1, name="mpstore")
         self._listener = Listener(url, self._run_watchdog_quietly, self._interval)
         self._cache = RowCache()
-        self._replies, self._replies_lock = ReplyMemory(), threading.Lock()
         self._fast = FastPaths(self._pool, self._cache, clock)
-        self._lead_conn: Any = None
-        self._lead_lock = threading.Lock()
+        self._init_operations()
 
     durable = False  # commits are the database's: no group commit to batch in the server
     #: Calls wait on the database: a server runs each in a worker thread, so the calls of
@@ -432,118 +424,11 @@ class PostgresStore(Reads, Spans):
 
         return self._call(run, watchdog=False)
 
-    # ----------------------------------------------------------------- ops
-    def ping(self) -> dict[str, Any]:
-        """Who answers: name, version, pid, the store clock's time, uptime, whether it takes
-        writes (always: a failed write is refused by the database, not the server), and the
-        backend. Does not touch the database."""
-        return {"name": "mpstore", "version": __version__, "pid": os.getpid(),
-                "time": self._clock(), "uptime": time.monotonic() - self._started,
-                "writable": True, "backend": "postgresql"}
-
-    def statistics(self) -> dict[str, Any]:
-        """Counts (by counting rows: costs grow with the tables), rollouts per status."""
-        def run(tx: Tx) -> dict[str, Any]:
-            by_status = {s.value: 0 for s in RolloutStatus}
-            attempts = 0
-            for status, count, tries in tx.rows(
-                    "SELECT status, count(*), sum(attempts) FROM mpstore_rollouts "
-                    "GROUP BY status"):
-                by_status[status] = int(count)
-                attempts += int(tries)
-            queued = tx.one("SELECT count(*) FROM mpstore_rollouts WHERE queue_pos IS NOT NULL")
-            spans = tx.one("SELECT count(*), coalesce(sum(size), 0) FROM mpstore_spans")
-            resources = tx.one("SELECT count(*) FROM mpstore_resources")
-            workers = tx.one("SELECT count(*) FROM mpstore_workers")
-            return {
-                "total_rollouts": sum(by_status.values()), "total_attempts": attempts,
-                "total_spans": int(spans[0]), "total_resources": int(resources[0]),
-                "queue_length": int(queued[0]), "span_bytes": int(spans[1]),
-                "total_span_bytes": int(spans[1]), "total_workers": int(workers[0]),
-                "rollouts_by_status": by_status, "evicted_rollouts": 0,
-                "backend": "postgresql", "watchdog_leader": self._lead_conn is not None,
-                # Spans are kept on disk, not in memory: no thresholds (see the module).
-                "eviction_threshold_bytes": None, "safe_threshold_bytes": None,
-                "memory_capacity_bytes": None, "time": tx.now,
-            }
-
-        stats = self._call(run)
-        stats["name"] = type(self).__name__
-        stats["uptime"] = time.monotonic() - self._started
-        return stats
-
-    def run_watchdog(self) -> int:
-        """One watchdog pass now, if this store leads (holds the watchdog's advisory lock;
-        else 0: another store's passes cover the database); returns how many were due."""
-        if not self._lead():
-            return 0
-        return self._call(lambda tx: tx.watchdog())
-
-    def _run_watchdog_quietly(self) -> None:
-        try:
-            self.run_watchdog()
-        except StorageError:
-            pass
-
-    def _lead(self) -> bool:
-        """True while this store holds the watchdog lock (tried again on every pass, on a
-        connection of its own, so it is released when this process dies)."""
-        with self._lead_lock:
-            conn = self._lead_conn
-            if conn is not None:
-                try:  # still connected, so still holding the lock (one cheap round trip)
-                    conn.execute("SELECT 1")
-                    return True
-                except self._psycopg.Error:
-                    conn.close()
-            try:
-                conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=5)
-                if conn.execute("SELECT pg_try_advisory_lock(%s)", (WATCHDOG_LOCK,)
-                                ).fetchone()[0]:
-                    self._lead_conn = conn
-                    return True
-                conn.close()
-            except self._psycopg.Error:
-                pass
-            self._lead_conn = None
-            return False
-
-    def once(self, request: Any, method: Callable[..., T]) -> Callable[..., T]:
-        """``method`` as a call answered at most once per request id ``(client id, int)``,
-        for a server (see :mod:`mpstore.replies`). The answers are kept in this process,
-        not in the database: a request resent to the same server is answered with its first
-        result; one resent to another server after a failover is applied there again
-        (request ids in the database are not built yet). Not served remotely."""
-        if not (isinstance(request, tuple) and len(request) == 2 and isinstance(request[0], str)
-                and type(request[1]) is int):
-            raise InvalidArgument(f"a request id is (client id, int), not {request!r}")
-        client, seq = request
-
-        def call(*args: Any, **kwargs: Any) -> T:
-            with self._replies_lock:
-                try:
-                    found, result = self._replies.lookup(client, seq)
-                except LookupError:
-                    raise StoreUnavailable(
-                        f"request {seq} of client {client} was sent again after its reply was "
-                        "forgotten; it may have been applied") from None
-            if found:
-                return result  # type: ignore[no-any-return]
-            result = method(*args, **kwargs)
-            with self._replies_lock:
-                self._replies.remember(client, seq, result, time.monotonic())
-            return result
-
-        return call
-
     def close(self) -> None:
         """Close the connections (and give up the watchdog's lead); idempotent. Not served
         remotely."""
         self._listener.close()
-        with self._lead_lock:
-            if self._lead_conn is not None:
-                self._lead_conn.close()
-                self._lead_conn = None
+        self._close_operations()
         self._pool.close()
 
 
