@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from mpstore import RolloutNotFound, Span, StorageError, connect
+from mpstore import RolloutNotFound, Span, StorageError, StoreUnavailable, connect
 from mpstore.manager.ports import free_port
 from mpstore.testing import write_key_file
 from tests import pg
@@ -126,6 +126,63 @@ def _until_released(url: str) -> None:
                     f"objid = {WATCHDOG_LOCK}")[0][0]:
         assert time.monotonic() < deadline, "the closed leader still holds the lock"
         threading.Event().wait(0.05)
+
+
+# ------------------------------------------------------------------ request ids
+def test_a_request_resent_to_another_store_is_answered_from_the_database(
+        url: str, two: list[Any]) -> None:
+    a, b = two
+    first = a.once(("c", 1), a.enqueue_rollout)("x")  # the one-statement enqueue
+    assert b.once(("c", 1), b.enqueue_rollout)("x") == first
+    assert [r.rollout_id for r in a.query_rollouts()] == [first.rollout_id]  # applied once
+    a.enqueue_rollout("y")
+    claim = a.once(("c", 2), a.dequeue_rollout)()
+    resent = b.once(("c", 2), b.dequeue_rollout)()  # the same claim, nothing else claimed
+    assert resent is not None and resent.attempt == claim.attempt
+    other = b.dequeue_rollout()
+    assert other is not None and other.input == "y" and b.dequeue_rollout() is None
+    rid, aid = claim.rollout_id, claim.attempt.attempt_id
+    done = a.once(("c", 3), a.update_attempt)(rid, aid, status="succeeded")  # from a's cache
+    assert b.once(("c", 3), b.update_attempt)(rid, aid, status="failed") == done
+    assert a.get_rollout_by_id(rid).status == "succeeded"
+    number = a.once(("c", 4), a.get_next_span_sequence_id)(rid, aid)
+    assert b.once(("c", 4), b.get_next_span_sequence_id)(rid, aid) == number
+    assert a.get_next_span_sequence_id(rid, aid) == number + 1
+    # A resend whose call would now fail (its rollout is gone) still gets its first answer.
+    updated = a.once(("c", 5), a.update_rollout)(other.rollout_id, metadata={"k": 1})
+    a.delete_rollouts([other.rollout_id])
+    assert b.once(("c", 5), b.update_rollout)(other.rollout_id, metadata={"k": 2}) == updated
+    assert _sql(url, "SELECT count(*) FROM mpstore_replies")[0][0] == 5
+
+
+def test_an_empty_claim_is_not_remembered(two: list[Any]) -> None:
+    a, b = two
+    assert a.once(("c", 1), a.dequeue_rollout)() is None
+    rollout = a.enqueue_rollout("x")
+    claimed = b.once(("c", 1), b.dequeue_rollout)()  # a resend may claim
+    assert claimed is not None and claimed.rollout_id == rollout.rollout_id
+
+
+def test_replies_are_pruned_in_bulk_and_a_forgotten_one_is_refused(
+        url: str, two: list[Any]) -> None:
+    from mpstore.postgres.requests import prune
+    from mpstore.replies import PER_CLIENT, TTL
+
+    a, b = two
+    count = 2 * PER_CLIENT + 1
+    for seq in range(1, count + 1):
+        a.once(("c", seq), a.enqueue_rollout)(seq)
+    a.once(("d", 1), a.enqueue_rollout)(0)
+    a._call(lambda tx: prune(tx, tx.now))  # what the watchdog's leader runs now and then
+    assert _sql(url, "SELECT count(*) FROM mpstore_replies")[0][0] == PER_CLIENT + 1
+    with pytest.raises(StoreUnavailable, match="forgotten"):
+        b.once(("c", 1), b.enqueue_rollout)(1)
+    assert b.query_rollouts().total == count + 1  # refused, not applied again
+    kept = b.once(("c", count), b.enqueue_rollout)(count)  # the latest are answered
+    assert kept.input == count and b.query_rollouts().total == count + 1
+    a._call(lambda tx: prune(tx, tx.now + TTL + 1))  # clients not heard from: forgotten whole
+    assert _sql(url, "SELECT count(*) FROM mpstore_replies")[0][0] == 0
+    assert _sql(url, "SELECT count(*) FROM mpstore_reply_floors")[0][0] == 0
 
 
 # ------------------------------------------------------------------ failures

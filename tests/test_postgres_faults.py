@@ -5,7 +5,10 @@ anyway), so that what every runner was told can be checked against the database 
 
 * every rollout ends succeeded, and every acknowledged span and finish is there;
 * no attempt was handed to two runners (a rollout gets a second attempt only when the
-  watchdog gave its first up: its runner's claim or finish was lost with its server).
+  watchdog gave its first up: its runner's claim or finish was lost with its server);
+* no write was applied twice: a producer enqueues rollouts with no caller-chosen id through
+  the server that is killed, each with an input of its own, and every input is stored once
+  (a resend after the failover is answered from the database's stored replies).
 """
 
 from __future__ import annotations
@@ -78,6 +81,47 @@ class Runner(threading.Thread):
         self.progress.release()
 
 
+class Producer(threading.Thread):
+    """Enqueues rollouts with no caller-chosen id (a resend that is applied again makes a
+    second rollout), one distinct input each, until told to stop."""
+
+    def __init__(self, address: str, authkey: bytes, stop: threading.Event) -> None:
+        super().__init__(name="producer", daemon=True)
+        self.client = connect(address, authkey, retry_for=10.0, timeout=10.0)
+        self.stop = stop
+        self.acknowledged: list[str] = []
+        self.acked = threading.Semaphore(0)  # released once per acknowledged enqueue
+        self.crash: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for i in range(100_000):
+                if self.stop.is_set():
+                    return
+                try:
+                    self.client.enqueue_rollout(f"p{i}", config=CONFIG)
+                except (StoreUnavailable, StorageError):
+                    continue  # not acknowledged: applied once or not at all
+                self.acknowledged.append(f"p{i}")
+                self.acked.release()
+        except BaseException as exc:
+            self.crash = exc
+        finally:
+            self.client.close()
+
+
+def _check_applied_once(client: Any, producer: Producer) -> None:
+    """Every input the producer sent is stored at most once, every acknowledged one once."""
+    counts: dict[Any, int] = {}
+    for rollout in client.query_rollouts():
+        counts[rollout.input] = counts.get(rollout.input, 0) + 1
+    assert producer.crash is None
+    assert len(producer.acknowledged) > 0
+    twice = {i: n for i, n in counts.items() if isinstance(i, str) and n > 1}
+    assert twice == {}, "a write was applied twice"
+    assert all(counts.get(i) == 1 for i in producer.acknowledged)
+
+
 def _check(client: Any, ids: list[str], runners: list[Runner]) -> None:
     """Every rollout succeeded; nothing acknowledged is missing; no attempt claimed twice."""
     done = client.wait_for_rollouts(rollout_ids=ids, timeout=60.0)
@@ -91,6 +135,7 @@ def _check(client: Any, ids: list[str], runners: list[Runner]) -> None:
     # Every acknowledged claim is one of its rollout's attempts (none overwritten by a
     # second claim of the same rollout), each with a sequence number of its own.
     by_id = {a.attempt_id: a for rid in ids for a in attempts[rid]}
+    claims = [(rid, aid) for rid, aid in claims if rid in attempts]  # the trainer's rollouts
     assert all(aid in by_id for _, aid in claims), "a claimed attempt was lost"
     numbers = [(rid, by_id[aid].sequence_id) for rid, aid in claims]
     assert len(numbers) == len(set(numbers)), "two claims of one rollout's attempt"
@@ -100,7 +145,7 @@ def _check(client: Any, ids: list[str], runners: list[Runner]) -> None:
             "succeeded"]
     stored = {(s.rollout_id, s.attempt_id, s.span_id) for rid in ids
               for s in client.query_spans(rid)}
-    assert {s for r in runners for s in r.spans} <= stored
+    assert {s for r in runners for s in r.spans if s[0] in attempts} <= stored
 
 
 def _wait_progress(progress: threading.Semaphore, count: int) -> None:
@@ -141,16 +186,22 @@ def test_a_server_killed_mid_load(url: str, tmp_path: Path) -> None:
         runners = [Runner(f"runner-{i}", f"{first.address},{second.address}", a.authkey,
                           stop, progress)
                    for i, (first, second) in enumerate([(a, b), (b, a)] * (RUNNERS // 2))]
+        producer = Producer(f"{victim.address},{survivor.address}", a.authkey, stop)
         for runner in runners:
             runner.start()
         _wait_progress(progress, ROLLOUTS // 3)
+        producer.start()
+        _wait_progress(producer.acked, 20)  # the producer is sending to the victim
         victim.kill()  # SIGKILL: the watchdog's leader, mid-load
         try:
             _check(trainer, ids, runners)
+            _wait_progress(producer.acked, 20)  # and then to the survivor
         finally:
             stop.set()
-            for runner in runners:
-                runner.join(30)
+            for thread in [*runners, producer]:
+                if thread.ident is not None:
+                    thread.join(30)
+        _check_applied_once(trainer, producer)
         # The survivor took the watchdog over: a claim nobody finishes is given up by a
         # background pass alone (read here from the database, so no call runs the watchdog).
         with survivor.connect() as client:

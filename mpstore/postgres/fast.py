@@ -20,20 +20,22 @@ import pickle
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from ..errors import StorageError, StoreError
+from ..errors import StorageError, StoreError, StoreUnavailable
 from ..types import AttemptedRollout, Rollout, RolloutStatus, Span, new_rollout_id
 from .cache import RowCache
 from .db import COLUMNS, decode_unit, encode_unit, unit_values
 from .pq import DbError, Session
+from .requests import ANSWERED_KEY, FORGOTTEN, Answered
+from .requests import REMEMBER as _REMEMBER
 from .unit import Unit
 
 __all__ = ["FastPaths"]
 
 T = TypeVar("T")
 _loads = pickle.loads
-_WRITE = "SELECT mpstore_write(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_WRITE = "SELECT mpstore_write(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _ADD_SPAN = "SELECT mpstore_add_span(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-_INSERT = "SELECT mpstore_insert(%s, %s, %s, %s, %s, %s, %s, %s)"
+_INSERT = "SELECT mpstore_insert(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _ANY_DUE = "SELECT EXISTS (SELECT 1 FROM mpstore_rollouts WHERE check_at <= %s)"
 _HEAD = (f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE queue_pos IS NOT NULL "
          "ORDER BY queue_pos LIMIT %s FOR UPDATE SKIP LOCKED")
@@ -42,6 +44,16 @@ _UPDATE = ("UPDATE mpstore_rollouts SET status = %s, queue_pos = CASE WHEN %s TH
            "attempts = %s, record = %s, version = version + 1, finished = NULL "
            "WHERE rollout_id = %s")
 _STALE = "MPST1"
+_UNIQUE = "23505"
+_dumps = pickle.dumps
+Request = tuple[str, int] | None
+
+
+def _reply(request: Request, reply: Any) -> tuple[Any, ...]:
+    """mpstore_remember's arguments for ``request`` (NULLs without one)."""
+    if request is None:
+        return (None, None, None)
+    return (request[0], request[1], _dumps(reply, 5))
 
 
 class FastPaths:
@@ -59,6 +71,12 @@ class FastPaths:
             with self._pool.connection() as conn:
                 yield Session(conn)
         except DbError as exc:
+            if exc.sqlstate == FORGOTTEN:
+                raise StoreUnavailable("a request was sent again after its reply was forgotten "
+                                       "(see mpstore.replies); it may have been applied"
+                                       ) from None
+            if exc.sqlstate == _UNIQUE and ANSWERED_KEY in str(exc):
+                raise Answered() from None  # nothing of this attempt was applied
             raise StorageError(f"PostgreSQL: {exc}") from None
         except Exception as exc:
             if type(exc).__name__ == "PoolTimeout":
@@ -73,8 +91,10 @@ class FastPaths:
         return Unit(rollout, attempts, entry[2], version=entry[0])
 
     # ----------------------------------------------------------------- cached rows
-    def write(self, rollout_id: str, apply: Callable[[Unit, float], T]) -> tuple[T] | None:
-        """``apply(unit, now)`` on the cached row, written if still current (a 1-tuple)."""
+    def write(self, rollout_id: str, apply: Callable[[Unit, float], T], request: Request = None
+              ) -> tuple[T] | None:
+        """``apply(unit, now)`` on the cached row, written if still current (a 1-tuple);
+        with a ``request`` id, its reply (the result) is stored by the same statement."""
         unit = self._unit(rollout_id)
         if unit is None:
             return None
@@ -88,7 +108,7 @@ class FastPaths:
         record = encode_unit(unit)
         with self.session() as db:
             done = db.run(_WRITE, (rollout_id, unit.version, now, *unit_values(unit), record,
-                                   unit.finished))[0][0]
+                                   unit.finished, *_reply(request, result)))[0][0]
         if done != 1:
             self._cache.drop(rollout_id)
             return None
@@ -121,9 +141,12 @@ class FastPaths:
         return done == 1
 
     # ----------------------------------------------------------------- claims
-    def claim(self, limit: int, worker: str | None) -> list[AttemptedRollout] | None:
+    def claim(self, limit: int, worker: str | None, request: Request = None,
+              answer: Callable[[list[AttemptedRollout]], Any] | None = None
+              ) -> list[AttemptedRollout] | None:
         """Claim up to ``limit`` from the head; None if a rollout is due for the watchdog, or
-        for a claim by a worker (its record changes too: the full path writes both)."""
+        for a claim by a worker (its record changes too: the full path writes both). With a
+        ``request`` id, a claim's reply (``answer(claimed)``) is stored before the commit."""
         if worker is not None:
             return None
         written = []
@@ -143,6 +166,9 @@ class FastPaths:
                     record = encode_unit(unit)
                     db.run(_UPDATE, (*unit_values(unit), record, unit.rollout_id))
                     written.append((unit.rollout_id, unit.version + 1, record, unit.queued))
+                if request is not None and claimed:
+                    reply = claimed if answer is None else answer(claimed)
+                    db.run(_REMEMBER, (*request, now, _dumps(reply, 5)))
                 db.script("COMMIT")
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -153,7 +179,7 @@ class FastPaths:
         return claimed
 
     # ----------------------------------------------------------------- enqueue
-    def enqueue(self, fields: dict[str, Any]) -> Rollout | None:
+    def enqueue(self, fields: dict[str, Any], request: Request = None) -> Rollout | None:
         """A new queued rollout in one statement; None for the full path (no latest
         resources seen yet, they changed since, or a rollout is due for the watchdog)."""
         latest = self.latest_resources
@@ -172,7 +198,8 @@ class FastPaths:
         record = encode_unit(unit)
         with self.session() as db:
             done = db.run(_INSERT, (rollout.rollout_id, now, rollout.status.value,
-                                    unit.check_at(), 0, record, check, resources_id))[0][0]
+                                    unit.check_at(), 0, record, check, resources_id,
+                                    *_reply(request, rollout)))[0][0]
         if done != 1:
             self.latest_resources = None
             return None

@@ -1,5 +1,5 @@
 """Operations of :class:`~.store.PostgresStore`: ``ping``, ``statistics``, the watchdog's
-background passes on one server at a time, and ``once`` (answers by request id).
+background passes on one server at a time, and the pruning of stored replies.
 
 The watchdog's background passes run on the holder of a session advisory lock
 (:data:`WATCHDOG_LOCK`), taken on a connection of its own: when that server dies, its
@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._version import __version__
-from ..errors import InvalidArgument, StorageError, StoreUnavailable
-from ..replies import ReplyMemory
+from ..errors import StorageError
 from ..types import RolloutStatus
 from .db import Tx
+from .requests import PRUNE_EVERY, prune
 
 __all__ = ["WATCHDOG_LOCK", "Operations"]
 
@@ -38,14 +38,18 @@ class Operations:
         _clock: Callable[[], float]
         _started: float
 
+        _request: Any
+
         def _call(self, fn: Callable[[Tx], T], *, watchdog: bool = True) -> T: ...
+
+        def _current(self) -> tuple[str, int] | None: ...
 
     _lead_conn: Any = None
 
     def _init_operations(self) -> None:
         self._lead_conn = None
         self._lead_lock = threading.Lock()
-        self._replies, self._replies_lock = ReplyMemory(), threading.Lock()
+        self._next_prune = 0.0
 
     def _close_operations(self) -> None:
         with self._lead_lock:
@@ -97,7 +101,15 @@ class Operations:
         else 0: another store's passes cover the database); returns how many were due."""
         if not self._lead():
             return 0
-        return self._call(lambda tx: tx.watchdog())
+        due = self._call(lambda tx: tx.watchdog())
+        if time.monotonic() >= self._next_prune:  # the stored replies, in bulk
+            self._next_prune = time.monotonic() + PRUNE_EVERY
+            saved, self._request.id = self._current(), None  # not part of the request
+            try:
+                self._call(lambda tx: prune(tx, tx.now), watchdog=False)
+            finally:
+                self._request.id = saved
+        return due
 
     def _run_watchdog_quietly(self) -> None:
         try:
@@ -127,31 +139,3 @@ class Operations:
                 pass
             self._lead_conn = None
             return False
-
-    def once(self, request: Any, method: Callable[..., T]) -> Callable[..., T]:
-        """``method`` as a call answered at most once per request id ``(client id, int)``,
-        for a server (see :mod:`mpstore.replies`). The answers are kept in this process,
-        not in the database: a request resent to the same server is answered with its first
-        result; one resent to another server after a failover is applied there again
-        (request ids in the database are not built yet). Not served remotely."""
-        if not (isinstance(request, tuple) and len(request) == 2 and isinstance(request[0], str)
-                and type(request[1]) is int):
-            raise InvalidArgument(f"a request id is (client id, int), not {request!r}")
-        client, seq = request
-
-        def call(*args: Any, **kwargs: Any) -> T:
-            with self._replies_lock:
-                try:
-                    found, result = self._replies.lookup(client, seq)
-                except LookupError:
-                    raise StoreUnavailable(
-                        f"request {seq} of client {client} was sent again after its reply was "
-                        "forgotten; it may have been applied") from None
-            if found:
-                return result  # type: ignore[no-any-return]
-            result = method(*args, **kwargs)
-            with self._replies_lock:
-                self._replies.remember(client, seq, result, time.monotonic())
-            return result
-
-        return call

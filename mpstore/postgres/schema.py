@@ -27,7 +27,9 @@ without locking it first, if it is still at the version a server last saw (optim
 server keeps recent rows: see ``mpstore.postgres.cache``): ``mpstore_add_span`` (the span and
 its heartbeat) and ``mpstore_write`` (any other change of one rollout, when no rollout is due
 for the watchdog); ``mpstore_insert`` enqueues a rollout if the latest resources are still
-the ones the server saw. They hold no rule: what to write was decided by the server, with
+the ones the server saw. Given a request id, the write functions also store its reply with
+``mpstore_remember`` (``mpstore_replies``, see ``mpstore.postgres.requests``). They hold no
+rule: what to write was decided by the server, with
 ``transitions``, on the row as it read it; a stale version writes nothing.
 """
 
@@ -43,8 +45,8 @@ SCHEMA_NAME = "mpstore"
 SCHEMA_VERSION = 1
 #: Taken (transaction-scoped) while the schema is checked or created: "mpst" in ASCII.
 SCHEMA_LOCK = 0x6D707374
-TABLES = ("mpstore_counters", "mpstore_resources", "mpstore_rollouts", "mpstore_schema",
-          "mpstore_spans", "mpstore_workers")
+TABLES = ("mpstore_counters", "mpstore_replies", "mpstore_reply_floors", "mpstore_resources",
+          "mpstore_rollouts", "mpstore_schema", "mpstore_spans", "mpstore_workers")
 #: Taken (transaction-scoped) by every transaction that finishes a rollout, just before it
 #: takes the feed's next number: finishes commit in the order of their numbers, so a reader
 #: of the feed never sees number n+1 before n ("mpsf").
@@ -101,6 +103,26 @@ CREATE TABLE mpstore_workers (
     record bytea NOT NULL
 );
 CREATE UNIQUE INDEX mpstore_workers_added ON mpstore_workers (added);
+CREATE TABLE mpstore_replies (
+    client text NOT NULL,
+    seq bigint NOT NULL,
+    at double precision NOT NULL,
+    reply bytea NOT NULL,
+    PRIMARY KEY (client, seq)
+);
+CREATE TABLE mpstore_reply_floors (client text PRIMARY KEY, floor bigint NOT NULL);
+CREATE FUNCTION mpstore_remember(p_client text, p_seq bigint, p_at double precision,
+        p_reply bytea)
+    RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM mpstore_reply_floors WHERE client = p_client
+               AND floor >= p_seq) THEN
+        RAISE EXCEPTION 'the reply was forgotten' USING ERRCODE = 'MPST2';
+    END IF;
+    -- a second answer to the same request violates the key: its change is rolled back
+    INSERT INTO mpstore_replies VALUES (p_client, p_seq, p_at, p_reply);
+    RETURN 1;
+END $$;
 CREATE FUNCTION mpstore_add_span(p_rid text, p_aid text, p_sid text, p_seq bigint,
         p_size integer, p_span bytea, p_version bigint, p_status text, p_appended boolean,
         p_queued boolean, p_check double precision, p_attempts integer, p_record bytea)
@@ -124,7 +146,7 @@ BEGIN
 END $$;
 CREATE FUNCTION mpstore_insert(p_rid text, p_now double precision, p_status text,
         p_check double precision, p_attempts integer, p_record bytea,
-        p_check_latest boolean, p_latest text)
+        p_check_latest boolean, p_latest text, p_client text, p_seq bigint, p_reply bytea)
     RETURNS integer LANGUAGE plpgsql AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM mpstore_rollouts WHERE check_at <= p_now) THEN
@@ -136,12 +158,16 @@ BEGIN
     END IF;
     INSERT INTO mpstore_rollouts (rollout_id, status, queue_pos, check_at, attempts, record)
         VALUES (p_rid, p_status, nextval('mpstore_queue_pos'), p_check, p_attempts, p_record);
+    IF p_client IS NOT NULL THEN
+        PERFORM mpstore_remember(p_client, p_seq, p_now, p_reply);
+    END IF;
     PERFORM pg_notify('mpstore_queued', '1');
     RETURN 1;
 END $$;
 CREATE FUNCTION mpstore_write(p_rid text, p_version bigint, p_now double precision,
         p_status text, p_appended boolean, p_queued boolean, p_check double precision,
-        p_attempts integer, p_record bytea, p_finished boolean)
+        p_attempts integer, p_record bytea, p_finished boolean, p_client text, p_seq bigint,
+        p_reply bytea)
     RETURNS integer LANGUAGE plpgsql AS $$
 BEGIN
     IF EXISTS (SELECT 1 FROM mpstore_rollouts WHERE check_at <= p_now) THEN
@@ -158,6 +184,9 @@ BEGIN
         WHERE rollout_id = p_rid AND version = p_version;
     IF NOT FOUND THEN
         RETURN -1;  -- written meanwhile
+    END IF;
+    IF p_client IS NOT NULL THEN
+        PERFORM mpstore_remember(p_client, p_seq, p_now, p_reply);
     END IF;
     IF p_finished THEN
         PERFORM pg_notify('mpstore_finished', p_rid);

@@ -46,18 +46,26 @@ class Spans:
     if TYPE_CHECKING:
         _fast: FastPaths
 
-        def _call(self, fn: Callable[[Tx], T], *, watchdog: bool = True) -> T: ...
+        def _call(self, fn: Callable[[Tx], T], *, watchdog: bool = True,
+                  answer: Callable[[T], Any] | None = None) -> T: ...
+
+        def _current(self) -> tuple[str, int] | None: ...
 
         def _rollout_unit(self, tx: Tx, rollout_id: str) -> Unit: ...
 
     def get_next_span_sequence_id(self, rollout_id: str, attempt_id: str) -> int:
         """The next number of the rollout's span counter (shared by its attempts; REF §3.5)."""
-        return self.get_many_span_sequence_ids([(rollout_id, attempt_id)])[0]
+        return self._sequence_ids([(rollout_id, attempt_id)], lambda ids: ids[0])[0]
 
     def get_many_span_sequence_ids(self, pairs: Sequence[tuple[str, str]]) -> list[int]:
         """One sequence id per (rollout_id, attempt_id), allocated in order, atomically."""
+        return self._sequence_ids(pairs, None)
+
+    def _sequence_ids(self, pairs: Sequence[tuple[str, str]],
+                      answer: Callable[[list[int]], Any] | None) -> list[int]:
+        """The ids; ``answer`` shapes them into the method's reply (for its request id)."""
         checked = v.pairs(pairs)
-        if len(checked) == 1:  # one statement: atomic by itself
+        if len(checked) == 1 and self._current() is None:  # one statement: atomic by itself
             with self._fast.session() as db:
                 return [int(db.run(NEXT_SEQUENCE, (checked[0][0], checked[0][0]))[0][0])]
 
@@ -65,7 +73,7 @@ class Spans:
             cursors = [tx.execute(NEXT_SEQUENCE, (rid, rid)) for rid, _ in checked]
             return [int(c.fetchone()[0]) for c in cursors]
 
-        return self._call(run, watchdog=False)
+        return self._call(run, watchdog=False, answer=answer)
 
     def add_span(self, span: Span) -> Span:
         """Store a span and count it as its attempt's heartbeat (E7, D4). Idempotent (D7): a

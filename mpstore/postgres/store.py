@@ -46,6 +46,15 @@ from .fast import FastPaths
 from .notify import Listener
 from .ops import Operations
 from .reads import Reads
+from .requests import (
+    ANSWERED_KEY,
+    FORGOTTEN,
+    REMEMBER,
+    SKIP,
+    Answered,
+    Requests,
+    forgotten,
+)
 from .schema import prepare
 from .spans import Spans
 from .unit import Unit
@@ -60,7 +69,7 @@ _BY_ID = f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE rollout_id = %s"
 _RETRIES = 5
 
 
-class PostgresStore(Reads, Spans, Operations):
+class PostgresStore(Reads, Spans, Operations, Requests):
     """The store on a PostgreSQL database (``postgresql://USER@HOST:PORT/DB``).
 
     ``clock`` is the store's notion of now (servers sharing a database must agree on it:
@@ -102,6 +111,7 @@ class PostgresStore(Reads, Spans, Operations):
         self._cache = RowCache()
         self._fast = FastPaths(self._pool, self._cache, clock)
         self._init_operations()
+        self._init_requests()
 
     durable = False  # commits are the database's: no group commit to batch in the server
     #: Calls wait on the database: a server runs each in a worker thread, so the calls of
@@ -109,19 +119,34 @@ class PostgresStore(Reads, Spans, Operations):
     blocking_io = True
 
     # ----------------------------------------------------------------- the call path
-    def _call(self, fn: Callable[[Tx], T], *, watchdog: bool = True) -> T:
+    def _call(self, fn: Callable[[Tx], T], *, watchdog: bool = True,
+              answer: Callable[[T], Any] | None = None) -> T:
         """``fn(tx)`` in one transaction (after the watchdog's part, on REF's method set).
-        A deadlock, or a lost connection before anything was written, is retried."""
+        A deadlock, or a lost connection before anything was written, is retried. Within
+        ``once``, the reply (``answer(result)``: the method's result; SKIP: not remembered)
+        is stored in the same transaction (see :mod:`.requests`)."""
         errors = self._psycopg.errors
+        request = self._current()
         for attempt in range(_RETRIES):
-            tx = None
+            tx, remembered = None, False
             try:
                 with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
                     tx = Tx(conn, self._clock(), watchdog)
                     result = fn(tx)
                     tx.flush()
+                    if request is not None:
+                        reply = result if answer is None else answer(result)
+                        if reply is not SKIP:
+                            tx.execute(REMEMBER, (*request, tx.now, _dumps(reply, 5)))
+                            remembered = True
                 self._remember(tx.rows_after)
+                if remembered:
+                    self._remembered()
                 return result
+            except errors.UniqueViolation as exc:
+                if exc.diag.constraint_name == ANSWERED_KEY:
+                    raise Answered() from None
+                raise StorageError(f"PostgreSQL: {_first_line(exc)}") from None
             except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
                 failure: Exception = exc
             except self._psycopg.OperationalError as exc:
@@ -130,6 +155,8 @@ class PostgresStore(Reads, Spans, Operations):
                                        "may not have been committed)") from None
                 failure = exc
             except self._psycopg.Error as exc:
+                if request is not None and exc.sqlstate == FORGOTTEN:
+                    raise forgotten(*request) from None
                 raise StorageError(f"PostgreSQL: {_first_line(exc)}") from None
             except Exception as exc:
                 if _is_pool_timeout(exc):  # no connection to be had: the database is down
@@ -223,8 +250,11 @@ class PostgresStore(Reads, Spans, Operations):
         """Create a rollout at the queue's tail, status queuing, no attempt (E1). With
         ``rollout_id`` (caller-chosen) already stored, that rollout is returned unchanged."""
         fields = self._fields(input, mode, resources_id, config, metadata, rollout_id)
-        fast = None if fields["rollout_id"] else self._fast.enqueue(fields)
+        request = self._current()
+        fast = None if fields["rollout_id"] else self._fast.enqueue(fields, request)
         if fast is not None:
+            if request is not None:
+                self._remembered()
             return fast
         return self._call(lambda tx: self._create(tx, [fields], _QUEUING)[0].rollout.snapshot())
 
@@ -260,7 +290,7 @@ class PostgresStore(Reads, Spans, Operations):
                         ) -> AttemptedRollout | None:
         """Claim the rollout at the head of the queue (E3), or None when the queue stays
         empty for ``wait`` seconds (D13)."""
-        claimed = self.dequeue_many_rollouts(1, worker_id, wait=wait)
+        claimed = self._dequeue(1, worker_id, wait, lambda got: got[0])
         return claimed[0] if claimed else None
 
     def dequeue_many_rollouts(self, limit: int, worker_id: str | None = None, *,
@@ -268,6 +298,12 @@ class PostgresStore(Reads, Spans, Operations):
         """Claim up to ``limit`` rollouts from the head, in queue order, skipping rows other
         claimers hold; with ``wait`` > 0, block until one is available or the time is up
         (woken by NOTIFY from any server)."""
+        return self._dequeue(limit, worker_id, wait, lambda got: got)
+
+    def _dequeue(self, limit: int, worker_id: str | None, wait: float,
+                 answer: Callable[[list[AttemptedRollout]], Any]) -> list[AttemptedRollout]:
+        """Claim up to ``limit``, waiting up to ``wait`` for the first; ``answer`` shapes a
+        claim into the method's reply (remembered for its request; an empty claim is not)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise InvalidArgument(f"limit must be an int >= 0, not {limit!r}")
         worker = v.optional_str(worker_id, "worker_id")
@@ -285,8 +321,13 @@ class PostgresStore(Reads, Spans, Operations):
             return claimed
 
         def attempt() -> list[AttemptedRollout]:
-            fast = self._fast.claim(limit, worker) if limit else []
-            return self._call(claim) if fast is None else fast
+            request = self._current()
+            fast = self._fast.claim(limit, worker, request, answer) if limit else []
+            if fast is None:
+                return self._call(claim, answer=lambda got: answer(got) if got else SKIP)
+            if fast and request is not None:
+                self._remembered()
+            return fast
 
         claimed = attempt()
         if claimed or limit == 0 or wait <= 0:
@@ -362,8 +403,9 @@ class PostgresStore(Reads, Spans, Operations):
             unit.update_rollout(dict(changes), now)
             return unit.rollout.snapshot()
 
-        fast = self._fast.write(rollout_id, apply)
+        fast = self._fast.write(rollout_id, apply, self._current())
         if fast is not None:
+            self._remembered()
             return fast[0]
         return self._call(lambda tx: apply(self._rollout_unit(tx, rollout_id), tx.now))
 
@@ -391,8 +433,9 @@ class PostgresStore(Reads, Spans, Operations):
             unit.update_attempt(attempt, changes, now)
             return attempt.snapshot()
 
-        fast = self._fast.write(rollout_id, apply)
+        fast = self._fast.write(rollout_id, apply, self._current())
         if fast is not None:
+            self._remembered()
             return fast[0]
         return self._call(lambda tx: apply(self._rollout_unit(tx, rollout_id), tx.now))
 
