@@ -123,7 +123,8 @@ def _until_released(url: str) -> None:
 
     deadline = time.monotonic() + 30.0
     while _sql(url, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
-                    f"objid = {WATCHDOG_LOCK}")[0][0]:
+                    f"objid = {WATCHDOG_LOCK} AND database = (SELECT oid FROM pg_database "
+                    "WHERE datname = current_database())")[0][0]:
         assert time.monotonic() < deadline, "the closed leader still holds the lock"
         threading.Event().wait(0.05)
 

@@ -32,14 +32,10 @@ from ..types import (
     UNSET,
     Attempt,
     AttemptedRollout,
-    ResourcesUpdate,
     Rollout,
     RolloutStatus,
-    Worker,
-    new_resources_id,
     new_rollout_id,
 )
-from . import worker_rows
 from .cache import RowCache
 from .db import COLUMNS, Tx
 from .fast import FastPaths
@@ -58,6 +54,7 @@ from .requests import (
 from .schema import prepare
 from .spans import Spans
 from .unit import Unit
+from .writes import Writes
 
 __all__ = ["PostgresStore"]
 
@@ -69,7 +66,7 @@ _BY_ID = f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE rollout_id = %s"
 _RETRIES = 5
 
 
-class PostgresStore(Reads, Spans, Operations, Requests):
+class PostgresStore(Reads, Spans, Writes, Operations, Requests):
     """The store on a PostgreSQL database (``postgresql://USER@HOST:PORT/DB``).
 
     ``clock`` is the store's notion of now (servers sharing a database must agree on it:
@@ -439,34 +436,6 @@ class PostgresStore(Reads, Spans, Operations, Requests):
             return fast[0]
         return self._call(lambda tx: apply(self._rollout_unit(tx, rollout_id), tx.now))
 
-    # ----------------------------------------------------------------- resources
-    def add_resources(self, resources: dict[str, Any]) -> ResourcesUpdate:
-        """Store resources under a new ``rs-`` id; they become the latest."""
-        checked = v.resources(resources)
-        return self._call(lambda tx: _put_resources(tx, new_resources_id(), checked, False))
-
-    def update_resources(self, resources_id: str, resources: dict[str, Any]) -> ResourcesUpdate:
-        """Upsert resources under ``resources_id`` (version + 1); they become the latest."""
-        v.identifier(resources_id, "resources_id")
-        checked = v.resources(resources)
-        return self._call(lambda tx: _put_resources(tx, resources_id, checked, True))
-
-    # ----------------------------------------------------------------- workers
-    def update_worker(self, worker_id: str, heartbeat_stats: Any = NOT_GIVEN) -> Worker:
-        """A worker's heartbeat, as ``InMemoryStore.update_worker`` (creates the worker if
-        it is new; its status is derived from its claims and attempts, never set here)."""
-        v.identifier(worker_id, "worker_id")
-        given = v.is_set(heartbeat_stats)
-        stats = v.metadata(heartbeat_stats, "heartbeat_stats") if given else None
-
-        def run(tx: Tx) -> Worker:
-            tx.wrote = True
-            return worker_rows.apply(tx.conn, [worker_id], [
-                lambda ws, now: wk.heartbeat(ws, worker_id, stats, given, now)], tx.now
-            )[worker_id]
-
-        return self._call(run, watchdog=False)
-
     def close(self) -> None:
         """Close the connections (and give up the watchdog's lead); idempotent. Not served
         remotely."""
@@ -482,23 +451,6 @@ def _claim(unit: Unit, worker: str | None, now: float) -> AttemptedRollout:
 
 def _record(row: Any) -> Any:
     return None if row is None else _loads(row[0])
-
-
-def _put_resources(tx: Tx, resources_id: str, resources: dict[str, Any], upsert: bool
-                   ) -> ResourcesUpdate:
-    old = _record(tx.one("SELECT record FROM mpstore_resources WHERE resources_id = %s "
-                         "FOR UPDATE", (resources_id,))) if upsert else None
-    if old is None:
-        update = ResourcesUpdate(resources_id, resources, tx.now, tx.now, 1)
-    else:
-        update = ResourcesUpdate(resources_id, resources, old.create_time, tx.now,
-                                 old.version + 1)
-    tx.wrote = True
-    tx.execute("INSERT INTO mpstore_resources (resources_id, record) VALUES (%s, %s) "
-               "ON CONFLICT (resources_id) DO UPDATE SET record = EXCLUDED.record, "
-               "updated = nextval('mpstore_resources_updated_seq')",
-               (resources_id, _dumps(update, 5)))
-    return update
 
 
 def _is_pool_timeout(exc: Exception) -> bool:
