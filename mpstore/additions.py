@@ -13,7 +13,6 @@ from . import otel
 from . import query as q
 from . import validate as v
 from . import workers as wk
-from .errors import InvalidArgument
 from .types import UNSET, Page, Span, Worker
 
 if TYPE_CHECKING:
@@ -47,17 +46,7 @@ class Additions:
         takes the next number of the rollout's counter, in the same critical section.
         Returns the stored span, or None when a span with the same span_id was already stored
         for the attempt (agent-lightning's shape; nothing happens then, D7)."""
-        v.identifier(rollout_id, "rollout_id")
-        v.identifier(attempt_id, "attempt_id")
-        if sequence_id is not None and (isinstance(sequence_id, bool) or not isinstance(
-                sequence_id, int) or sequence_id < 0):
-            raise InvalidArgument(f"sequence_id must be an int >= 0 or None, not {sequence_id!r}")
-        given = (readable_span if isinstance(readable_span, Span)
-                 else otel.to_span(readable_span, rollout_id, attempt_id, sequence_id or 0))
-        if (given.rollout_id, given.attempt_id) != (rollout_id, attempt_id):
-            raise InvalidArgument("add_otel_span: the span's rollout_id and attempt_id must be "
-                                  "the ones given")
-        kept = self._inp(v.span(given))
+        kept = self._inp(otel.checked_span(rollout_id, attempt_id, readable_span, sequence_id))
         state = self._state
 
         def run(now: float) -> Span | None:
@@ -99,13 +88,8 @@ class Additions:
                       offset: int = 0) -> Page:
         """A page of the workers (see :mod:`mpstore.workers`), in the order they first
         appeared unless sorted."""
-        predicates = []
-        if status_in is not None:
-            wanted = {v.worker_status(s) for s in v.sequence(status_in, "status_in")}
-            predicates.append(lambda w: w.status in wanted)
-        predicates += q.field_predicates("worker_id", None, worker_id_contains)
-        predicate = q.combine(predicates, q.check_filter_logic(filter_logic))
-        paging = q.check_paging(sort_by, sort_order, limit, offset, q.WORKER_SORT_FIELDS)
+        predicate, paging = q.worker_filters(status_in, worker_id_contains, filter_logic,
+                                             sort_by, sort_order, limit, offset)
         workers = self._state.workers
 
         def run(now: float) -> Page:

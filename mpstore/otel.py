@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import validate as v
 from .errors import InvalidArgument
 from .types import Span
 
-__all__ = ["to_span"]
+__all__ = ["checked_span", "to_span"]
 
 
 def _seconds(nanoseconds: int | None) -> float | None:
@@ -71,3 +72,21 @@ def to_span(readable_span: Any, rollout_id: str, attempt_id: str, sequence_id: i
         raise InvalidArgument(
             f"readable_span must be an OpenTelemetry ReadableSpan or an mpstore Span, not "
             f"{type(readable_span).__name__} ({exc})") from None
+
+
+def checked_span(rollout_id: Any, attempt_id: Any, readable_span: Any,
+                 sequence_id: Any) -> Span:
+    """``add_otel_span``'s arguments checked (every backend's): the span to store, converted
+    from a ``ReadableSpan`` unless it is a Span already, numbered ``sequence_id`` (0 until the
+    store numbers it). Raises InvalidArgument."""
+    v.identifier(rollout_id, "rollout_id")
+    v.identifier(attempt_id, "attempt_id")
+    if sequence_id is not None and (isinstance(sequence_id, bool) or not isinstance(
+            sequence_id, int) or sequence_id < 0):
+        raise InvalidArgument(f"sequence_id must be an int >= 0 or None, not {sequence_id!r}")
+    given = (readable_span if isinstance(readable_span, Span)
+             else to_span(readable_span, rollout_id, attempt_id, sequence_id or 0))
+    if (given.rollout_id, given.attempt_id) != (rollout_id, attempt_id):
+        raise InvalidArgument("add_otel_span: the span's rollout_id and attempt_id must be "
+                              "the ones given")
+    return v.span(given)

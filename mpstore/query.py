@@ -26,8 +26,9 @@ import operator
 from collections.abc import Callable, Iterable, Reversible, Sequence
 from typing import Any, TypeVar
 
+from . import validate as v
 from .errors import InvalidArgument
-from .types import Page
+from .types import Page, RolloutStatus
 
 __all__ = [
     "ATTEMPT_SORT_FIELDS",
@@ -36,13 +37,17 @@ __all__ = [
     "SPAN_SORT_FIELDS",
     "WORKER_SORT_FIELDS",
     "Paging",
+    "RolloutFilters",
     "check_contains",
     "check_filter_logic",
     "check_paging",
     "combine",
     "field_predicates",
     "page",
+    "rollout_filters",
     "rollout_page",
+    "span_filters",
+    "worker_filters",
 ]
 
 T = TypeVar("T")
@@ -243,3 +248,66 @@ def rollout_page(state: Any, statuses: list[Any] | None, ids: list[str] | None,
     indexed = itertools.chain.from_iterable(state.by_status[s] for s in wanted)
     ordered = _in_creation_order(indexed, created, end)
     return page((rollouts[i] for i in ordered), paging, None, matched)
+
+
+# ------------------------------------------------ each query's arguments, for every backend
+class RolloutFilters:
+    """``query_rollouts``' checked arguments: ``statuses`` and ``ids`` (None: no such
+    filter), ``contains``, ``logic``, ``paging``."""
+
+    __slots__ = ("contains", "ids", "logic", "paging", "statuses")
+
+    def __init__(self, statuses: list[RolloutStatus] | None, ids: list[str] | None,
+                 contains: str | None, logic: str, paging: Paging) -> None:
+        self.statuses, self.ids, self.contains = statuses, ids, contains
+        self.logic, self.paging = logic, paging
+
+
+def rollout_filters(status_in: Any, rollout_id_in: Any, rollout_id_contains: Any,
+                    filter_logic: Any, sort_by: Any, sort_order: Any, limit: Any, offset: Any,
+                    status: Any, rollout_ids: Any, with_latest_attempt: Any) -> RolloutFilters:
+    """Check ``query_rollouts``' arguments (``status``/``rollout_ids`` are the older names of
+    ``status_in``/``rollout_id_in``). Raises InvalidArgument."""
+    chosen = status_in if status_in is not None else status
+    statuses = None if chosen is None else [
+        v.rollout_status(s) for s in v.sequence(chosen, "status_in")]
+    chosen_ids = rollout_id_in if rollout_id_in is not None else rollout_ids
+    ids = None if chosen_ids is None else v.string_list(chosen_ids, "rollout_id_in")
+    contains = check_contains(rollout_id_contains, "rollout_id_contains")
+    logic = check_filter_logic(filter_logic)
+    paging = check_paging(sort_by, sort_order, limit, offset, ROLLOUT_SORT_FIELDS)
+    if not isinstance(with_latest_attempt, bool):
+        raise InvalidArgument(f"with_latest_attempt must be a bool, not {with_latest_attempt!r}")
+    return RolloutFilters(statuses, ids, contains, logic, paging)
+
+
+def span_filters(trace_id: Any, trace_id_contains: Any, span_id: Any, span_id_contains: Any,
+                 parent_id: Any, parent_id_contains: Any, name: Any, name_contains: Any,
+                 filter_logic: Any, limit: Any, offset: Any, sort_by: Any, sort_order: Any
+                 ) -> tuple[Predicate | None, Paging]:
+    """``query_spans``' filters as one predicate (None: none), and its paging (sort_by None
+    for the spans' own order: by sequence_id, ties in arrival order). Raises
+    InvalidArgument."""
+    predicates: list[Predicate] = []
+    for field, exact, contains in (("trace_id", trace_id, trace_id_contains),
+                                   ("span_id", span_id, span_id_contains),
+                                   ("parent_id", parent_id, parent_id_contains),
+                                   ("name", name, name_contains)):
+        predicates += field_predicates(field, exact, contains)
+    predicate = combine(predicates, check_filter_logic(filter_logic))
+    paging = check_paging(None if sort_by == "sequence_id" and sort_order == "asc"
+                          else sort_by, sort_order, limit, offset, SPAN_SORT_FIELDS)
+    return predicate, paging
+
+
+def worker_filters(status_in: Any, worker_id_contains: Any, filter_logic: Any, sort_by: Any,
+                   sort_order: Any, limit: Any, offset: Any) -> tuple[Predicate | None, Paging]:
+    """``query_workers``' filters as one predicate (None: none), and its paging. Raises
+    InvalidArgument."""
+    predicates: list[Predicate] = []
+    if status_in is not None:
+        wanted = {v.worker_status(s) for s in v.sequence(status_in, "status_in")}
+        predicates.append(lambda w: w.status in wanted)
+    predicates += field_predicates("worker_id", None, worker_id_contains)
+    predicate = combine(predicates, check_filter_logic(filter_logic))
+    return predicate, check_paging(sort_by, sort_order, limit, offset, WORKER_SORT_FIELDS)

@@ -242,22 +242,13 @@ class InMemoryStore(Additions, Sections):
         names of ``status_in``/``rollout_id_in`` (the newer win when both are given). An
         empty list matches nothing (D9). ``with_latest_attempt``: rollouts that have attempts
         come as ``AttemptedRollout`` with their latest (agent-lightning 0.3.0's shape)."""
-        chosen = status_in if status_in is not None else status
-        statuses = None if chosen is None else [
-            v.rollout_status(s) for s in v.sequence(chosen, "status_in")
-        ]
-        chosen_ids = rollout_id_in if rollout_id_in is not None else rollout_ids
-        ids = None if chosen_ids is None else v.string_list(chosen_ids, "rollout_id_in")
-        contains = q.check_contains(rollout_id_contains, "rollout_id_contains")
-        logic = q.check_filter_logic(filter_logic)
-        paging = q.check_paging(sort_by, sort_order, limit, offset, q.ROLLOUT_SORT_FIELDS)
-        if not isinstance(with_latest_attempt, bool):
-            raise InvalidArgument(
-                f"with_latest_attempt must be a bool, not {with_latest_attempt!r}")
+        f = q.rollout_filters(status_in, rollout_id_in, rollout_id_contains, filter_logic,
+                              sort_by, sort_order, limit, offset, status, rollout_ids,
+                              with_latest_attempt)
         state = self._state
 
         def run(now: float) -> Page:
-            found = q.rollout_page(state, statuses, ids, contains, logic, paging)
+            found = q.rollout_page(state, f.statuses, f.ids, f.contains, f.logic, f.paging)
             if not with_latest_attempt:
                 found[:] = [self._out(r) for r in found]
                 return found
@@ -370,17 +361,10 @@ class InMemoryStore(Additions, Sections):
         """Replace the given fields (UNSET: keep). A status is written as given, with its side
         effects (E5): queue membership, end_time for terminal statuses, waiters woken."""
         v.identifier(rollout_id, "rollout_id")
-        changes: dict[str, Any] = {}
-        for name, value, check in (
-            ("input", input, self._inp),
-            ("mode", mode, v.mode),
-            ("resources_id", resources_id, lambda x: v.optional_str(x, "resources_id")),
-            ("status", status, v.rollout_status),
-            ("config", config, v.config),
-            ("metadata", metadata, lambda x: self._inp(v.metadata(x))),
-        ):
-            if v.is_set(value):
-                changes[name] = check(value)
+        changes = v.rollout_changes(input, mode, resources_id, status, config, metadata)
+        for name in ("input", "metadata"):  # the caller's objects are not kept
+            if name in changes:
+                changes[name] = self._inp(changes[name])
 
         def run(now: float) -> Rollout:
             rollout = self._state.rollout(rollout_id)
@@ -397,16 +381,9 @@ class InMemoryStore(Additions, Sections):
         an update without status never does (D3)."""
         v.identifier(rollout_id, "rollout_id")
         v.identifier(attempt_id, "attempt_id")
-        changes: dict[str, Any] = {}
-        for name, value, check in (
-            ("status", status, v.attempt_status),
-            ("worker_id", worker_id, lambda x: v.optional_str(x, "worker_id")),
-            ("last_heartbeat_time", last_heartbeat_time,
-             lambda x: v.optional_float(x, "last_heartbeat_time")),
-            ("metadata", metadata, lambda x: self._inp(v.metadata(x))),
-        ):
-            if v.is_set(value):
-                changes[name] = check(value)
+        changes = v.attempt_changes(status, worker_id, last_heartbeat_time, metadata)
+        if "metadata" in changes:
+            changes["metadata"] = self._inp(changes["metadata"])
 
         def run(now: float) -> Attempt:
             attempt = self._state.attempt(rollout_id, attempt_id)
@@ -477,15 +454,10 @@ class InMemoryStore(Additions, Sections):
         an unknown rollout; SpansEvicted once its spans were evicted (D8)."""
         v.identifier(rollout_id, "rollout_id")
         v.optional_str(attempt_id, "attempt_id")
-        predicates = []
-        for field, exact, contains in (("trace_id", trace_id, trace_id_contains),
-                                       ("span_id", span_id, span_id_contains),
-                                       ("parent_id", parent_id, parent_id_contains),
-                                       ("name", name, name_contains)):
-            predicates += q.field_predicates(field, exact, contains)
-        predicate = q.combine(predicates, q.check_filter_logic(filter_logic))
-        paging = q.check_paging(None if sort_by == "sequence_id" and sort_order == "asc"
-                                else sort_by, sort_order, limit, offset, q.SPAN_SORT_FIELDS)
+        predicate, paging = q.span_filters(
+            trace_id, trace_id_contains, span_id, span_id_contains, parent_id,
+            parent_id_contains, name, name_contains, filter_logic, limit, offset, sort_by,
+            sort_order)
 
         def run(now: float) -> Page:
             spans = self._state.query_spans(rollout_id, attempt_id)

@@ -24,6 +24,7 @@ from .types import (
 )
 
 __all__ = [
+    "attempt_changes",
     "attempt_status",
     "config",
     "enqueue_request",
@@ -35,6 +36,7 @@ __all__ = [
     "optional_str",
     "pairs",
     "resources",
+    "rollout_changes",
     "rollout_status",
     "sequence",
     "span",
@@ -288,3 +290,40 @@ def resources(value: Any) -> dict[str, Any]:
 
 def is_set(value: Any) -> bool:
     return not isinstance(value, Unset)
+
+
+
+#: ``update_rollout``'s fields, in its order, and how each is checked (an input is anything).
+_ROLLOUT_FIELDS: tuple[tuple[str, Any], ...] = (
+    ("input", lambda x: x),
+    ("mode", mode),
+    ("resources_id", lambda x: optional_str(x, "resources_id")),
+    ("status", rollout_status),
+    ("config", config),
+    ("metadata", metadata),
+)
+#: ``update_attempt``'s fields, in its order, and how each is checked.
+_ATTEMPT_FIELDS: tuple[tuple[str, Any], ...] = (
+    ("status", attempt_status),
+    ("worker_id", lambda x: optional_str(x, "worker_id")),
+    ("last_heartbeat_time", lambda x: optional_float(x, "last_heartbeat_time")),
+    ("metadata", metadata),
+)
+
+
+def rollout_changes(input: Any, mode: Any, resources_id: Any, status: Any, config: Any,
+                    metadata: Any) -> dict[str, Any]:
+    """``update_rollout``'s given fields (those not NOT_GIVEN), checked. Raises
+    InvalidArgument."""
+    given = (input, mode, resources_id, status, config, metadata)
+    return {name: check(value) for (name, check), value in zip(_ROLLOUT_FIELDS, given, strict=True)
+            if is_set(value)}
+
+
+def attempt_changes(status: Any, worker_id: Any, last_heartbeat_time: Any,
+                    metadata: Any) -> dict[str, Any]:
+    """``update_attempt``'s given fields (those not NOT_GIVEN), checked. Raises
+    InvalidArgument."""
+    given = (status, worker_id, last_heartbeat_time, metadata)
+    return {name: check(value) for (name, check), value in zip(_ATTEMPT_FIELDS, given, strict=True)
+            if is_set(value)}

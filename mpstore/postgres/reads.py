@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import query as q
 from .. import validate as v
-from ..errors import InvalidArgument
 from ..types import (
     Attempt,
     AttemptedRollout,
@@ -108,17 +107,11 @@ class Reads:
         """A page of rollouts, as ``InMemoryStore.query_rollouts`` (its arguments, its
         order); filters, creation order, paging and a sort by id or status run in the
         database, on its indexes."""
-        chosen = status_in if status_in is not None else status
-        statuses = None if chosen is None else [
-            v.rollout_status(s).value for s in v.sequence(chosen, "status_in")]
-        chosen_ids = rollout_id_in if rollout_id_in is not None else rollout_ids
-        ids = None if chosen_ids is None else v.string_list(chosen_ids, "rollout_id_in")
-        contains = q.check_contains(rollout_id_contains, "rollout_id_contains")
-        logic = q.check_filter_logic(filter_logic)
-        paging = q.check_paging(sort_by, sort_order, limit, offset, q.ROLLOUT_SORT_FIELDS)
-        if not isinstance(with_latest_attempt, bool):
-            raise InvalidArgument(
-                f"with_latest_attempt must be a bool, not {with_latest_attempt!r}")
+        f = q.rollout_filters(status_in, rollout_id_in, rollout_id_contains, filter_logic,
+                              sort_by, sort_order, limit, offset, status, rollout_ids,
+                              with_latest_attempt)
+        statuses = None if f.statuses is None else [s.value for s in f.statuses]
+        ids, contains, logic, paging = f.ids, f.contains, f.logic, f.paging
         where, params = [], []
         for clause, value in (("status = ANY(%s)", statuses), ("rollout_id = ANY(%s)", ids),
                               ("strpos(rollout_id, %s) > 0", contains)):
@@ -214,13 +207,8 @@ class Reads:
                       offset: int = 0) -> Page:
         """A page of the workers (see :mod:`mpstore.workers`), in the order they first
         appeared unless sorted (about one per runner: paged in Python)."""
-        predicates = []
-        if status_in is not None:
-            wanted = {v.worker_status(s) for s in v.sequence(status_in, "status_in")}
-            predicates.append(lambda w: w.status in wanted)
-        predicates += q.field_predicates("worker_id", None, worker_id_contains)
-        predicate = q.combine(predicates, q.check_filter_logic(filter_logic))
-        paging = q.check_paging(sort_by, sort_order, limit, offset, q.WORKER_SORT_FIELDS)
+        predicate, paging = q.worker_filters(status_in, worker_id_contains, filter_logic,
+                                             sort_by, sort_order, limit, offset)
 
         def run(tx: Tx) -> Page:
             workers = [_loads(row[0]) for row in

@@ -122,17 +122,7 @@ class Spans:
         """As ``InMemoryStore.add_otel_span``: an OpenTelemetry span stored as ``add_span``
         does, taking the rollout counter's next number without ``sequence_id`` (in the same
         transaction); None when the attempt already has a span with its span_id."""
-        v.identifier(rollout_id, "rollout_id")
-        v.identifier(attempt_id, "attempt_id")
-        if sequence_id is not None and (isinstance(sequence_id, bool) or not isinstance(
-                sequence_id, int) or sequence_id < 0):
-            raise InvalidArgument(f"sequence_id must be an int >= 0 or None, not {sequence_id!r}")
-        given = (readable_span if isinstance(readable_span, Span)
-                 else otel.to_span(readable_span, rollout_id, attempt_id, sequence_id or 0))
-        if (given.rollout_id, given.attempt_id) != (rollout_id, attempt_id):
-            raise InvalidArgument("add_otel_span: the span's rollout_id and attempt_id must be "
-                                  "the ones given")
-        kept = v.span(given)
+        kept = otel.checked_span(rollout_id, attempt_id, readable_span, sequence_id)
 
         def run(tx: Tx) -> Span | None:
             self._rollout_unit(tx, rollout_id).span_attempt(attempt_id)
@@ -156,15 +146,10 @@ class Spans:
         ties in arrival order, D6); never SpansEvicted: spans are kept until deleted."""
         v.identifier(rollout_id, "rollout_id")
         v.optional_str(attempt_id, "attempt_id")
-        predicates = []
-        for field, exact, contains in (("trace_id", trace_id, trace_id_contains),
-                                       ("span_id", span_id, span_id_contains),
-                                       ("parent_id", parent_id, parent_id_contains),
-                                       ("name", name, name_contains)):
-            predicates += q.field_predicates(field, exact, contains)
-        predicate = q.combine(predicates, q.check_filter_logic(filter_logic))
-        paging = q.check_paging(None if sort_by == "sequence_id" and sort_order == "asc"
-                                else sort_by, sort_order, limit, offset, q.SPAN_SORT_FIELDS)
+        predicate, paging = q.span_filters(
+            trace_id, trace_id_contains, span_id, span_id_contains, parent_id,
+            parent_id_contains, name, name_contains, filter_logic, limit, offset, sort_by,
+            sort_order)
 
         def run(tx: Tx) -> Page:
             spans = _rollout_spans(tx, rollout_id, attempt_id)

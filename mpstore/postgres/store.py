@@ -384,17 +384,7 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
         """Replace the given fields (UNSET: keep). A status is written as given, with its side
         effects (E5): queue membership, end_time for terminal statuses, waiters woken."""
         v.identifier(rollout_id, "rollout_id")
-        changes: dict[str, Any] = {}
-        for name, value, check in (
-            ("input", input, lambda x: x),
-            ("mode", mode, v.mode),
-            ("resources_id", resources_id, lambda x: v.optional_str(x, "resources_id")),
-            ("status", status, v.rollout_status),
-            ("config", config, v.config),
-            ("metadata", metadata, v.metadata),
-        ):
-            if v.is_set(value):
-                changes[name] = check(value)
+        changes = v.rollout_changes(input, mode, resources_id, status, config, metadata)
 
         def apply(unit: Unit, now: float) -> Rollout:
             unit.update_rollout(dict(changes), now)
@@ -414,16 +404,7 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
         an update without status never does (D3)."""
         v.identifier(rollout_id, "rollout_id")
         v.identifier(attempt_id, "attempt_id")
-        changes: dict[str, Any] = {}
-        for name, value, check in (
-            ("status", status, v.attempt_status),
-            ("worker_id", worker_id, lambda x: v.optional_str(x, "worker_id")),
-            ("last_heartbeat_time", last_heartbeat_time,
-             lambda x: v.optional_float(x, "last_heartbeat_time")),
-            ("metadata", metadata, v.metadata),
-        ):
-            if v.is_set(value):
-                changes[name] = check(value)
+        changes = v.attempt_changes(status, worker_id, last_heartbeat_time, metadata)
 
         def apply(unit: Unit, now: float) -> Attempt:
             attempt = unit.attempt(attempt_id)
