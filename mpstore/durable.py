@@ -10,9 +10,20 @@ Write path (group commit). Under the store lock, ``stage()`` takes a
 and turns it into SQL statements, encoding the records right there, so what is written is
 exactly what the lock protected; the change gets a ticket. After the lock is released, the
 caller's ``wait(ticket)`` returns once that ticket is committed: the first waiter to find no
-commit in progress commits *every* staged change in one transaction, the others wait for it.
-So a reply never leaves the server before its change is on disk, and concurrent callers share
-commits.
+commit in progress commits *every* staged change at once, the others wait for it. So a reply
+never leaves the server before its change is on disk, and concurrent callers share commits.
+
+A commit is one frame appended to the log file ``mpstore.log`` (:mod:`mpstore.changelog`):
+the statements, pickled, with their tickets. Once the log passes ``COMPACT_AFTER`` bytes, the
+committer runs all of its statements against the database in one transaction, recording the
+last ticket applied (meta ``compacted_ticket``, in the same transaction), and empties the log
+(*compaction*; also on close and before a backup). Opening the directory applies what the
+log holds past that ticket. Why: the cycle's commits changed ~1.4 KB of rows each, but a
+SQLite transaction per commit wrote ~10 whole pages of WAL for them and synced them again at
+every checkpoint; a compaction writes each changed page once for ~100 cycles
+(benchmarks/README.md, "durable"). If the database cannot be written when the log is read
+back (a full disk), the state is read from an in-memory copy with the log applied, and the
+log stays until a later compaction succeeds.
 
 A failed commit (a full disk, an I/O error) fails every ticket staged until then: those
 changes were applied in memory but not on disk, so the journal is *broken* until the store has
@@ -21,8 +32,9 @@ disk. After a failure the journal refuses writes for ``RETRY_AFTER`` seconds (do
 further failure, up to ``RETRY_AFTER_MAX``), then lets the next write try the disk again;
 ``status()`` says which it is doing.
 
-``synchronous`` (SPEC §9): ``normal`` (default) - in WAL mode a commit survives a killed server
-process but not a power loss or OS crash; ``full`` - also survives those, at an fsync per commit.
+``synchronous`` (SPEC §9): ``normal`` (default) - a commit (a ``write`` to the log) survives
+a killed server process but not a power loss or OS crash; ``full`` - also survives those, at
+an ``fdatasync`` of the log per commit (and SQLite's ``synchronous=FULL`` for compactions).
 
 Errors: :class:`~mpstore.errors.StorageError` for a foreign, damaged or newer database, for a
 directory already used by another server, and for a failed or refused write.
@@ -30,6 +42,7 @@ directory already used by another server, and for a failed or refused write.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -44,8 +57,22 @@ from typing import Any
 
 from . import schema
 from .accounting import COMMIT_BUCKETS, Histogram
-from .changes import ChangeSet, RolloutRow, Saved
+from .changelog import LogFile
+from .changes import ChangeSet, Saved
 from .errors import StorageError
+from .tables import (
+    COMPACTED_KEY,
+    LAYOUTS_KEY,
+    MIGRATIONS,
+    PUT_META,
+    SCHEMA_SQL,
+    UNREADABLE,
+    Statement,
+    apply,
+    migrate,
+    read,
+    statements,
+)
 
 __all__ = ["PRAGMAS", "RETRY_AFTER", "RETRY_AFTER_MAX", "SYNCHRONOUS", "Journal"]
 
@@ -56,6 +83,12 @@ APPLICATION_ID = 0x6D707374
 SCHEMA_VERSION = schema.SCHEMA_VERSION
 DB_NAME = "mpstore.sqlite3"
 LOCK_NAME = "mpstore.lock"
+LOG_NAME = "mpstore.log"
+#: Log bytes past which a commit also applies the log to the database (compaction, see the
+#: module docstring): about 100 cycles of the benchmark, a transaction of ~15 ms. Larger
+#: saves little (each page is written once per compaction either way) and makes the
+#: pause longer; smaller writes the same hot pages more often.
+COMPACT_AFTER = 1 << 20
 #: The accepted ``synchronous`` levels and what SQLite calls them.
 SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 #: The connection's settings beyond WAL mode and ``synchronous``, each for a measured reason
@@ -75,78 +108,12 @@ PRAGMAS = {"locking_mode": "EXCLUSIVE", "wal_autocheckpoint": "16384"}
 #: Seconds writes are refused after a failed commit, then doubled per further failure.
 RETRY_AFTER = 1.0
 RETRY_AFTER_MAX = 30.0
-#: How many failed ticket ranges are remembered for their waiters (each is woken at once).
-_FAILURES_KEPT = 64
-
-_SCHEMA = """
-CREATE TABLE rollouts (rollout_id TEXT PRIMARY KEY, created INTEGER NOT NULL,
-                       queue_position INTEGER, counter INTEGER NOT NULL,
-                       ticket INTEGER NOT NULL, record BLOB NOT NULL,
-                       finished INTEGER) WITHOUT ROWID;
-CREATE TABLE counters (rollout_id TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE spans (id INTEGER PRIMARY KEY, rollout_id TEXT NOT NULL, ticket INTEGER NOT NULL,
-                    arrived REAL NOT NULL, record BLOB NOT NULL);
-CREATE INDEX spans_by_rollout ON spans (rollout_id);
-CREATE TABLE evicted (rollout_id TEXT PRIMARY KEY);
-CREATE TABLE resources (resources_id TEXT PRIMARY KEY, record BLOB NOT NULL);
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE replies (client TEXT NOT NULL, seq INTEGER NOT NULL, result BLOB NOT NULL,
-                      PRIMARY KEY (client, seq)) WITHOUT ROWID;
-"""
-
-_PUT_ROLLOUT = "INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?)"
-#: Deleting a rollout (``delete_rollouts``): every row that names it.
-_DELETE = tuple(f"DELETE FROM {table} WHERE rollout_id = ?"
-                for table in ("rollouts", "spans", "counters", "evicted"))
 #: Pages given back to the file system after a commit that deleted rollouts (16 MiB, about
 #: 0.3 s); the rest is given back by later such commits and on close. Freed pages are
 #: reused by new rows meanwhile, so the file never grows because of them.
 _VACUUM_PAGES = 4096
-_PUT_COUNTER = "INSERT OR REPLACE INTO counters VALUES (?, ?)"
-_ADD_SPAN = "INSERT INTO spans (rollout_id, ticket, arrived, record) VALUES (?, ?, ?, ?)"
-_EVICT = "INSERT OR IGNORE INTO evicted VALUES (?)"
-_DROP_SPANS = "DELETE FROM spans WHERE rollout_id = ?"
-_PUT_RESOURCES = "INSERT OR REPLACE INTO resources VALUES (?, ?)"
-_PUT_META = "INSERT OR REPLACE INTO meta VALUES (?, ?)"
-_PUT_REPLY = "INSERT OR REPLACE INTO replies VALUES (?, ?, ?)"
-_FORGET_REPLIES = "DELETE FROM replies WHERE client = ? AND seq <= ?"
-_LAYOUTS_KEY = "layouts"
-#: What reading a damaged file or record raises (a record's pickle, its layout).
-_UNREADABLE = (sqlite3.DatabaseError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
-               KeyError, AttributeError, IndexError)
-
-Statement = tuple[str, tuple[Any, ...]]
-
-
-def _dumps(value: Any) -> bytes:
-    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _rollout_row(row: RolloutRow, ticket: int) -> tuple[Any, ...]:
-    record = _dumps(schema.encode_rollout(row.rollout, row.attempts))
-    return (row.rollout.rollout_id, row.created, row.queue_position, row.counter, ticket,
-            record, row.finished)
-
-
-def statements(changes: ChangeSet, ticket: int) -> list[Statement]:
-    """The SQL that writes ``changes`` under ``ticket``."""
-    out: list[Statement] = [(_PUT_ROLLOUT, _rollout_row(row, ticket))
-                            for row in changes.rollouts]
-    out.extend((_PUT_COUNTER, pair) for pair in changes.counters)
-    out.extend((_ADD_SPAN, (s.rollout_id, ticket, arrived, _dumps(schema.encode_span(s))))
-               for s, arrived in changes.spans)
-    for rid in changes.evicted:
-        out.extend(((_EVICT, (rid,)), (_DROP_SPANS, (rid,))))
-    out.extend((_PUT_RESOURCES, (r.resources_id, _dumps(schema.encode_resources(r))))
-               for r in changes.resources)
-    if changes.resources:
-        out.append((_PUT_META, ("latest_resources_id", changes.latest_resources_id)))
-    for rid in changes.deleted:
-        out.extend((sql, (rid,)) for sql in _DELETE)
-    out.extend((_PUT_REPLY, (client, seq, _dumps(result)))
-               for client, seq, result in changes.replies)
-    out.extend((_FORGET_REPLIES, pair) for pair in changes.forgotten)
-    return out
+#: How many failed ticket ranges are remembered for their waiters (each is woken at once).
+_FAILURES_KEPT = 64
 
 
 class Journal:
@@ -169,6 +136,15 @@ class Journal:
         except BaseException:
             self._lock_file.close()
             raise
+        try:
+            self._log = LogFile(self.path / LOG_NAME, sync=synchronous == "full")
+        except OSError as exc:
+            self._db.close()
+            self._lock_file.close()
+            raise StorageError(f"cannot open {self.path / LOG_NAME}: {exc}") from None
+        self._logged: list[Statement] = []  # what the log holds and the database does not
+        self._logged_last = 0  # the last ticket in the log
+        self._compact_at = COMPACT_AFTER  # the log's size at the next compaction
         self._monotonic = monotonic
         self._cond = threading.Condition()
         self._pending: list[Statement] = []
@@ -218,13 +194,13 @@ class Journal:
             db.execute(f"PRAGMA synchronous={synchronous}")
             if fresh:
                 db.executescript(
-                    f"BEGIN; {_SCHEMA} PRAGMA application_id={APPLICATION_ID}; "
+                    f"BEGIN; {SCHEMA_SQL} PRAGMA application_id={APPLICATION_ID}; "
                     f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
                 )
-                db.execute(_PUT_META, (_LAYOUTS_KEY, json.dumps(schema.LAYOUTS)))
+                db.execute(PUT_META, (LAYOUTS_KEY, json.dumps(schema.LAYOUTS)))
             else:
                 migrate(db, version)
-        except _UNREADABLE as exc:
+        except UNREADABLE as exc:
             if db is not None:
                 db.close()
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
@@ -255,15 +231,51 @@ class Journal:
     def load(self) -> Saved:
         """Everything stored, for ``StoreState.restore``; also the next ticket's base on first
         open. Raises StorageError if a record cannot be read back."""
+        db = None
         try:
-            saved = read(self._db)
-        except _UNREADABLE as exc:
-            raise StorageError(f"{self.path / DB_NAME} is damaged: {exc}") from None
-        if not self._staged:
-            last = self._db.execute("SELECT MAX(ticket) FROM (SELECT ticket FROM rollouts "
-                                    "UNION ALL SELECT ticket FROM spans)").fetchone()[0]
-            self._staged = self._committed = last or 0
+            db = self._replay()
+            saved = read(db)
+            if not self._staged:
+                last = db.execute("SELECT MAX(ticket) FROM (SELECT ticket FROM rollouts "
+                                  "UNION ALL SELECT ticket FROM spans)").fetchone()[0]
+                self._staged = self._committed = max(last or 0, self._logged_last)
+        except UNREADABLE as exc:
+            raise StorageError(f"{self.path} is damaged: {exc}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.path}: {exc}") from None
+        finally:
+            if db is not None and db is not self._db:
+                db.close()
         return saved
+
+    def _replay(self) -> sqlite3.Connection:
+        """Bring the log's commits into the database, and return the connection to read
+        the state from: the database's own, or, if it cannot be written now (a full disk),
+        an in-memory copy with the log applied (the log is then kept for later)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?",
+                               (COMPACTED_KEY,)).fetchone()
+        compacted = last = int(row[0]) if row else 0
+        logged: list[Statement] = []
+        for payload in self._log.frames():
+            version, _first, end, batch = pickle.loads(payload)
+            if version != SCHEMA_VERSION:
+                raise ValueError(f"{LOG_NAME} was written for schema version {version}")
+            if end > compacted:
+                logged.extend(batch)
+                last = end
+        self._logged, self._logged_last = logged, last
+        if not logged:
+            return self._db
+        try:
+            self._compact()
+            return self._db
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("Cannot apply %s to the database now (%s); reading through a copy "
+                           "in memory", LOG_NAME, exc)
+        copy = sqlite3.connect(":memory:")
+        self._db.backup(copy)
+        apply(copy, logged, last)
+        return copy
 
     # ------------------------------------------------------------------ write
     def stage(self, changes: ChangeSet) -> int:
@@ -322,7 +334,7 @@ class Journal:
         self._cond.release()
         began = time.perf_counter()
         try:
-            self._write(batch)
+            self._write(batch, first, last)
         except Exception as exc:
             failure: Exception | None = exc
             logger.error("Writing to %s failed: %s", self.path, exc)
@@ -352,22 +364,40 @@ class Journal:
         self._failed = [*self._failed[-_FAILURES_KEPT + 1:], (first, last)]
         self._pending = []
         self._committed = last  # nothing below it is waited for any more: it failed or landed
-        self._error = self._broken = f"{type(failure).__name__}: {failure}"
+        self._error = self._broken = _describe(failure)
         self._failures += 1
         pause = min(RETRY_AFTER * 2 ** (self._failures - 1), RETRY_AFTER_MAX)
         self._refuse_until = self._monotonic() + pause
 
-    def _write(self, batch: list[Statement]) -> None:
-        db = self._db
+    def _write(self, batch: list[Statement], first: int, last: int) -> None:
+        """Append the batch to the log (committed once that returns); past COMPACT_AFTER,
+        apply the log to the database. A failed compaction fails no commit: the log keeps
+        the changes, and it is tried again after as many bytes more."""
+        if not batch:
+            return
+        payload = pickle.dumps((SCHEMA_VERSION, first, last, batch), pickle.HIGHEST_PROTOCOL)
+        self._log.append(payload)
+        self._logged.extend(batch)
+        self._logged_last = last
+        if self._log.size < self._compact_at:
+            return
         try:
-            db.execute("BEGIN")
-            for sql, params in batch:
-                db.execute(sql, params)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+            self._compact()
+        except (sqlite3.Error, OSError) as exc:
+            logger.warning("Applying %s to the database failed (%s); the log keeps the "
+                           "changes, and it is tried again later", LOG_NAME, exc)
+            self._compact_at = self._log.size + COMPACT_AFTER
+        else:
+            self._compact_at = COMPACT_AFTER
+
+    def _compact(self) -> None:
+        """Apply what the log holds to the database in one transaction, then empty the log.
+        Raises sqlite3.Error or OSError; then the database is as it was, the log intact."""
+        if self._logged:
+            apply(self._db, self._logged, self._logged_last)
+            self._logged = []
+        if self._log.size:
+            self._log.clear()  # if this fails, replay skips the frames by their tickets
         if self._vacuum:
             self._shrink(_VACUUM_PAGES)
 
@@ -414,6 +444,10 @@ class Journal:
         with self._cond:
             while self._writing:
                 self._cond.wait()
+            try:
+                self._compact()
+            except (sqlite3.Error, OSError) as exc:
+                raise StorageError(f"cannot apply {LOG_NAME} to the database: {exc}") from None
             copy = sqlite3.connect(target)
             try:
                 self._db.backup(copy)
@@ -425,103 +459,22 @@ class Journal:
         try:
             if self._broken is None:
                 self.wait(self._staged)
-                if self._vacuum:
-                    self._shrink(None)
+                try:
+                    self._compact()
+                except (sqlite3.Error, OSError) as exc:  # the next open applies it
+                    logger.warning("Left %s beside the database: %s", LOG_NAME, exc)
+                else:
+                    if self._vacuum:
+                        self._shrink(None)
         finally:
+            self._log.close()
             self._db.close()
             self._lock_file.close()
 
 
-# ---------------------------------------------------------------------- reading and migrating
-def read(db: sqlite3.Connection) -> Saved:
-    """Everything a database of the current schema holds. Raises ValueError (and the
-    errors of sqlite3 and pickle) for a row that cannot be read back."""
-    layouts = {kind: tuple(names) for kind, names in json.loads(
-        db.execute("SELECT value FROM meta WHERE key = ?", (_LAYOUTS_KEY,)).fetchone()[0]
-    ).items()}
-    decode, saved = schema.Decoder(layouts), Saved()
-    for created, position, counter, ticket, record, finished in db.execute(
-        "SELECT created, queue_position, counter, ticket, record, finished FROM rollouts "
-        "ORDER BY created"
-    ):
-        rollout, attempts = decode.rollout(pickle.loads(record))
-        row = RolloutRow(rollout, attempts, created, position, counter, finished)
-        saved.rollouts.append((row, ticket))
-    saved.counters = dict(db.execute("SELECT rollout_id, value FROM counters"))
-    saved.spans = [
-        (ticket, arrived, decode.span(pickle.loads(record))) for ticket, arrived, record in
-        db.execute("SELECT ticket, arrived, record FROM spans ORDER BY id")
-    ]
-    saved.evicted = [rid for (rid,) in db.execute("SELECT rollout_id FROM evicted")]
-    saved.resources = [decode.resources(pickle.loads(r))
-                       for (r,) in db.execute("SELECT record FROM resources")]
-    saved.replies = [(client, seq, pickle.loads(result)) for client, seq, result in
-                     db.execute("SELECT client, seq, result FROM replies")]
-    latest = db.execute("SELECT value FROM meta WHERE key = 'latest_resources_id'").fetchone()
-    saved.latest_resources_id = latest[0] if latest else None
-    return saved
-
-
-def _from_version_1(db: sqlite3.Connection) -> None:
-    """Version 1 (mpstore 0.1.0) stored records as pickles of the record objects themselves
-    (their loader and field tuple); this version's classes still read them. Rewrite every
-    record in the explicit layouts of :mod:`mpstore.schema`."""
-    rows = db.execute("SELECT rollout_id, record FROM rollouts").fetchall()
-    for rid, record in rows:
-        rollout, attempts = pickle.loads(record)
-        db.execute("UPDATE rollouts SET record = ? WHERE rollout_id = ?",
-                   (_dumps(schema.encode_rollout(rollout, attempts)), rid))
-    for span_id, record in db.execute("SELECT id, record FROM spans").fetchall():
-        db.execute("UPDATE spans SET record = ? WHERE id = ?",
-                   (_dumps(schema.encode_span(pickle.loads(record))), span_id))
-    for rid, record in db.execute("SELECT resources_id, record FROM resources").fetchall():
-        db.execute("UPDATE resources SET record = ? WHERE resources_id = ?",
-                   (_dumps(schema.encode_resources(pickle.loads(record))), rid))
-    db.execute(_PUT_META, (_LAYOUTS_KEY, json.dumps(schema.LAYOUTS)))
-
-
-def _from_version_2(db: sqlite3.Connection) -> None:
-    """Version 3 numbers finished rollouts for the feed (``finished_rollouts``): those already
-    finished get numbers in the order of their end times; and it remembers replies to
-    requests (mpstore.replies), of which an older version kept none."""
-    db.execute("ALTER TABLE rollouts ADD COLUMN finished INTEGER")
-    db.execute("CREATE TABLE replies (client TEXT NOT NULL, seq INTEGER NOT NULL, "
-               "result BLOB NOT NULL, PRIMARY KEY (client, seq)) WITHOUT ROWID")
-    layouts = json.loads(db.execute("SELECT value FROM meta WHERE key = ?",
-                                    (_LAYOUTS_KEY,)).fetchone()[0])
-    decode, ended = schema.Decoder({k: tuple(v) for k, v in layouts.items()}), []
-    for rid, created, record in db.execute("SELECT rollout_id, created, record FROM rollouts"):
-        rollout, _ = decode.rollout(pickle.loads(record))
-        if rollout.status.is_finished:
-            ended.append((rollout.end_time or 0.0, created, rid))
-    for number, (_, _, rid) in enumerate(sorted(ended), start=1):
-        db.execute("UPDATE rollouts SET finished = ? WHERE rollout_id = ?", (number, rid))
-
-
-#: How to bring a database of each older schema version to the next one.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
-    1: _from_version_1, 2: _from_version_2,
-}
-
-
-def migrate(db: sqlite3.Connection, version: int) -> None:
-    """Bring a database to the current schema, in one transaction (all or nothing)."""
-    if version == SCHEMA_VERSION:
-        return
-    logger.warning("Migrating the data directory from schema version %d to %d",
-                   version, SCHEMA_VERSION)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        while version != SCHEMA_VERSION:
-            MIGRATIONS[version](db)
-            version += 1
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: INCREMENTAL
-        # Takes effect only through a VACUUM (a copy of the file): once, here.
-        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        db.execute("VACUUM")
+def _describe(failure: Exception) -> str:
+    """A failed write, for StorageError and ``status()``: SQLite says "database or disk is
+    full", the log's ``write`` only ENOSPC; both read "full" to an operator."""
+    if isinstance(failure, OSError) and failure.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the file system is full ({failure.strerror})"
+    return f"{type(failure).__name__}: {failure}"

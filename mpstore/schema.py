@@ -9,7 +9,7 @@ The order of each kind's values is its *layout*: the field names below. A databa
 the layouts it was written with (its ``meta`` table), and rows are read back by field name,
 so a field this version does not know is an error and a field the database lacks takes the
 record's default. Adding a field to a record means adding it to its layout here: an older
-database is then rewritten once, on open, in one transaction (see ``durable.migrate``).
+database is then rewritten once, on open, in one transaction (see ``tables.migrate``).
 
 Resources hold records of their own (``LLM``, ``PromptTemplate`` ...); those are stored as
 ``(RESOURCE_TAG, resource_type, {field: value})`` so that they come back as the same class.
@@ -38,8 +38,9 @@ __all__ = ["LAYOUTS", "SCHEMA_VERSION", "Decoder", "encode_resources", "encode_r
 #: Bump when the tables change shape or a layout changes meaning (a new field does not).
 #: 2: records as plain values in named layouts; 3: the rollouts table has ``finished`` (the
 #: feed number), the replies table remembers answered requests, and the file is
-#: incrementally vacuumed (deleted rollouts give space back).
-SCHEMA_VERSION = 3
+#: incrementally vacuumed (deleted rollouts give space back); 4: the latest commits may be in
+#: a log file beside the database (mpstore.changelog), which an older mpstore would not read.
+SCHEMA_VERSION = 4
 
 #: The field order of each stored kind, as written by this version.
 LAYOUTS: dict[str, tuple[str, ...]] = {

@@ -1,0 +1,212 @@
+"""The SQLite file's tables: their schema, the statements that write a
+:class:`~mpstore.changes.ChangeSet`, reading everything back, and the migrations from older
+schema versions. Only moves bytes: records are encoded by :mod:`mpstore.schema`;
+:mod:`mpstore.durable` decides when statements run.
+
+Errors: what sqlite3 and pickle raise, and ValueError for a row that does not fit its layout
+(``UNREADABLE`` lists them, for the journal to turn into StorageError).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+from . import schema
+from .changes import ChangeSet, RolloutRow, Saved
+
+__all__ = ["COMPACTED_KEY", "LAYOUTS_KEY", "MIGRATIONS", "PUT_META", "SCHEMA_SQL",
+           "SCHEMA_VERSION", "UNREADABLE", "Statement", "apply", "migrate", "read",
+           "statements"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = schema.SCHEMA_VERSION
+#: The meta key of the last ticket the database holds (the journal's log holds those after it).
+COMPACTED_KEY = "compacted_ticket"
+
+SCHEMA_SQL = """
+CREATE TABLE rollouts (rollout_id TEXT PRIMARY KEY, created INTEGER NOT NULL,
+                       queue_position INTEGER, counter INTEGER NOT NULL,
+                       ticket INTEGER NOT NULL, record BLOB NOT NULL,
+                       finished INTEGER) WITHOUT ROWID;
+CREATE TABLE counters (rollout_id TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE spans (id INTEGER PRIMARY KEY, rollout_id TEXT NOT NULL, ticket INTEGER NOT NULL,
+                    arrived REAL NOT NULL, record BLOB NOT NULL);
+CREATE INDEX spans_by_rollout ON spans (rollout_id);
+CREATE TABLE evicted (rollout_id TEXT PRIMARY KEY);
+CREATE TABLE resources (resources_id TEXT PRIMARY KEY, record BLOB NOT NULL);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE replies (client TEXT NOT NULL, seq INTEGER NOT NULL, result BLOB NOT NULL,
+                      PRIMARY KEY (client, seq)) WITHOUT ROWID;
+"""
+
+_PUT_ROLLOUT = "INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?)"
+#: Deleting a rollout (``delete_rollouts``): every row that names it.
+_DELETE = tuple(f"DELETE FROM {table} WHERE rollout_id = ?"
+                for table in ("rollouts", "spans", "counters", "evicted"))
+_PUT_COUNTER = "INSERT OR REPLACE INTO counters VALUES (?, ?)"
+_ADD_SPAN = "INSERT INTO spans (rollout_id, ticket, arrived, record) VALUES (?, ?, ?, ?)"
+_EVICT = "INSERT OR IGNORE INTO evicted VALUES (?)"
+_DROP_SPANS = "DELETE FROM spans WHERE rollout_id = ?"
+_PUT_RESOURCES = "INSERT OR REPLACE INTO resources VALUES (?, ?)"
+PUT_META = "INSERT OR REPLACE INTO meta VALUES (?, ?)"
+_PUT_REPLY = "INSERT OR REPLACE INTO replies VALUES (?, ?, ?)"
+_FORGET_REPLIES = "DELETE FROM replies WHERE client = ? AND seq <= ?"
+LAYOUTS_KEY = "layouts"
+#: What reading a damaged file or record raises (a record's pickle, its layout).
+UNREADABLE = (sqlite3.DatabaseError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+               KeyError, AttributeError, IndexError)
+
+Statement = tuple[str, tuple[Any, ...]]
+
+
+def _dumps(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _rollout_row(row: RolloutRow, ticket: int) -> tuple[Any, ...]:
+    record = _dumps(schema.encode_rollout(row.rollout, row.attempts))
+    return (row.rollout.rollout_id, row.created, row.queue_position, row.counter, ticket,
+            record, row.finished)
+
+
+def statements(changes: ChangeSet, ticket: int) -> list[Statement]:
+    """The SQL that writes ``changes`` under ``ticket``."""
+    out: list[Statement] = [(_PUT_ROLLOUT, _rollout_row(row, ticket))
+                            for row in changes.rollouts]
+    out.extend((_PUT_COUNTER, pair) for pair in changes.counters)
+    out.extend((_ADD_SPAN, (s.rollout_id, ticket, arrived, _dumps(schema.encode_span(s))))
+               for s, arrived in changes.spans)
+    for rid in changes.evicted:
+        out.extend(((_EVICT, (rid,)), (_DROP_SPANS, (rid,))))
+    out.extend((_PUT_RESOURCES, (r.resources_id, _dumps(schema.encode_resources(r))))
+               for r in changes.resources)
+    if changes.resources:
+        out.append((PUT_META, ("latest_resources_id", changes.latest_resources_id)))
+    for rid in changes.deleted:
+        out.extend((sql, (rid,)) for sql in _DELETE)
+    out.extend((_PUT_REPLY, (client, seq, _dumps(result)))
+               for client, seq, result in changes.replies)
+    out.extend((_FORGET_REPLIES, pair) for pair in changes.forgotten)
+    return out
+
+
+def apply(db: sqlite3.Connection, batch: list[Statement], last: int) -> None:
+    """Run ``batch`` and record ``last`` as the last ticket held, in one transaction."""
+    try:
+        db.execute("BEGIN")
+        for sql, params in batch:
+            db.execute(sql, params)
+        db.execute(PUT_META, (COMPACTED_KEY, str(last)))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+# ---------------------------------------------------------------------- reading and migrating
+def read(db: sqlite3.Connection) -> Saved:
+    """Everything a database of the current schema holds. Raises ValueError (and the
+    errors of sqlite3 and pickle) for a row that cannot be read back."""
+    layouts = {kind: tuple(names) for kind, names in json.loads(
+        db.execute("SELECT value FROM meta WHERE key = ?", (LAYOUTS_KEY,)).fetchone()[0]
+    ).items()}
+    decode, saved = schema.Decoder(layouts), Saved()
+    for created, position, counter, ticket, record, finished in db.execute(
+        "SELECT created, queue_position, counter, ticket, record, finished FROM rollouts "
+        "ORDER BY created"
+    ):
+        rollout, attempts = decode.rollout(pickle.loads(record))
+        row = RolloutRow(rollout, attempts, created, position, counter, finished)
+        saved.rollouts.append((row, ticket))
+    saved.counters = dict(db.execute("SELECT rollout_id, value FROM counters"))
+    saved.spans = [
+        (ticket, arrived, decode.span(pickle.loads(record))) for ticket, arrived, record in
+        db.execute("SELECT ticket, arrived, record FROM spans ORDER BY id")
+    ]
+    saved.evicted = [rid for (rid,) in db.execute("SELECT rollout_id FROM evicted")]
+    saved.resources = [decode.resources(pickle.loads(r))
+                       for (r,) in db.execute("SELECT record FROM resources")]
+    saved.replies = [(client, seq, pickle.loads(result)) for client, seq, result in
+                     db.execute("SELECT client, seq, result FROM replies")]
+    latest = db.execute("SELECT value FROM meta WHERE key = 'latest_resources_id'").fetchone()
+    saved.latest_resources_id = latest[0] if latest else None
+    return saved
+
+
+def _from_version_1(db: sqlite3.Connection) -> None:
+    """Version 1 (mpstore 0.1.0) stored records as pickles of the record objects themselves
+    (their loader and field tuple); this version's classes still read them. Rewrite every
+    record in the explicit layouts of :mod:`mpstore.schema`."""
+    rows = db.execute("SELECT rollout_id, record FROM rollouts").fetchall()
+    for rid, record in rows:
+        rollout, attempts = pickle.loads(record)
+        db.execute("UPDATE rollouts SET record = ? WHERE rollout_id = ?",
+                   (_dumps(schema.encode_rollout(rollout, attempts)), rid))
+    for span_id, record in db.execute("SELECT id, record FROM spans").fetchall():
+        db.execute("UPDATE spans SET record = ? WHERE id = ?",
+                   (_dumps(schema.encode_span(pickle.loads(record))), span_id))
+    for rid, record in db.execute("SELECT resources_id, record FROM resources").fetchall():
+        db.execute("UPDATE resources SET record = ? WHERE resources_id = ?",
+                   (_dumps(schema.encode_resources(pickle.loads(record))), rid))
+    db.execute(PUT_META, (LAYOUTS_KEY, json.dumps(schema.LAYOUTS)))
+
+
+def _from_version_2(db: sqlite3.Connection) -> None:
+    """Version 3 numbers finished rollouts for the feed (``finished_rollouts``): those already
+    finished get numbers in the order of their end times; and it remembers replies to
+    requests (mpstore.replies), of which an older version kept none."""
+    db.execute("ALTER TABLE rollouts ADD COLUMN finished INTEGER")
+    db.execute("CREATE TABLE replies (client TEXT NOT NULL, seq INTEGER NOT NULL, "
+               "result BLOB NOT NULL, PRIMARY KEY (client, seq)) WITHOUT ROWID")
+    layouts = json.loads(db.execute("SELECT value FROM meta WHERE key = ?",
+                                    (LAYOUTS_KEY,)).fetchone()[0])
+    decode, ended = schema.Decoder({k: tuple(v) for k, v in layouts.items()}), []
+    for rid, created, record in db.execute("SELECT rollout_id, created, record FROM rollouts"):
+        rollout, _ = decode.rollout(pickle.loads(record))
+        if rollout.status.is_finished:
+            ended.append((rollout.end_time or 0.0, created, rid))
+    for number, (_, _, rid) in enumerate(sorted(ended), start=1):
+        db.execute("UPDATE rollouts SET finished = ? WHERE rollout_id = ?", (number, rid))
+
+
+def _from_version_3(db: sqlite3.Connection) -> None:
+    """Version 4 keeps the latest commits in a log file beside the database (see
+    :mod:`mpstore.changelog`); the tables are the same. The version number changes so that
+    an older mpstore, which would not read the log, refuses the database instead."""
+    db.execute(PUT_META, (COMPACTED_KEY, "0"))
+
+
+#: How to bring a database of each older schema version to the next one.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _from_version_1, 2: _from_version_2, 3: _from_version_3,
+}
+
+
+def migrate(db: sqlite3.Connection, version: int) -> None:
+    """Bring a database to the current schema, in one transaction (all or nothing)."""
+    if version == SCHEMA_VERSION:
+        return
+    logger.warning("Migrating the data directory from schema version %d to %d",
+                   version, SCHEMA_VERSION)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        while version != SCHEMA_VERSION:
+            MIGRATIONS[version](db)
+            version += 1
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: INCREMENTAL
+        # Takes effect only through a VACUUM (a copy of the file): once, here.
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        db.execute("VACUUM")
