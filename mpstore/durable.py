@@ -13,17 +13,15 @@ caller's ``wait(ticket)`` returns once that ticket is committed: the first waite
 commit in progress commits *every* staged change at once, the others wait for it. So a reply
 never leaves the server before its change is on disk, and concurrent callers share commits.
 
-A commit is one frame appended to the log file ``mpstore.log`` (:mod:`mpstore.changelog`):
-the statements, pickled, with their tickets. Once the log passes ``COMPACT_AFTER`` bytes, the
-committer runs all of its statements against the database in one transaction, recording the
-last ticket applied (meta ``compacted_ticket``, in the same transaction), and empties the log
-(*compaction*; also on close and before a backup). Opening the directory applies what the
-log holds past that ticket. Why: the cycle's commits changed ~1.4 KB of rows each, but a
-SQLite transaction per commit wrote ~10 whole pages of WAL for them and synced them again at
-every checkpoint; a compaction writes each changed page once for ~100 cycles
-(benchmarks/README.md, "durable"). If the database cannot be written when the log is read
-back (a full disk), the state is read from an in-memory copy with the log applied, and the
-log stays until a later compaction succeeds.
+A commit is one frame appended to the log file ``mpstore.log``: the statements, pickled, with
+their tickets. Every ``COMPACT_AFTER`` bytes, a thread applies the log to the database in one
+transaction (*compaction*, :mod:`mpstore.compactor`; also on close and before a backup), and
+opening the directory applies what the logs hold past the last ticket applied. Why: the
+cycle's commits changed ~1.4 KB of rows each, but a SQLite transaction per commit wrote ~10
+whole pages of WAL for them and synced them again at every checkpoint; a compaction writes
+each changed page once for ~100 cycles, off the dispatcher (benchmarks/README.md, "durable").
+If the database cannot be written when the logs are read back (a full disk), the state is
+read from an in-memory copy with the logs applied, and they stay until a compaction succeeds.
 
 A failed commit (a full disk, an I/O error) fails every ticket staged until then: those
 changes were applied in memory but not on disk, so the journal is *broken* until the store has
@@ -47,7 +45,6 @@ import fcntl
 import json
 import logging
 import os
-import pickle
 import sqlite3
 import threading
 import time
@@ -57,18 +54,16 @@ from typing import Any
 
 from . import schema
 from .accounting import COMMIT_BUCKETS, Histogram
-from .changelog import LogFile
 from .changes import ChangeSet, Saved
+from .compactor import LOG_NAME, Logs
 from .errors import StorageError
 from .tables import (
-    COMPACTED_KEY,
     LAYOUTS_KEY,
     MIGRATIONS,
     PUT_META,
     SCHEMA_SQL,
     UNREADABLE,
     Statement,
-    apply,
     migrate,
     read,
     statements,
@@ -83,12 +78,6 @@ APPLICATION_ID = 0x6D707374
 SCHEMA_VERSION = schema.SCHEMA_VERSION
 DB_NAME = "mpstore.sqlite3"
 LOCK_NAME = "mpstore.lock"
-LOG_NAME = "mpstore.log"
-#: Log bytes past which a commit also applies the log to the database (compaction, see the
-#: module docstring): about 100 cycles of the benchmark, a transaction of ~15 ms. Larger
-#: saves little (each page is written once per compaction either way) and makes the
-#: pause longer; smaller writes the same hot pages more often.
-COMPACT_AFTER = 1 << 20
 #: The accepted ``synchronous`` levels and what SQLite calls them.
 SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 #: The connection's settings beyond WAL mode and ``synchronous``, each for a measured reason
@@ -108,10 +97,6 @@ PRAGMAS = {"locking_mode": "EXCLUSIVE", "wal_autocheckpoint": "16384"}
 #: Seconds writes are refused after a failed commit, then doubled per further failure.
 RETRY_AFTER = 1.0
 RETRY_AFTER_MAX = 30.0
-#: Pages given back to the file system after a commit that deleted rollouts (16 MiB, about
-#: 0.3 s); the rest is given back by later such commits and on close. Freed pages are
-#: reused by new rows meanwhile, so the file never grows because of them.
-_VACUUM_PAGES = 4096
 #: How many failed ticket ranges are remembered for their waiters (each is woken at once).
 _FAILURES_KEPT = 64
 
@@ -137,14 +122,11 @@ class Journal:
             self._lock_file.close()
             raise
         try:
-            self._log = LogFile(self.path / LOG_NAME, sync=synchronous == "full")
+            self._logs = Logs(self.path, self._db, sync=synchronous == "full")
         except OSError as exc:
             self._db.close()
             self._lock_file.close()
             raise StorageError(f"cannot open {self.path / LOG_NAME}: {exc}") from None
-        self._logged: list[Statement] = []  # what the log holds and the database does not
-        self._logged_last = 0  # the last ticket in the log
-        self._compact_at = COMPACT_AFTER  # the log's size at the next compaction
         self._monotonic = monotonic
         self._cond = threading.Condition()
         self._pending: list[Statement] = []
@@ -156,7 +138,6 @@ class Journal:
         self._error: str | None = None  # the last failure, until a commit succeeds
         self._failures = 0  # consecutive failed commits
         self._refuse_until = 0.0  # monotonic; writes are refused before it
-        self._vacuum = False  # rollouts were deleted: give their pages back
         # For operators: commit latency and failed commits in all (written under _cond).
         self._commit_seconds = Histogram(COMMIT_BUCKETS)
         self._commit_failures = 0
@@ -233,12 +214,12 @@ class Journal:
         open. Raises StorageError if a record cannot be read back."""
         db = None
         try:
-            db = self._replay()
+            db = self._logs.replay()
             saved = read(db)
             if not self._staged:
                 last = db.execute("SELECT MAX(ticket) FROM (SELECT ticket FROM rollouts "
                                   "UNION ALL SELECT ticket FROM spans)").fetchone()[0]
-                self._staged = self._committed = max(last or 0, self._logged_last)
+                self._staged = self._committed = max(last or 0, self._logs.last_ticket)
         except UNREADABLE as exc:
             raise StorageError(f"{self.path} is damaged: {exc}") from None
         except OSError as exc:
@@ -247,35 +228,6 @@ class Journal:
             if db is not None and db is not self._db:
                 db.close()
         return saved
-
-    def _replay(self) -> sqlite3.Connection:
-        """Bring the log's commits into the database, and return the connection to read
-        the state from: the database's own, or, if it cannot be written now (a full disk),
-        an in-memory copy with the log applied (the log is then kept for later)."""
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?",
-                               (COMPACTED_KEY,)).fetchone()
-        compacted = last = int(row[0]) if row else 0
-        logged: list[Statement] = []
-        for payload in self._log.frames():
-            version, _first, end, batch = pickle.loads(payload)
-            if version != SCHEMA_VERSION:
-                raise ValueError(f"{LOG_NAME} was written for schema version {version}")
-            if end > compacted:
-                logged.extend(batch)
-                last = end
-        self._logged, self._logged_last = logged, last
-        if not logged:
-            return self._db
-        try:
-            self._compact()
-            return self._db
-        except (sqlite3.Error, OSError) as exc:
-            logger.warning("Cannot apply %s to the database now (%s); reading through a copy "
-                           "in memory", LOG_NAME, exc)
-        copy = sqlite3.connect(":memory:")
-        self._db.backup(copy)
-        apply(copy, logged, last)
-        return copy
 
     # ------------------------------------------------------------------ write
     def stage(self, changes: ChangeSet) -> int:
@@ -291,7 +243,7 @@ class Journal:
         ticket = self._staged + 1  # only stage() moves it, and stage() runs under the lock
         batch = statements(changes, ticket)
         if changes.deleted:
-            self._vacuum = True  # read by the committer after its commit
+            self._logs.vacuum = True  # read by the compactor after a compaction
         with self._cond:
             self._pending.extend(batch)
             self._staged = ticket
@@ -370,43 +322,10 @@ class Journal:
         self._refuse_until = self._monotonic() + pause
 
     def _write(self, batch: list[Statement], first: int, last: int) -> None:
-        """Append the batch to the log (committed once that returns); past COMPACT_AFTER,
-        apply the log to the database. A failed compaction fails no commit: the log keeps
-        the changes, and it is tried again after as many bytes more."""
-        if not batch:
-            return
-        payload = pickle.dumps((SCHEMA_VERSION, first, last, batch), pickle.HIGHEST_PROTOCOL)
-        self._log.append(payload)
-        self._logged.extend(batch)
-        self._logged_last = last
-        if self._log.size < self._compact_at:
-            return
-        try:
-            self._compact()
-        except (sqlite3.Error, OSError) as exc:
-            logger.warning("Applying %s to the database failed (%s); the log keeps the "
-                           "changes, and it is tried again later", LOG_NAME, exc)
-            self._compact_at = self._log.size + COMPACT_AFTER
-        else:
-            self._compact_at = COMPACT_AFTER
-
-    def _compact(self) -> None:
-        """Apply what the log holds to the database in one transaction, then empty the log.
-        Raises sqlite3.Error or OSError; then the database is as it was, the log intact."""
-        if self._logged:
-            apply(self._db, self._logged, self._logged_last)
-            self._logged = []
-        if self._log.size:
-            self._log.clear()  # if this fails, replay skips the frames by their tickets
-        if self._vacuum:
-            self._shrink(_VACUUM_PAGES)
-
-    def _shrink(self, pages: int | None) -> None:
-        """Give up to ``pages`` free pages (None: all) back to the file system. (executescript
-        steps the pragma to its end: execute would free one page.)"""
-        self._db.executescript(f"PRAGMA incremental_vacuum{'' if pages is None else f'({pages})'};")
-        if not self._db.execute("PRAGMA freelist_count").fetchone()[0]:
-            self._vacuum = False
+        """Append the batch to the log: committed once that returns (mpstore.compactor
+        applies the log to the database later, in its own thread)."""
+        if batch:
+            self._logs.append(batch, first, last)
 
     # ------------------------------------------------------------------ failure
     @property
@@ -445,31 +364,21 @@ class Journal:
             while self._writing:
                 self._cond.wait()
             try:
-                self._compact()
+                self._logs.backup(target)
             except (sqlite3.Error, OSError) as exc:
-                raise StorageError(f"cannot apply {LOG_NAME} to the database: {exc}") from None
-            copy = sqlite3.connect(target)
-            try:
-                self._db.backup(copy)
-            finally:
-                copy.close()
+                raise StorageError(f"cannot back up {self.path}: {exc}") from None
 
     def close(self) -> None:
         """Commit what is staged, then close the database and release the directory."""
         try:
             if self._broken is None:
                 self.wait(self._staged)
-                try:
-                    self._compact()
-                except (sqlite3.Error, OSError) as exc:  # the next open applies it
-                    logger.warning("Left %s beside the database: %s", LOG_NAME, exc)
-                else:
-                    if self._vacuum:
-                        self._shrink(None)
         finally:
-            self._log.close()
-            self._db.close()
-            self._lock_file.close()
+            try:
+                self._logs.close(flush=self._broken is None)
+            finally:
+                self._db.close()
+                self._lock_file.close()
 
 
 def _describe(failure: Exception) -> str:

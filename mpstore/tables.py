@@ -21,7 +21,7 @@ from .changes import ChangeSet, RolloutRow, Saved
 
 __all__ = ["COMPACTED_KEY", "LAYOUTS_KEY", "MIGRATIONS", "PUT_META", "SCHEMA_SQL",
            "SCHEMA_VERSION", "UNREADABLE", "Statement", "apply", "migrate", "read",
-           "statements"]
+           "squash", "statements"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ _PUT_RESOURCES = "INSERT OR REPLACE INTO resources VALUES (?, ?)"
 PUT_META = "INSERT OR REPLACE INTO meta VALUES (?, ?)"
 _PUT_REPLY = "INSERT OR REPLACE INTO replies VALUES (?, ?, ?)"
 _FORGET_REPLIES = "DELETE FROM replies WHERE client = ? AND seq <= ?"
+#: The statements that write a whole row by its first parameter (its key).
+_WHOLE_ROW = frozenset({_PUT_ROLLOUT, _PUT_COUNTER, _PUT_RESOURCES, PUT_META})
 LAYOUTS_KEY = "layouts"
 #: What reading a damaged file or record raises (a record's pickle, its layout).
 UNREADABLE = (sqlite3.DatabaseError, pickle.UnpicklingError, EOFError, ValueError, TypeError,
@@ -96,11 +98,34 @@ def statements(changes: ChangeSet, ticket: int) -> list[Statement]:
     return out
 
 
+def squash(batch: list[Statement]) -> list[Statement]:
+    """``batch`` less the statements whose effect a later one in it undoes, for a
+    compaction: a row written again later (``INSERT OR REPLACE`` of a whole row: only its
+    last write is kept) and a reply forgotten later. Running the result leaves the database
+    as running ``batch`` would (tests/test_squash.py checks it, deletes included: the last
+    write stays in its place, and what it replaced had no other effect)."""
+    kept: list[Statement] = []
+    written: set[tuple[str, Any]] = set()  # (statement, row key) written later in the batch
+    floor: dict[str, int] = {}  # client -> the highest sequence number forgotten later
+    for sql, params in reversed(batch):
+        if sql in _WHOLE_ROW:
+            if (sql, params[0]) in written:
+                continue
+            written.add((sql, params[0]))
+        elif sql == _FORGET_REPLIES:
+            floor[params[0]] = max(floor.get(params[0], 0), params[1])
+        elif sql == _PUT_REPLY and params[1] <= floor.get(params[0], 0):
+            continue
+        kept.append((sql, params))
+    kept.reverse()
+    return kept
+
+
 def apply(db: sqlite3.Connection, batch: list[Statement], last: int) -> None:
     """Run ``batch`` and record ``last`` as the last ticket held, in one transaction."""
     try:
         db.execute("BEGIN")
-        for sql, params in batch:
+        for sql, params in squash(batch):
             db.execute(sql, params)
         db.execute(PUT_META, (COMPACTED_KEY, str(last)))
         db.execute("COMMIT")

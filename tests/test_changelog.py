@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-import mpstore.durable
+import mpstore.compactor
 from mpstore import InMemoryStore, Span
 from mpstore.changelog import LogFile
-from mpstore.durable import DB_NAME, LOG_NAME, SCHEMA_VERSION
+from mpstore.compactor import LOG_NAME, SEALED_NAME
+from mpstore.durable import DB_NAME, SCHEMA_VERSION
 
 
 def test_frames_come_back_in_order_and_a_torn_tail_is_cut(tmp_path: Path) -> None:
@@ -107,18 +108,50 @@ def test_commits_in_the_log_survive_an_exit_without_close(tmp_path: Path) -> Non
     store.close()
 
 
-def test_compaction_moves_the_log_into_the_database(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mpstore.durable, "COMPACT_AFTER", 1)  # every commit compacts
+def _rows(store: InMemoryStore, table: str) -> int:
+    logs = store._journal._logs  # type: ignore[union-attr]
+    with logs._db_lock:  # the server has the file to itself: ask through its connection
+        return int(logs._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+
+def test_the_compactor_moves_sealed_logs_into_the_database(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mpstore.compactor, "COMPACT_AFTER", 1)  # every commit seals the log
     store = InMemoryStore(data_dir=tmp_path)
     r = store.start_rollout("x")
+    assert store._journal._logs.wait_compacted(30)  # type: ignore[union-attr]
+    assert _rows(store, "rollouts") == 1 and _rows(store, "spans") == 0
     store.add_span(Span(r.rollout_id, r.attempt.attempt_id, 1, "s"))
+    assert store._journal._logs.wait_compacted(30)  # type: ignore[union-attr]
+    assert _rows(store, "spans") == 1
+    assert not (tmp_path / SEALED_NAME).exists()
     assert (tmp_path / LOG_NAME).stat().st_size == 0
-    snapshot = tmp_path / "snapshot.sqlite3"
-    store._journal.backup(snapshot)  # type: ignore[union-attr]
-    with closing(sqlite3.connect(snapshot)) as db:
-        assert db.execute("SELECT COUNT(*) FROM spans").fetchone()[0] == 1
     store.close()
+
+
+def test_a_failed_compaction_is_tried_again(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    failures = []
+    real = mpstore.compactor.apply
+
+    def flaky(db: sqlite3.Connection, batch: list, last: int) -> None:
+        if not failures:
+            failures.append(last)
+            raise sqlite3.OperationalError("database or disk is full")
+        real(db, batch, last)
+
+    monkeypatch.setattr(mpstore.compactor, "COMPACT_AFTER", 1)
+    monkeypatch.setattr(mpstore.compactor, "RETRY_COMPACTION", 0.01)
+    monkeypatch.setattr(mpstore.compactor, "apply", flaky)
+    store = InMemoryStore(data_dir=tmp_path)
+    r = store.start_rollout("x")
+    assert store._journal._logs.wait_compacted(30)  # type: ignore[union-attr]
+    assert failures and _rows(store, "rollouts") == 1
+    assert store.get_rollout_by_id(r.rollout_id) is not None
+    store.close()
+    again = InMemoryStore(data_dir=tmp_path)
+    assert [x.rollout_id for x in again.query_rollouts()] == [r.rollout_id]
+    again.close()
 
 
 def test_a_log_not_emptied_after_its_compaction_is_not_applied_twice(
@@ -127,13 +160,12 @@ def test_a_log_not_emptied_after_its_compaction_is_not_applied_twice(
     def refuse(self: LogFile) -> None:
         raise OSError("not now")
 
-    monkeypatch.setattr(mpstore.durable, "COMPACT_AFTER", 1)
     monkeypatch.setattr(LogFile, "clear", refuse)
     store = InMemoryStore(data_dir=tmp_path)
     r = store.start_rollout("x")
     for seq in (1, 2, 3):
         store.add_span(Span(r.rollout_id, r.attempt.attempt_id, seq, "s"))
-    store.close()
+    store.close()  # the compaction on close: applied, but the log was not emptied
     assert (tmp_path / LOG_NAME).stat().st_size > 0
     monkeypatch.undo()
     store = InMemoryStore(data_dir=tmp_path)
