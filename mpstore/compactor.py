@@ -29,7 +29,8 @@ import threading
 from pathlib import Path
 
 from .changelog import LogFile
-from .tables import COMPACTED_KEY, SCHEMA_VERSION, Statement, apply
+from .tables import COMPACTED_KEY, SCHEMA_VERSION, Statement, deletes
+from .tables import apply as apply_statements
 
 __all__ = ["COMPACT_AFTER", "LOG_NAME", "RETRY_COMPACTION", "SEALED_NAME", "Logs"]
 
@@ -61,7 +62,7 @@ class Logs:
         self.last_ticket = 0  # the last ticket either log holds
         self._sealed: list[Statement] | None = None  # the sealed log's, until applied
         self._sealed_last = 0
-        self.vacuum = False  # rollouts were deleted: give their pages back after compacting
+        self._vacuum = False  # rollouts were deleted: give their pages back (db lock held)
         self._db_lock = threading.Lock()
         self._cond = threading.Condition()  # guards _sealed and _stopping
         self._stopping = False
@@ -128,21 +129,28 @@ class Logs:
                 if batch is None or self._sealed is not batch:
                     return
                 last = self._sealed_last
-            apply(self._db, batch, last)
+            self._apply(self._db, batch, last)
             with self._cond:
                 self._sealed = None
                 self._cond.notify_all()  # wait_compacted
             with contextlib.suppress(OSError):  # if it stays, replay skips its frames
                 self._sealed_path.unlink()
-            if self.vacuum:
+            if self._vacuum:
                 self._shrink(_VACUUM_PAGES)
+
+    def _apply(self, db: sqlite3.Connection, batch: list[Statement], last: int) -> None:
+        """``tables.apply``, noting (for the database's own connection) that deleted rows'
+        pages can be given back."""
+        apply_statements(db, batch, last)
+        if db is self._db and deletes(batch):
+            self._vacuum = True
 
     def _shrink(self, pages: int | None) -> None:
         """Give up to ``pages`` free pages (None: all) back to the file system (lock held).
         (executescript steps the pragma to its end: execute would free one page.)"""
         self._db.executescript(f"PRAGMA incremental_vacuum{'' if pages is None else f'({pages})'};")
         if not self._db.execute("PRAGMA freelist_count").fetchone()[0]:
-            self.vacuum = False
+            self._vacuum = False
 
     def wait_compacted(self, timeout: float) -> bool:
         """Wait until no sealed log is waiting to be applied; False if ``timeout`` seconds
@@ -161,14 +169,14 @@ class Logs:
         with self._cond:
             sealed, sealed_last = self._sealed, self._sealed_last
         if sealed is not None:
-            apply(self._db, sealed, sealed_last)
+            self._apply(self._db, sealed, sealed_last)
             with self._cond:
                 self._sealed = None
                 self._cond.notify_all()
             with contextlib.suppress(OSError):
                 self._sealed_path.unlink()
         if self._logged:
-            apply(self._db, self._logged, self.last_ticket)
+            self._apply(self._db, self._logged, self.last_ticket)
             self._logged = []
         if self._current.size:
             self._current.clear()  # if this fails, replay skips the frames by their tickets
@@ -215,9 +223,9 @@ class Logs:
             self._db.backup(copy)
             with self._cond:  # what the failed flush left, in order
                 if self._sealed is not None:
-                    apply(copy, self._sealed, self._sealed_last)
+                    self._apply(copy, self._sealed, self._sealed_last)
                 self._cond.notify_all()  # the thread tries the sealed log again
-            apply(copy, self._logged, self.last_ticket)
+            self._apply(copy, self._logged, self.last_ticket)
         return copy
 
     def close(self, flush: bool) -> None:
@@ -231,7 +239,7 @@ class Logs:
             if flush:
                 with self._db_lock:
                     self._flush_locked()
-                    if self.vacuum:
+                    if self._vacuum:
                         self._shrink(None)
         except (sqlite3.Error, OSError) as exc:
             logger.warning("Left %s beside the database: %s", LOG_NAME, exc)

@@ -242,8 +242,6 @@ class Journal:
             raise StorageError(self.refusal())
         ticket = self._staged + 1  # only stage() moves it, and stage() runs under the lock
         batch = statements(changes, ticket)
-        if changes.deleted:
-            self._logs.vacuum = True  # read by the compactor after a compaction
         with self._cond:
             self._pending.extend(batch)
             self._staged = ticket

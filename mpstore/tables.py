@@ -20,8 +20,8 @@ from . import schema
 from .changes import ChangeSet, RolloutRow, Saved
 
 __all__ = ["COMPACTED_KEY", "LAYOUTS_KEY", "MIGRATIONS", "PUT_META", "SCHEMA_SQL",
-           "SCHEMA_VERSION", "UNREADABLE", "Statement", "apply", "migrate", "read",
-           "squash", "statements"]
+           "SCHEMA_VERSION", "UNREADABLE", "Statement", "apply", "deletes", "migrate",
+           "read", "squash", "statements"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,12 @@ def statements(changes: ChangeSet, ticket: int) -> list[Statement]:
                for client, seq, result in changes.replies)
     out.extend((_FORGET_REPLIES, pair) for pair in changes.forgotten)
     return out
+
+
+def deletes(batch: list[Statement]) -> bool:
+    """Whether ``batch`` deletes rollouts (their pages are then given back, see the
+    compactor's ``_shrink``)."""
+    return any(sql in _DELETE for sql, _ in batch)
 
 
 def squash(batch: list[Statement]) -> list[Statement]:

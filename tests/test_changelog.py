@@ -132,7 +132,7 @@ def test_the_compactor_moves_sealed_logs_into_the_database(
 def test_a_failed_compaction_is_tried_again(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     failures = []
-    real = mpstore.compactor.apply
+    real = mpstore.compactor.apply_statements
 
     def flaky(db: sqlite3.Connection, batch: list, last: int) -> None:
         if not failures:
@@ -142,7 +142,7 @@ def test_a_failed_compaction_is_tried_again(tmp_path: Path,
 
     monkeypatch.setattr(mpstore.compactor, "COMPACT_AFTER", 1)
     monkeypatch.setattr(mpstore.compactor, "RETRY_COMPACTION", 0.01)
-    monkeypatch.setattr(mpstore.compactor, "apply", flaky)
+    monkeypatch.setattr(mpstore.compactor, "apply_statements", flaky)
     store = InMemoryStore(data_dir=tmp_path)
     r = store.start_rollout("x")
     assert store._journal._logs.wait_compacted(30)  # type: ignore[union-attr]
