@@ -4,7 +4,7 @@ Why a log beside the SQLite file: a commit of the cycle writes ~1.4 KB of rows, 
 wrote ~10 whole pages (40 KB) of its WAL for it, one per B-tree leaf the rows touched
 (spans, their index, the rollout, the replies), and its checkpoints then synced them into the
 database file. Appending the commit's statements to this file costs one ``write`` of about
-what changed; :class:`~mpstore.durable.Journal` applies the log to the database in one
+what changed; :mod:`mpstore.compactor` applies the log to the database in one
 transaction now and then (*compaction*) and empties it.
 
 A frame is an 8-byte header (the payload's length and CRC-32, little-endian ``uint32``
