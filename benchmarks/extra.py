@@ -4,6 +4,7 @@ finished rollouts and 1,000,000 spans), many runners (1,000 idle connections hel
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import threading
@@ -12,7 +13,7 @@ from typing import Any
 
 from . import workload
 from .common import ratio, wait_until
-from .scenarios import TASK_TIMEOUT, Bench, repeated
+from .scenarios import TASK_TIMEOUT, Bench, repeated, summarize, throughput
 from .servers import Server, store_help, store_server
 
 MB = 2**20
@@ -245,24 +246,37 @@ def _settled_threads(server: Server, baseline: int, timeout: float = 10.0) -> in
 # ------------------------------------------------------------------ durable
 def run_durable(bench: Bench) -> None:
     """The cycle at K=``durable_k`` against ``--data-dir`` (default ``--synchronous``, and
-    ``full`` too when the CLI has it); skipped if the CLI has no ``--data-dir``."""
+    ``full`` too when the CLI has it) beside an in-memory server of its own, their windows
+    interleaved ``repeats`` times (each figure the median window); skipped if the CLI has
+    no ``--data-dir``.
+
+    Why its own in-memory server, interleaved: the machine's speed drifts over a full run
+    (the same in-memory cycle measured 899 cycles/s in the first minute and ~1,300 four
+    minutes later), so a ratio against the main section's figure measured minutes earlier
+    said as much about the drift as about the durable store."""
     cfg = bench.cfg
     help_text = store_help()
     if "--data-dir" not in help_text:
         bench.results["durable"] = {"skipped": "agl store has no --data-dir"}
         return
     levels = ["normal", "full"] if "--synchronous" in help_text else [None]
-    figures: dict[str, Any] = {}
-    for level in levels:
-        name = f"durable-{level or 'default'}"
-        extra = ["--data-dir", str(bench.workdir / name)]
-        extra += ["--synchronous", level] if level else []
-        with bench.server(store_server(bench.workdir, name, extra)) as srv:
-            figures[level or "default"] = repeated(bench, srv, "cycle", cfg.durable_k, name)
-    memory = bench.results.get("cycle", {}).get("per_k", {}).get(str(cfg.durable_k))
-    if memory is None:
-        with bench.server(store_server(bench.workdir, "durable-baseline")) as srv:
-            memory = repeated(bench, srv, "cycle", cfg.durable_k)
+    windows: dict[str, list[dict[str, Any]]] = {"memory": []}
+    with contextlib.ExitStack() as stack:
+        servers = {"memory": stack.enter_context(
+            bench.server(store_server(bench.workdir, "durable-baseline")))}
+        for level in levels:
+            name = f"durable-{level or 'default'}"
+            extra = ["--data-dir", str(bench.workdir / name)]
+            extra += ["--synchronous", level] if level else []
+            servers[level or "default"] = stack.enter_context(
+                bench.server(store_server(bench.workdir, name, extra)))
+            windows[level or "default"] = []
+        for rep in range(cfg.repeats):
+            for key, srv in servers.items():
+                label = f"durable-{key}" if cfg.profile and rep == 0 else None
+                windows[key].append(throughput(bench, srv, "cycle", cfg.durable_k, label))
+    memory = summarize(windows.pop("memory"))
+    figures = {key: summarize(runs) for key, runs in windows.items()}
     first = figures[levels[0] or "default"]
     bench.results["durable"] = {
         "k": cfg.durable_k, "durable": first, "memory": memory, "synchronous": figures,
