@@ -29,7 +29,7 @@ import threading
 from pathlib import Path
 
 from .changelog import LogFile
-from .tables import COMPACTED_KEY, SCHEMA_VERSION, Statement, deletes
+from .tables import COMPACTED_KEY, LOG_VERSIONS, SCHEMA_VERSION, Statement, deletes
 from .tables import apply as apply_statements
 
 __all__ = ["COMPACT_AFTER", "LOG_NAME", "RETRY_COMPACTION", "SEALED_NAME", "Logs"]
@@ -253,7 +253,7 @@ def _past(payloads: list[bytes], ticket: int) -> tuple[list[Statement], int]:
     last = ticket
     for payload in payloads:
         version, _first, end, batch = pickle.loads(payload)
-        if version != SCHEMA_VERSION:
+        if version not in LOG_VERSIONS:
             raise ValueError(f"{LOG_NAME} was written for schema version {version}")
         if end > ticket:
             statements.extend(batch)

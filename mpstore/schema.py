@@ -39,8 +39,9 @@ __all__ = ["LAYOUTS", "SCHEMA_VERSION", "Decoder", "encode_resources", "encode_r
 #: 2: records as plain values in named layouts; 3: the rollouts table has ``finished`` (the
 #: feed number), the replies table remembers answered requests, and the file is
 #: incrementally vacuumed (deleted rollouts give space back); 4: the latest commits may be in
-#: a log file beside the database (mpstore.changelog), which an older mpstore would not read.
-SCHEMA_VERSION = 4
+#: a log file beside the database (mpstore.changelog), which an older mpstore would not read;
+#: 5: spans are stored in chunks, one row for a rollout's spans of one compaction.
+SCHEMA_VERSION = 5
 
 #: The field order of each stored kind, as written by this version.
 LAYOUTS: dict[str, tuple[str, ...]] = {

@@ -1,6 +1,6 @@
 """The journal's log file (mpstore.changelog) and what the journal does with it: commits
-that only reached the log survive, compaction moves them into the database once, and a
-database of the schema before the log (version 3) opens.
+that only reached the log survive, and compaction moves them into the database once. (Older
+schema versions: tests/test_durable_migration.py.)
 
 The full disk (a real tmpfs) is in tests/test_storage_failure.py, the killed server in
 tests/test_crash.py.
@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,6 @@ import mpstore.compactor
 from mpstore import InMemoryStore, Span
 from mpstore.changelog import LogFile
 from mpstore.compactor import LOG_NAME, SEALED_NAME
-from mpstore.durable import DB_NAME, SCHEMA_VERSION
 
 
 def test_frames_come_back_in_order_and_a_torn_tail_is_cut(tmp_path: Path) -> None:
@@ -172,20 +171,3 @@ def test_a_log_not_emptied_after_its_compaction_is_not_applied_twice(
     assert _spans(store, r.rollout_id) == [1, 2, 3]
     assert len(store.query_rollouts()) == 1
     store.close()
-
-
-def test_a_version_3_database_opens_and_is_migrated(tmp_path: Path) -> None:
-    store = InMemoryStore(data_dir=tmp_path)
-    r = store.start_rollout("x")
-    store.add_span(Span(r.rollout_id, r.attempt.attempt_id, 1, "s"))
-    store.close()
-    with closing(sqlite3.connect(tmp_path / DB_NAME)) as db, db:  # as version 3 left it
-        db.execute("DELETE FROM meta WHERE key = 'compacted_ticket'")
-        db.execute("PRAGMA user_version=3")
-    (tmp_path / LOG_NAME).unlink()
-    store = InMemoryStore(data_dir=tmp_path)
-    assert [x.rollout_id for x in store.query_rollouts()] == [r.rollout_id]
-    assert _spans(store, r.rollout_id) == [1]
-    store.close()
-    with closing(sqlite3.connect(tmp_path / DB_NAME)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4

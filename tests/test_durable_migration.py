@@ -2,7 +2,9 @@
 
 ``tests/data/v1/`` was written by mpstore at 278f169 (schema version 1, records pickled as
 objects) and ``tests/data/v1.json`` is what its public API read back then
-(tests/data/make_v1_database.py made both).
+(tests/data/make_v1_database.py made both). ``tests/data/v4/`` and ``v4.json`` likewise, by
+5c04481 (schema version 4: a row per span, and commits still in the log file;
+tests/data/make_v4_database.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from mpstore import InMemoryStore, StorageError
+from mpstore.compactor import LOG_NAME
 from mpstore.durable import DB_NAME, SCHEMA_VERSION
 from mpstore.schema import CLASSES, LAYOUTS
 from tests.conftest import FakeClock
@@ -69,6 +72,62 @@ def test_a_version_1_database_opens_with_everything_in_it(tmp_path: Path) -> Non
     again = open_v1(data_dir)  # migrated once; now it is a current database
     assert comparable(public(again))["rollouts"] == expected["rollouts"]
     again.close()
+
+
+def open_v4(tmp_path: Path, log: bool = True) -> tuple[Path, InMemoryStore]:
+    data_dir = tmp_path / "data"
+    shutil.copytree(DATA / "v4", data_dir)
+    if not log:
+        (data_dir / LOG_NAME).unlink()
+    return data_dir, InMemoryStore(data_dir=data_dir, eviction_threshold=20_000,
+                                   safe_threshold=12_000, clock=FakeClock(1_700_000_001.0))
+
+
+#: What statistics() says of the records (not of this machine, the run or its commits; nor
+#: of workers, which a restart does not keep: README, "Workers are not kept").
+_COUNTS = ("attempts_in_flight", "evicted_rollouts", "queue_length", "runners", "span_bytes",
+           "total_attempts", "total_resources", "total_rollouts", "total_spans")
+
+
+def _no_ram(seen: dict) -> dict:
+    seen = json.loads(json.dumps(seen))
+    seen["statistics"] = {k: seen["statistics"][k] for k in _COUNTS}
+    return seen
+
+
+def test_a_version_4_directory_opens_with_its_log_applied(tmp_path: Path) -> None:
+    expected = _no_ram(json.loads((DATA / "v4.json").read_text()))
+    data_dir, store = open_v4(tmp_path)
+    assert _no_ram(public(store)) == expected  # the database's spans and the log's
+    store.close()
+    with closing(sqlite3.connect(data_dir / DB_NAME)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        chunks = db.execute("SELECT rollout_id, records FROM spans ORDER BY id").fetchall()
+    # The three compacted spans of version 4 became one chunk; the log's spans, theirs.
+    sizes = [len(pickle.loads(records)) for _, records in chunks]
+    assert sizes[0] == 3 and sum(sizes) == 6
+    again = InMemoryStore(data_dir=data_dir, eviction_threshold=20_000, safe_threshold=12_000,
+                          clock=FakeClock(1_700_000_001.0))  # now a current database
+    assert _no_ram(public(again)) == expected
+    again.close()
+
+
+def test_a_version_3_database_opens_and_is_migrated(tmp_path: Path) -> None:
+    """Version 3 had no log: version 4's database less its log and compacted ticket."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(DATA / "v4", data_dir)
+    (data_dir / LOG_NAME).unlink()
+    with closing(sqlite3.connect(data_dir / DB_NAME)) as db, db:
+        db.execute("DELETE FROM meta WHERE key = 'compacted_ticket'")
+        db.execute("PRAGMA user_version=3")
+    store = InMemoryStore(data_dir=data_dir)
+    (rollout,) = store.query_rollouts()
+    assert rollout.input == "compacted one" and rollout.status == "succeeded"
+    assert [s.name for s in store.query_spans(rollout.rollout_id)] == [
+        "early-1", "early-2", "early-3"]
+    store.close()
+    with closing(sqlite3.connect(data_dir / DB_NAME)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_a_failed_migration_leaves_the_file_as_it_was(tmp_path: Path) -> None:
