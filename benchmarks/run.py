@@ -31,7 +31,7 @@ from .extra import run_durable, run_runners, run_scale
 from .observe import run_metrics
 from .paging import run_paging
 from .report import compute_ratios, compute_targets
-from .scenarios import SCENARIOS, Bench, Config, run_main
+from .scenarios import SCENARIOS, Bench, Config, run_main, warm_up
 from .table import render
 from .tls import run_tls
 
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows per server in the metrics on/off pair (alternating)")
     p.add_argument("--scrape-interval", type=float,
                    help="seconds between scrapes of the metrics endpoint while measured")
+    p.add_argument("--warmup", type=float,
+                   help="seconds of unmeasured load before the first scenario (full: 45, "
+                        "quick: 0); the VM runs its first minute of load slower")
     p.add_argument("--start-method", choices=["spawn", "fork", "forkserver"],
                    help="multiprocessing start method of the client processes (spawn)")
     p.add_argument("--compare-agl", metavar="VENV",
@@ -111,7 +114,7 @@ _OVERRIDES = {"k": "ks", "duration": "duration", "repeats": "repeats", "batch": 
               "runner_burst": "runner_burst",
               "idle_mode": "idle_modes", "idle_poll": "idle_poll",
               "metrics_repeats": "metrics_repeats", "scrape_interval": "scrape_interval",
-              "start_method": "start_method", "agl_k": "agl_ks"}
+              "start_method": "start_method", "agl_k": "agl_ks", "warmup": "warmup"}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -157,7 +160,8 @@ def _meta(cfg: Config, seconds: float, load_start: list[float] | None) -> dict[s
             else "full", "argv": sys.argv[1:], "cpus": os.cpu_count(),
             "python": platform.python_version(), "platform": platform.platform(),
             "mpstore_version": version, "git_commit": _git_commit(), "ks": cfg.ks,
-            "window_s": cfg.duration, "repeats": cfg.repeats, "batch": cfg.batch,
+            "window_s": cfg.duration, "warmup_s": cfg.warmup, "repeats": cfg.repeats,
+            "batch": cfg.batch,
             "start_method": cfg.start_method, "scenarios": list(cfg.only),
             "duration_s": seconds, "loadavg_start": load_start, "loadavg_end": _loadavg()}
 
@@ -166,6 +170,7 @@ def run_scenarios(bench: Bench) -> None:
     """Every selected scenario; a failure is recorded and the run goes on."""
     cfg = bench.cfg
     steps: list[tuple[str, bool, Callable[[Bench], None]]] = [
+        ("warm-up", True, warm_up),
         ("main", any(cfg.wants(n) for n in ("limits", "cycle", "batched", "inprocess",
                                             "latency", "connect")), run_main),
         ("scale", cfg.wants("scale"), run_scale),
