@@ -303,7 +303,7 @@ def warm_up(bench: Bench) -> None:
     if cfg.warmup <= 0:
         return
     bench.log(f"warm-up: {cfg.warmup:.0f} s of the K=4 cycle, not measured")
-    with bench.server(store_server(bench.workdir)) as server:
+    with bench.server(store_server(bench.workdir, "warmup")) as server:
         ends = time.monotonic() + cfg.warmup
         while time.monotonic() < ends:
             throughput(bench, server, "cycle", 4)

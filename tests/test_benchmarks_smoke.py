@@ -96,3 +96,13 @@ def test_only_one_scenario(tmp_path: Path) -> None:
     assert code == 0
     assert "cycle" not in data and "scale" not in data
     assert set(data["limits"]["manager_echo"]) == {"1"}
+
+
+@pytest.mark.timeout(120)
+def test_a_warm_up_runs_before_the_scenarios_and_is_recorded(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    code = bench_run.main([*TINY, "--only", "cycle", "--warmup", "0.5", "--output", str(out)])
+    data = json.loads(out.read_text())
+    assert data["errors"] == {}, data["errors"]  # its server beside the main one's
+    assert code == 0 and data["meta"]["warmup_s"] == 0.5
+    assert data["cycle"]["per_k"]["2"]["ops_per_s"] > 0
