@@ -3,9 +3,10 @@
 A commit appends its statements to the current log, ``mpstore.log`` (one frame, see
 :mod:`mpstore.changelog`). Once the log passes ``COMPACT_AFTER`` bytes it is *sealed*:
 renamed to ``mpstore.log.1`` and replaced by an empty one. The compactor thread then runs the
-sealed statements against the database in one transaction (``tables.apply``: squashed, and
-recording the last ticket applied as ``compacted_ticket`` in the same transaction) and deletes
-the sealed file. Commits never wait for it: one log is sealed at a time, and while it is being
+sealed statements against the database in one transaction (``tables.apply``: squashed, spans
+in chunks, each table's rows in multi-row INSERTs, see ``tables.plan``; and recording the last
+ticket applied as ``compacted_ticket`` in the same transaction) and deletes the sealed file.
+Commits never wait for it: one log is sealed at a time, and while it is being
 applied the current one grows past the bound. Why a thread: compaction was a tenth of a
 durable server's busy time (benchmarks/README.md, "durable"), and the dispatcher that commits
 is the server's bottleneck.
