@@ -210,14 +210,15 @@ PACKED: dict[str, tuple[type, bool]] = {name: (call.packed.record, call.packed.m
 
 
 def in_slices(wait: Wait, call: Callable[[dict[str, Any]], Any], kwargs: dict[str, Any],
-              longest: float, between: Callable[[], None] | None = None,
+              longest: float | Callable[[], float], between: Callable[[], None] | None = None,
               clock: Callable[[], float] = time.monotonic) -> Any:
     """Run a blocking call whose wait is longer than ``longest`` (see
     :meth:`Wait.longer_than`) as successive calls ``call(kwargs)`` that wait at most
     ``longest`` seconds each, with the same result as one call: a slice that returns before
     its time is up, or whose result is final (``wait.done``), has the answer; the last slice
     answers at the end. ``between()`` runs between slices (it may raise to give up);
-    ``clock`` is for tests.
+    ``longest`` may be a function, asked before every slice (the server's slices stretch as
+    more calls wait); ``clock`` is for tests.
 
     Both sides slice: the client in slices of its reply timeout, so that a server that
     stops answering is noticed within about twice that however long the wait; the server in
@@ -227,10 +228,11 @@ def in_slices(wait: Wait, call: Callable[[dict[str, Any]], Any], kwargs: dict[st
     total = wait.of(kwargs)
     end = None if total is None else clock() + total
     while True:
-        piece = longest if end is None else min(longest, max(end - clock(), 0.0))
+        step = longest() if callable(longest) else longest
+        piece = step if end is None else min(step, max(end - clock(), 0.0))
         began = clock()
         result = call({**kwargs, wait.keyword: piece})
-        if piece < longest or clock() - began < piece or wait.done(result, kwargs):
+        if piece < step or clock() - began < piece or wait.done(result, kwargs):
             return result
         if between is not None:
             between()

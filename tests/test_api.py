@@ -134,6 +134,15 @@ def test_an_unbounded_wait_slices_until_done() -> None:
     assert call.waits == [2.0] * 6
 
 
+def test_a_slice_length_given_as_a_function_is_asked_before_every_slice() -> None:
+    clock = FakeClock()
+    wait = Wait("wait", None, lambda result, kwargs: result == "done")
+    call = SlowCall(clock, ["no", "no", "no", "done"])
+    lengths = iter([1.0, 2.0, 4.0, 4.0])
+    assert in_slices(wait, call, {}, lambda: next(lengths), clock=clock) == "done"
+    assert call.waits == [1.0, 2.0, 4.0, 4.0]
+
+
 def test_a_slice_that_returns_early_has_the_answer() -> None:
     clock = FakeClock()
     waits: list[float] = []

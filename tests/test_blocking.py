@@ -56,3 +56,21 @@ def test_a_call_that_fails_is_no_longer_counted() -> None:
     with pytest.raises(ValueError):
         sliced(-1, "dequeue_rollout", broken, (), {"wait": 60.0})
     assert blocking._waiting == before
+
+
+def test_a_waiting_calls_slices_stretch_as_more_calls_wait(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first of many long-pollers must not keep the short slice it started with: the
+    slice is asked for again before each one (in_slices' own test: tests/test_api.py)."""
+    seen: dict[str, Any] = {}
+
+    def in_slices(wait: Any, call: Any, kwargs: Any, longest: Any, between: Any) -> str:
+        seen["first"] = longest()
+        monkeypatch.setattr(blocking, "_waiting", int(SLICE_WAKEUPS * 10))  # many more now
+        seen["later"] = longest()
+        return "answer"
+
+    monkeypatch.setattr(blocking, "in_slices", in_slices)
+    assert sliced(-1, "wait_for_rollouts", lambda **_: None, (),
+                  {"rollout_ids": ["ro-1"], "timeout": None}) == "answer"
+    assert seen == {"first": BLOCKING_SLICE, "later": pytest.approx(10.0)}

@@ -45,7 +45,7 @@ _waiting_lock = threading.Lock()
 
 
 def slice_seconds(waiting: int) -> float:
-    """The slice for a call that starts while ``waiting`` calls (itself included) wait."""
+    """The slice for a call's next wait while ``waiting`` calls (itself included) wait."""
     return min(max(BLOCKING_SLICE, waiting / SLICE_WAKEUPS), LONGEST_SLICE)
 #: Seconds a worker thread with no blocking call to run waits for one before it ends.
 WORKER_IDLE = 2.0
@@ -89,7 +89,11 @@ def sliced(fd: int, name: str, func: Callable[..., Any], args: tuple[Any, ...],
     try:
         if wait is None or not wait.longer_than(kwds, longest):
             return func(*args, **kwds)  # short, or not a number (the store rejects it)
-        return in_slices(wait, lambda kw: func(*args, **kw), kwds, longest, _check(fd, name))
+        # Each slice's length from the calls waiting when it starts, not only when this
+        # call did: long-pollers that arrived one after another would otherwise keep the
+        # 1 s slices of the first ones (1,000 of them woke ~200 times a second, not 50).
+        return in_slices(wait, lambda kw: func(*args, **kw), kwds,
+                         lambda: slice_seconds(_waiting), _check(fd, name))
     finally:
         with _waiting_lock:
             _waiting -= 1
