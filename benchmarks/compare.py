@@ -68,13 +68,8 @@ def _windows(bench: Bench, python: Path, url: str) -> dict[str, Any]:
     cfg = bench.cfg
     gather_k = 4 if 4 in cfg.agl_ks else cfg.agl_ks[-1]
     plan = [f"cycle:{k}" for k in cfg.agl_ks] + [f"gather:{gather_k}"]
-    # More and longer windows than mpstore's own (5 of 5 s in a full run): agl's figure is
-    # the denominator of two targets, and at ~70 cycles/s a 2 s window holds ~140 cycles;
-    # with 3 of them its K=4 median read 67, 74 and 93 cycles/s in three full runs.
-    repeats, duration = ((cfg.repeats, max(cfg.duration, 2.0)) if cfg.quick
-                         else (max(cfg.repeats, 5), max(cfg.duration, 5.0)))
-    out = agl_run(python, url, "--plan", ",".join(plan), "--repeats", str(repeats),
-                  "--duration", str(duration), "--batch", str(cfg.batch),
+    out = agl_run(python, url, "--plan", ",".join(plan), "--repeats", str(cfg.repeats),
+                  "--duration", str(max(cfg.duration, 2.0)), "--batch", str(cfg.batch),
                   "--n", "100" if cfg.quick else "300")
     figures: dict[str, Any] = {"cycle": {}, "gather": {}}
     for key, runs in out["windows"].items():
