@@ -14,7 +14,8 @@ of the store's size:
 Every method takes ``now`` from the caller and returns the store's own objects; the caller
 (``store.InMemoryStore``) holds the lock, reads the clock and decides what to copy. Methods
 validate everything before their first write (D1), so an exception leaves the state as it was.
-Status rules come from ``transitions``; this module only applies them.
+Status rules come from ``transitions``; this module only applies them. The reads (queries,
+spans, the feed's pages, statistics) are in :mod:`mpstore.state_reads`.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from typing import Any, NamedTuple
 from . import transitions as tr
 from . import workers as wk
 from .changes import Changes, ChangeSet, RolloutRow, Saved
-from .errors import AttemptNotFound, NoAttempts, RolloutNotFound, SpansEvicted
+from .errors import AttemptNotFound, NoAttempts, RolloutNotFound
 from .eviction import Thresholds, choose_victims, span_size
 from .feed import FinishLog
 from .replies import ReplyMemory
+from .state_reads import StateReads
 from .types import (
     Attempt,
     AttemptStatus,
@@ -68,7 +70,7 @@ class _Timed(NamedTuple):
     last_heartbeat_time: float | None
 
 
-class StoreState:
+class StoreState(StateReads):
     """All rollouts, attempts, spans and resources, plus their indexes. Not thread-safe."""
 
     def __init__(self, thresholds: Thresholds) -> None:
@@ -447,19 +449,6 @@ class StoreState:
             self.write_status(rollout, RolloutStatus.RUNNING, now)
         return revive or attempt.status is not old
 
-    def query_spans(self, rollout_id: str, attempt_id: str | None) -> list[Span]:
-        if rollout_id in self.evicted:
-            raise SpansEvicted(rollout_id)
-        spans = self.spans.get(rollout_id, [])
-        if attempt_id is None:
-            return list(spans)
-        if attempt_id == "latest":
-            latest = self.latest_attempt(rollout_id)
-            if latest is None:
-                return []
-            attempt_id = latest.attempt_id
-        return [s for s in spans if s.attempt_id == attempt_id]
-
     def evict(self) -> None:
         """Drop whole rollouts' spans, finished ones first, oldest first (D8)."""
         def holders(finished: bool) -> Iterator[tuple[str, int]]:
@@ -579,57 +568,3 @@ class StoreState:
             self.changes.rollouts.discard(rid)
             self.changes.deleted.append(rid)
         return True
-
-    # ----------------------------------------------------------------- reads
-    def finished_page(self, after: int, limit: int) -> tuple[list[Rollout], int]:
-        """Rollouts finished after feed number ``after`` (and still finished), in the order
-        they finished, at most ``limit``; and the cursor for the next page."""
-        rollouts = self.rollouts
-        ids, cursor = self.finishes.page(
-            after, limit, lambda rid: rollouts[rid].status in tr.TERMINAL)
-        return [rollouts[rid] for rid in ids], cursor
-
-    def finished_total(self) -> int:
-        return sum(len(self.by_status[s]) for s in tr.TERMINAL)
-
-    def query_rollouts(
-        self, statuses: list[RolloutStatus] | None, rollout_ids: list[str] | None
-    ) -> list[Rollout]:
-        if statuses is None and rollout_ids is None:
-            return list(self.rollouts.values())
-        if rollout_ids is not None:
-            wanted = set(statuses) if statuses is not None else None
-            found = {rid for rid in rollout_ids if rid in self.rollouts}
-            ids = [r for r in found if wanted is None or self.rollouts[r].status in wanted]
-        else:
-            ids = [rid for s in set(statuses or ()) for rid in self.by_status[s]]
-        ids.sort(key=self.created.__getitem__)
-        return [self.rollouts[rid] for rid in ids]
-
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "total_rollouts": len(self.rollouts),
-            "total_attempts": self.total_attempts,
-            "total_spans": self.total_spans,
-            "total_resources": len(self.resources),
-            "queue_length": len(self.queue),
-            "span_bytes": self.total_span_bytes,
-            "total_span_bytes": self.total_span_bytes,
-            "total_workers": len(self.workers),
-            "rollouts_by_status": {s.value: len(ids) for s, ids in self.by_status.items()},
-            "evicted_rollouts": len(self.evicted),
-            # Counted since this process started (the rest: what the store holds).
-            "since_start": {
-                "rollouts_finished": self.terminal_writes,
-                "attempts_retried": self.retried_attempts,
-                "attempts_timed_out": self.attempts_became[AttemptStatus.TIMEOUT],
-                "attempts_unresponsive": self.attempts_became[AttemptStatus.UNRESPONSIVE],
-                "spans_evicted": self.spans_evicted,
-            },
-            "eviction_threshold_bytes": self.thresholds.eviction,
-            "safe_threshold_bytes": self.thresholds.safe,
-            "memory_capacity_bytes": self.thresholds.capacity,
-            "remembered_replies": self.replies.count,
-            "reply_clients": self.replies.clients,
-        }
-
