@@ -35,7 +35,7 @@ COMPACTED_KEY = "compacted_ticket"
 #: Spans are kept in *chunks*: one row holds the spans a rollout got in one compaction, as a
 #: pickled tuple of ``(ticket, arrived, record)``; ``ticket`` is the last ticket among them.
 #: Why: a row and an index entry per span were most of a compaction's work (a durable
-#: in-process cycle, compactor CPU: 217 µs per cycle with a row per span; see _chunked).
+#: in-process cycle, compactor CPU: 217 µs per cycle with a row per span; see chunked).
 _SPANS_SQL = (
     "CREATE TABLE spans (id INTEGER PRIMARY KEY, rollout_id TEXT NOT NULL, "
     "ticket INTEGER NOT NULL, records BLOB NOT NULL)",
