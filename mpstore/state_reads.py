@@ -13,6 +13,8 @@ from .errors import SpansEvicted
 from .types import Attempt, AttemptStatus, Rollout, RolloutStatus, Span
 
 if TYPE_CHECKING:
+    from collections import OrderedDict
+
     from .eviction import Thresholds
     from .feed import FinishLog
     from .replies import ReplyMemory
@@ -29,7 +31,7 @@ class StateReads:
         rollouts: dict[str, Rollout]
         created: dict[str, int]
         by_status: dict[RolloutStatus, dict[str, None]]
-        queue: Any
+        queue: OrderedDict[str, int]
         spans: dict[str, list[Span]]
         evicted: set[str]
         resources: dict[str, ResourcesUpdate]

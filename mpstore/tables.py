@@ -174,7 +174,7 @@ def plan(batch: list[Statement]) -> list[Statement]:
     INSERT as one multi-row INSERT. Why the last two: every ``execute`` lets go of the GIL
     and takes it back from the dispatcher, which in the compactor thread cost 30-100 µs of
     CPU per statement (against 4-15 µs for the same statement run alone); see
-    benchmarks/README.md, "durable"."""
+    benchmarks/README.md, "Durable, third round"."""
     tables: dict[str, list[Statement]] = {}
     for statement in chunked(squash(batch)):
         tables.setdefault(_table(statement[0]), []).append(statement)

@@ -89,16 +89,16 @@ _COUNTS = ("attempts_in_flight", "evicted_rollouts", "queue_length", "runners", 
            "total_attempts", "total_resources", "total_rollouts", "total_spans")
 
 
-def _no_ram(seen: dict) -> dict:
+def _records(seen: dict) -> dict:
     seen = json.loads(json.dumps(seen))
     seen["statistics"] = {k: seen["statistics"][k] for k in _COUNTS}
     return seen
 
 
 def test_a_version_4_directory_opens_with_its_log_applied(tmp_path: Path) -> None:
-    expected = _no_ram(json.loads((DATA / "v4.json").read_text()))
+    expected = _records(json.loads((DATA / "v4.json").read_text()))
     data_dir, store = open_v4(tmp_path)
-    assert _no_ram(public(store)) == expected  # the database's spans and the log's
+    assert _records(public(store)) == expected  # the database's spans and the log's
     store.close()
     with closing(sqlite3.connect(data_dir / DB_NAME)) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
@@ -108,7 +108,7 @@ def test_a_version_4_directory_opens_with_its_log_applied(tmp_path: Path) -> Non
     assert sizes[0] == 3 and sum(sizes) == 6
     again = InMemoryStore(data_dir=data_dir, eviction_threshold=20_000, safe_threshold=12_000,
                           clock=FakeClock(1_700_000_001.0))  # now a current database
-    assert _no_ram(public(again)) == expected
+    assert _records(public(again)) == expected
     again.close()
 
 
