@@ -297,3 +297,25 @@ def test_the_same_methods_with_the_same_signatures() -> None:
     memory.pop("deferred_commits")  # a durable in-memory store's batching: not served
     assert postgres == memory
     assert {name for name, call in CALLS.items() if call.served} <= set(postgres)
+
+
+def test_a_version_1_database_is_migrated(url: str) -> None:
+    from mpstore.postgres import SCHEMA_VERSION, PostgresStore
+
+    PostgresStore(url).close()
+    _sql(url, "UPDATE mpstore_schema SET version = 1")
+    with pytest.raises(StorageError, match="older"):
+        PostgresStore(url)
+    store = PostgresStore(url, migrate=True)
+    try:
+        assert store.schema == "migrated from 1"
+        assert _sql(url, "SELECT version FROM mpstore_schema") == [(SCHEMA_VERSION,)]
+        rollout = store.enqueue_rollout("x")
+        claimed = store.dequeue_rollout()
+        assert claimed is not None
+        span = Span(rollout_id=rollout.rollout_id, attempt_id=claimed.attempt.attempt_id,
+                    sequence_id=1, name="n")
+        assert store.add_span(span) == span
+        assert [s.span_id for s in store.query_spans(rollout.rollout_id)] == [span.span_id]
+    finally:
+        store.close()

@@ -44,6 +44,7 @@ from ..accounting import OK, STORE_ERROR, TRANSPORT_ERROR, CallStats
 from ..api import BLOCKING, REQUEST_KEY
 from ..errors import StorageError, StoreError, VersionMismatch
 from .blocking import Abandoned, Workers, blocks, sliced
+from .pipelined import FALLBACK, RESULT, Pipeline
 from .safe_pickle import AllowList, Refused, refused
 from .tls import WOULD_BLOCK, streams
 from .wire import (
@@ -117,7 +118,8 @@ class Dispatcher:
                  busy_poll: float = BUSY_POLL,
                  loads: Callable[[bytes], Any] | None = None,
                  once: Callable[[Any, Callable[..., Any]], Callable[..., Any]] | None = None,
-                 calls: CallStats | None = None, offload: bool = False) -> None:
+                 calls: CallStats | None = None, offload: bool = False,
+                 pipeline: Pipeline | None = None) -> None:
         self._methods = methods
         # The restricted decoder of .safe_pickle: the server's allow-list.
         self._loads = loads if loads is not None else AllowList.for_requests().loads
@@ -132,6 +134,9 @@ class Dispatcher:
         # loop then never busy-polls: spinning for the next request would hold the GIL the
         # workers need to finish theirs.
         self._offload = offload
+        # With a ``pipeline`` (see .pipelined), the calls it names are offered to it first:
+        # it answers them from this thread, without a worker.
+        self._pipeline = pipeline
         # With ``batch`` (a durable store's deferred_commits), the requests ready at one
         # wake-up are answered under ``batch()`` (one commit for all of them) and their
         # replies sent after it. Without, each reply goes out at once.
@@ -142,7 +147,7 @@ class Dispatcher:
         self._on_close, self._fallback = on_close, fallback
         # epoll itself rather than ``selectors``: its Python wrapper cost ~2 µs a wake-up.
         self._epoll = select.epoll()
-        self._by_fd: dict[int, _Peer | None] = {}  # registered descriptors; None: _wake_r
+        self._by_fd: dict[int, _Peer | Callable[[int], None] | None] = {}  # None: _wake_r
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -152,6 +157,8 @@ class Dispatcher:
         self._workers = Workers()  # the blocking calls' threads
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mpstore-dispatch", daemon=True)
+        if pipeline is not None:
+            pipeline.attach(self._watch_fd, self._unwatch_fd)
 
     # ------------------------------------------------------------ other threads
     def start(self) -> None:
@@ -188,6 +195,8 @@ class Dispatcher:
                     self._event(peer, mask)
             else:
                 self._answer_batch(events)
+            if self._pipeline is not None:
+                self._pipeline.flush()
         self._close_all()
 
     def _ready(self, recent: bool) -> list[tuple[int, int]]:
@@ -236,12 +245,15 @@ class Dispatcher:
             if not peer.closed:
                 self._send(peer, reply)
 
-    def _event(self, peer: _Peer | bool | None, mask: int) -> None:
-        if peer is None:
-            self._drain_inbox()
-            return
-        if not isinstance(peer, _Peer) or peer.closed:
+    def _event(self, peer: _Peer | Callable[[int], None] | bool | None, mask: int) -> None:
+        if type(peer) is not _Peer:
+            if peer is None:
+                self._drain_inbox()
+            elif callable(peer):  # the pipeline's descriptor
+                peer(mask)
             return  # False: closed by an earlier event of this wake-up (fd looked up before)
+        if peer.closed:
+            return
         if mask & select.EPOLLOUT:
             self._flush(peer)
         if mask & _READABLE and not peer.closed:
@@ -255,6 +267,15 @@ class Dispatcher:
 
     def _rewatch(self, peer: _Peer, mask: int) -> None:
         self._epoll.modify(peer.sock.fileno(), mask)
+
+    def _watch_fd(self, fd: int, ready: Callable[[int], None]) -> None:
+        self._epoll.register(fd, _READABLE)
+        self._by_fd[fd] = ready
+
+    def _unwatch_fd(self, fd: int) -> None:
+        with contextlib.suppress(OSError):  # already closed: epoll forgot it
+            self._epoll.unregister(fd)
+        self._by_fd.pop(fd, None)
 
     def _unwatch(self, sock: socket.socket) -> None:
         self._epoll.unregister(sock.fileno())
@@ -365,6 +386,9 @@ class Dispatcher:
                 args = unpack(name, args)
             if REQUEST_KEY in kwds:
                 func = once_call(self._once, kwds, func)
+            if self._pipeline is not None and name in self._pipeline.names and \
+                    self._pipelined(peer, name, func, args, kwds, began):
+                return
             if self._offload and not (isinstance(kwds, dict) and blocks(name, kwds)):
                 self._start_offloaded(peer, name, func, args, kwds, began)
                 return
@@ -432,7 +456,10 @@ class Dispatcher:
         """A call that does not block by design, run in a worker (see ``offload``)."""
         peer.busy = True
         self._unwatch(peer.sock)
+        self._offloaded(peer, name, func, args, kwds, began)
 
+    def _offloaded(self, peer: _Peer, name: str, func: Callable[..., Any],
+                   args: tuple[Any, ...], kwds: dict[str, Any], began: float) -> None:
         def work() -> None:
             outcome = OK
             try:
@@ -443,6 +470,23 @@ class Dispatcher:
             self._post("reply", peer, (reply, name, outcome, began))
 
         self._workers.submit(work)
+
+    def _pipelined(self, peer: _Peer, name: str, func: Callable[..., Any],
+                   args: tuple[Any, ...], kwds: dict[str, Any], began: float) -> bool:
+        """Offer the call to the pipeline; True if it took it (and will call ``done``)."""
+        def done(kind: str, value: Any) -> None:
+            if kind == FALLBACK:
+                self._offloaded(peer, name, func, args, kwds, began)
+                return
+            assert kind == RESULT
+            self._finish_blocking(peer, (dump_result(value, args), name, OK, began))
+
+        assert self._pipeline is not None
+        if not self._pipeline.submit(name, args, kwds, done):
+            return False
+        peer.busy = True
+        self._unwatch(peer.sock)
+        return True
 
     def _finish_blocking(self, peer: _Peer, answer: tuple[bytes | None, str, int, float]
                          ) -> None:

@@ -192,7 +192,8 @@ class StoreServer(StockClients, Server):
             # Only a durable store's commits are worth batching; an in-memory store's
             # replies go out as soon as they are ready.
             batch=store.deferred_commits if getattr(store, "durable", False) else None,
-            offload=getattr(store, "blocking_io", False))
+            offload=getattr(store, "blocking_io", False),
+            pipeline=getattr(store, "pipeline", None))
 
     def statistics(self) -> dict[str, Any]:
         """The store's ``statistics()`` with a ``"server"`` section: connections (open,

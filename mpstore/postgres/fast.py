@@ -29,12 +29,12 @@ from .requests import ANSWERED_KEY, FORGOTTEN, Answered
 from .requests import REMEMBER as _REMEMBER
 from .unit import Unit
 
-__all__ = ["FastPaths"]
+__all__ = ["ADD_SPAN", "FastPaths"]
 
 T = TypeVar("T")
 _loads = pickle.loads
 _WRITE = "SELECT mpstore_write(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-_ADD_SPAN = "SELECT mpstore_add_span(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+ADD_SPAN = "SELECT mpstore_add_span(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _INSERT = "SELECT mpstore_insert(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _ANY_DUE = "SELECT EXISTS (SELECT 1 FROM mpstore_rollouts WHERE check_at <= %s)"
 _HEAD = (f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE queue_pos IS NOT NULL "
@@ -43,7 +43,8 @@ _UPDATE = ("UPDATE mpstore_rollouts SET status = %s, queue_pos = CASE WHEN %s TH
            "nextval('mpstore_queue_pos') WHEN %s THEN queue_pos END, check_at = %s, "
            "attempts = %s, record = %s, version = version + 1, finished = NULL "
            "WHERE rollout_id = %s")
-_STALE = "MPST1"
+#: What mpstore_add_span returns for a row written since it was cached.
+_STALE = 2
 _UNIQUE = "23505"
 _dumps = pickle.dumps
 Request = tuple[str, int] | None
@@ -117,6 +118,24 @@ class FastPaths:
 
     def add_span(self, span: Span, record: bytes) -> bool | None:
         """True if stored, False for a duplicate (D7), None for the full path."""
+        prepared = self.span_statement(span, record)
+        if prepared is None:
+            return None
+        params, after = prepared
+        try:
+            with self._pool.connection() as conn:
+                done = Session(conn).run(ADD_SPAN, params)[0][0]
+        except DbError as exc:
+            self.span_failed(span.rollout_id, exc)
+            return None
+        return self.span_written(after, done)
+
+    # add_span in three parts, shared with the server loop's pipeline (.pipeline)
+    def span_statement(self, span: Span, record: bytes
+                       ) -> tuple[tuple[Any, ...], tuple[str, int, bytes, bool]] | None:
+        """:data:`ADD_SPAN`'s parameters for ``span`` (its ``record`` pickled), from the
+        cached row with the attempt's heartbeat, and the row to cache once it is written;
+        None if the full path must decide (no cached row, or no such attempt in it)."""
         unit = self._unit(span.rollout_id)
         if unit is None:
             return None
@@ -126,19 +145,29 @@ class FastPaths:
             return None
         unit.heartbeat(attempt, self._clock())
         row = encode_unit(unit)
-        try:
-            with self._pool.connection() as conn:
-                done = Session(conn).run(_ADD_SPAN, (
-                    span.rollout_id, span.attempt_id, span.span_id, span.sequence_id,
-                    len(record), record, unit.version, *unit_values(unit), row))[0][0]
-        except DbError as exc:
-            self._cache.drop(span.rollout_id)
-            if exc.sqlstate == _STALE or exc.broken:
-                return None  # stale, or lost: the full path (add_span is idempotent)
-            raise StorageError(f"PostgreSQL: {exc}") from None
+        params = (span.rollout_id, span.attempt_id, span.span_id, span.sequence_id,
+                  len(record), record, unit.version, *unit_values(unit), row)
+        return params, (span.rollout_id, unit.version + 1, row, unit.queued)
+
+    def span_written(self, after: tuple[str, int, bytes, bool], done: int) -> bool | None:
+        """ADD_SPAN returned ``done``: True if it stored the span (its row is cached as
+        ``after``), False for a duplicate (D7: nothing was written), None if the cached row
+        was stale (nothing was written: the full path decides)."""
         if done == 1:
-            self._cache.put(span.rollout_id, unit.version + 1, row, unit.queued)
-        return done == 1
+            self._cache.put(*after)
+            return True
+        if done == _STALE:
+            self._cache.drop(after[0])
+            return None
+        return False
+
+    def span_failed(self, rollout_id: str, exc: DbError) -> None:
+        """ADD_SPAN failed: returns (the full path decides) if the connection was lost
+        (add_span is idempotent); else raises StorageError."""
+        self._cache.drop(rollout_id)
+        if exc.broken:
+            return
+        raise StorageError(f"PostgreSQL: {exc}") from None
 
     # ----------------------------------------------------------------- claims
     def claim(self, limit: int, worker: str | None, request: Request = None,

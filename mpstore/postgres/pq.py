@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["DbError", "Session", "text_array"]
+__all__ = ["DbError", "Session", "encode", "failure", "numbered", "rows", "text_array"]
 
 _INT8, _INT4, _FLOAT8 = struct.Struct(">q"), struct.Struct(">i"), struct.Struct(">d")
 #: Binary result decoders by type OID: bool, bytea, int8, int4, text, varchar, float8.
@@ -62,6 +62,46 @@ def _param(value: Any) -> bytes | None:
     return str(value).encode()  # int
 
 
+def numbered(sql: str) -> bytes:
+    """``sql`` with its ``%s`` placeholders numbered as PostgreSQL's ``$1, $2 ...``."""
+    count = iter(range(1, 1000))
+    return _PLACEHOLDER.sub(lambda _: f"${next(count)}", sql).encode()
+
+
+def encode(params: Sequence[Any]) -> tuple[list[bytes | None], list[int]]:
+    """Parameter values and formats for libpq: raw bytes as binary (``bytea``), the rest as
+    text."""
+    values: list[bytes | None] = []
+    formats: list[int] = []
+    for value in params:
+        if type(value) is bytes:
+            values.append(value)
+            formats.append(1)
+        else:
+            values.append(_param(value))
+            formats.append(0)
+    return values, formats
+
+
+def rows(result: Any) -> list[tuple[Any, ...]]:
+    """A binary TUPLES_OK result's rows, decoded by column type."""
+    decoders = [_DECODE[result.ftype(i)] for i in range(result.nfields)]
+    return [tuple(None if (v := result.get_value(row, i)) is None else decode(v)
+                  for i, decode in enumerate(decoders))
+            for row in range(result.ntuples)]
+
+
+def failure(result: Any, pgconn: Any) -> DbError:
+    """The DbError of a failed ``result`` on ``pgconn``."""
+    from psycopg import pq
+
+    message = (result.error_message or pgconn.error_message or b"").decode(
+        errors="replace").strip()
+    state = result.error_field(pq.DiagnosticField.SQLSTATE)
+    broken = pgconn.status != pq.ConnStatus.OK
+    return DbError(message or "statement failed", state.decode() if state else None, broken)
+
+
 def text_array(items: Sequence[str]) -> str:
     """A text[] literal (for ``= ANY($1)``)."""
     quoted = ('"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in items)
@@ -81,14 +121,7 @@ class Session:
         self._names = names
 
     def _fail(self, result: Any) -> DbError:
-        from psycopg import pq
-
-        message = (result.error_message or self.pgconn.error_message or b"").decode(
-            errors="replace").strip()
-        state = result.error_field(pq.DiagnosticField.SQLSTATE)
-        broken = self.pgconn.status != pq.ConnStatus.OK
-        return DbError(message or "statement failed", state.decode() if state else None,
-                       broken)
+        return failure(result, self.pgconn)
 
     def run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of one statement (``%s`` placeholders), prepared on first use."""
@@ -97,30 +130,17 @@ class Session:
         name = self._names.get(sql)
         if name is None:
             name = f"mpstore_{len(self._names)}".encode()
-            count = iter(range(1, 1000))
-            text = _PLACEHOLDER.sub(lambda _: f"${next(count)}", sql)
-            result = self.pgconn.prepare(name, text.encode())
+            result = self.pgconn.prepare(name, numbered(sql))
             if result.status != pq.ExecStatus.COMMAND_OK:
                 raise self._fail(result)
             self._names[sql] = name
-        values, formats = [], []
-        for value in params:
-            if type(value) is bytes:
-                values.append(value)
-                formats.append(1)
-            else:
-                values.append(_param(value))
-                formats.append(0)
-        result = self.pgconn.exec_prepared(name, values, formats, 1)
+        result = self.pgconn.exec_prepared(name, *encode(params), 1)
         status = result.status
         if status == pq.ExecStatus.COMMAND_OK:
             return []
         if status != pq.ExecStatus.TUPLES_OK:
             raise self._fail(result)
-        decoders = [_DECODE[result.ftype(i)] for i in range(result.nfields)]
-        return [tuple(None if (v := result.get_value(row, i)) is None else decode(v)
-                      for i, decode in enumerate(decoders))
-                for row in range(result.ntuples)]
+        return rows(result)
 
     def script(self, sql: str) -> None:
         """A statement without parameters or results (BEGIN, COMMIT, ROLLBACK)."""

@@ -5,8 +5,8 @@ holds (``name = 'mpstore'``, ``version``). :func:`prepare` runs in one transacti
 advisory lock (two servers starting at once do not both create it):
 
 * an empty database gets the current schema;
-* an older version is migrated (``MIGRATIONS``; none exist yet) when ``migrate`` is true,
-  or started on by default too (``agl store`` migrates on start);
+* an older version is migrated (``MIGRATIONS``; 1 -> 2 changes ``mpstore_add_span``) when
+  ``migrate`` is true, or started on by default too (``agl store`` migrates on start);
 * a newer version, or a database with other tables called ``mpstore_*`` but no version row,
   is a :class:`~mpstore.errors.StorageError`: ``agl store`` exits 1 with its message.
 
@@ -42,7 +42,7 @@ from ..errors import StorageError
 __all__ = ["SCHEMA_NAME", "SCHEMA_VERSION", "TABLES", "prepare"]
 
 SCHEMA_NAME = "mpstore"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Taken (transaction-scoped) while the schema is checked or created: "mpst" in ASCII.
 SCHEMA_LOCK = 0x6D707374
 TABLES = ("mpstore_counters", "mpstore_replies", "mpstore_reply_floors", "mpstore_resources",
@@ -123,28 +123,7 @@ BEGIN
     INSERT INTO mpstore_replies VALUES (p_client, p_seq, p_at, p_reply);
     RETURN 1;
 END $$;
-CREATE FUNCTION mpstore_add_span(p_rid text, p_aid text, p_sid text, p_seq bigint,
-        p_size integer, p_span bytea, p_version bigint, p_status text, p_appended boolean,
-        p_queued boolean, p_check double precision, p_attempts integer, p_record bytea)
-    RETURNS integer LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO mpstore_spans (rollout_id, attempt_id, span_id, sequence_id, size, record)
-        VALUES (p_rid, p_aid, p_sid, p_seq, p_size, p_span) ON CONFLICT DO NOTHING;
-    IF NOT FOUND THEN
-        RETURN 0;  -- a duplicate (D7): nothing else happens
-    END IF;
-    UPDATE mpstore_rollouts SET status = p_status, queue_pos = CASE WHEN p_appended
-            THEN nextval('mpstore_queue_pos') WHEN p_queued THEN queue_pos END,
-        check_at = p_check, attempts = p_attempts, record = p_record,
-        span_counter = GREATEST(span_counter, p_seq), version = version + 1,
-        finished = CASE WHEN p_status IN ('failed', 'succeeded', 'cancelled') THEN finished END
-        WHERE rollout_id = p_rid AND version = p_version;
-    IF NOT FOUND THEN  -- written meanwhile: undo the span too, the caller reads afresh
-        RAISE EXCEPTION 'stale' USING ERRCODE = 'MPST1';
-    END IF;
-    RETURN 1;
-END $$;
-CREATE FUNCTION mpstore_insert(p_rid text, p_now double precision, p_status text,
+{add_span}CREATE FUNCTION mpstore_insert(p_rid text, p_now double precision, p_status text,
         p_check double precision, p_attempts integer, p_record bytea,
         p_check_latest boolean, p_latest text, p_client text, p_seq bigint, p_reply bytea)
     RETURNS integer LANGUAGE plpgsql AS $$
@@ -198,8 +177,39 @@ BEGIN
 END $$;
 """
 
+#: A span and its heartbeat, if the rollout row is still at ``p_version``: 1 stored, 0 a
+#: duplicate (D7: nothing happens), 2 stale (nothing written: the caller reads afresh). It
+#: raises for nothing of its own, so that a server may send several spans in one transaction
+#: (see .pipeline). Version 1 raised MPST1 for a stale row instead.
+_ADD_SPAN_FN = """
+CREATE OR REPLACE FUNCTION mpstore_add_span(p_rid text, p_aid text, p_sid text, p_seq bigint,
+        p_size integer, p_span bytea, p_version bigint, p_status text, p_appended boolean,
+        p_queued boolean, p_check double precision, p_attempts integer, p_record bytea)
+    RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM mpstore_rollouts WHERE rollout_id = p_rid AND version = p_version
+        FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 2;  -- written (or deleted) meanwhile: the caller reads afresh
+    END IF;
+    INSERT INTO mpstore_spans (rollout_id, attempt_id, span_id, sequence_id, size, record)
+        VALUES (p_rid, p_aid, p_sid, p_seq, p_size, p_span) ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN 0;  -- a duplicate (D7): nothing else happens
+    END IF;
+    UPDATE mpstore_rollouts SET status = p_status, queue_pos = CASE WHEN p_appended
+            THEN nextval('mpstore_queue_pos') WHEN p_queued THEN queue_pos END,
+        check_at = p_check, attempts = p_attempts, record = p_record,
+        span_counter = GREATEST(span_counter, p_seq), version = version + 1,
+        finished = CASE WHEN p_status IN ('failed', 'succeeded', 'cancelled') THEN finished END
+        WHERE rollout_id = p_rid;
+    RETURN 1;
+END $$;
+"""
+_CREATE = _CREATE.replace("{add_span}", _ADD_SPAN_FN)
+
 #: version -> the statements that migrate a database of that version to version + 1.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {1: _ADD_SPAN_FN}
 
 
 def _found(conn: Any) -> tuple[int | None, list[str]]:

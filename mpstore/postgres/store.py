@@ -41,6 +41,7 @@ from .db import COLUMNS, Tx
 from .fast import FastPaths
 from .notify import Listener
 from .ops import Operations
+from .pipeline import PIPELINE_APPLICATION, SpanPipeline
 from .reads import Reads
 from .requests import (
     ANSWERED_KEY,
@@ -107,6 +108,10 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
         self._listener = Listener(url, self._run_watchdog_quietly, self._interval)
         self._cache = RowCache()
         self._fast = FastPaths(self._pool, self._cache, clock)
+        #: add_span answered by a server's loop itself (see .pipeline); unused in process.
+        self.pipeline = SpanPipeline(lambda: psycopg.connect(
+            url, autocommit=True, connect_timeout=5, prepare_threshold=None,
+            application_name=PIPELINE_APPLICATION), self._fast)
         self._init_operations()
         self._init_requests()
 
@@ -420,6 +425,7 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
     def close(self) -> None:
         """Close the connections (and give up the watchdog's lead); idempotent. Not served
         remotely."""
+        self.pipeline.close()
         self._listener.close()
         self._close_operations()
         self._pool.close()

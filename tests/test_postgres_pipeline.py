@@ -1,0 +1,139 @@
+"""The server loop's add_span pipeline (:mod:`mpstore.postgres.pipeline`), driven here by a
+small epoll loop of its own against a real PostgreSQL: what it answers itself, what it hands
+to the full path (FALLBACK), several spans in one transaction, and a lost connection.
+
+Through real servers, every add_span of the contract suite and of the fault tests takes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from mpstore import Span
+from mpstore.manager.pipelined import FALLBACK, RESULT
+from tests import pg
+
+
+@pytest.fixture
+def store(postgres_server: str, postgres_shared: str) -> Iterator[Any]:
+    from mpstore.postgres import PostgresStore
+
+    with pg.fresh_database(postgres_server) as url:
+        store = PostgresStore(url)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+class Loop:
+    """The part of the server loop a pipeline sees: register/unregister, rounds, flush."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+        self.epoll = select.epoll()
+        self.ready: dict[int, Any] = {}
+        self.answers: list[tuple[str, Any]] = []
+        pipeline.attach(self._register, self._unregister)
+
+    def _register(self, fd: int, ready: Any) -> None:
+        self.epoll.register(fd, select.EPOLLIN)
+        self.ready[fd] = ready
+
+    def _unregister(self, fd: int) -> None:
+        with contextlib.suppress(OSError):  # libpq may have closed it: epoll forgot it
+            self.epoll.unregister(fd)
+        del self.ready[fd]
+
+    def submit(self, span: Any) -> bool:
+        return bool(self.pipeline.submit("add_span", (span,), {},
+                                         lambda kind, value: self.answers.append((kind, value))))
+
+    def submit_when_connected(self, span: Any) -> None:
+        """Submit once the pipeline's connection (made by a thread) is there."""
+        deadline = time.monotonic() + 30.0
+        while not self.submit(span):
+            assert time.monotonic() < deadline, "the pipeline never connected"
+            threading.Event().wait(0.01)
+
+    def run_until(self, answers: int) -> list[tuple[str, Any]]:
+        """Flush, then serve ready descriptors until ``answers`` answers came."""
+        self.pipeline.flush()
+        deadline = time.monotonic() + 30.0
+        while len(self.answers) < answers:
+            assert time.monotonic() < deadline, f"answers so far: {self.answers}"
+            for fd, mask in self.epoll.poll(1.0):
+                self.ready[fd](mask)
+        return self.answers
+
+
+def _claimed(store: Any) -> Any:
+    store.enqueue_rollout({"q": 1})
+    return store.dequeue_rollout()  # the claim leaves its row in the store's cache
+
+
+def _span(claimed: Any, n: int, rollout_id: str | None = None) -> Span:
+    return Span(rollout_id=rollout_id or claimed.rollout_id,
+                attempt_id=claimed.attempt.attempt_id, sequence_id=n, name="work",
+                span_id=f"s{n}", attributes={"n": n})
+
+
+def test_spans_of_one_round_commit_together_and_a_stale_one_falls_back(store: Any) -> None:
+    a, b = _claimed(store), _claimed(store)
+    loop = Loop(store.pipeline)
+    loop.submit_when_connected(_span(a, 1))
+    assert loop.submit(_span(a, 2))  # built on the same cached row as a's first: stale
+    assert loop.submit(_span(b, 1))
+    answers = loop.run_until(3)
+    assert [kind for kind, _ in answers] == [RESULT, FALLBACK, RESULT]
+    assert [value.span_id for kind, value in answers if kind == RESULT] == ["s1", "s1"]
+    assert [s.span_id for s in store.query_spans(a.rollout_id)] == ["s1"]
+    assert [s.span_id for s in store.query_spans(b.rollout_id)] == ["s1"]
+    heartbeat = store.get_rollout_by_id(a.rollout_id)
+    assert heartbeat is not None and heartbeat.status == "running"  # the span's heartbeat
+
+
+def test_what_the_pipeline_does_not_take(store: Any) -> None:
+    claimed = _claimed(store)
+    loop = Loop(store.pipeline)
+    loop.submit_when_connected(_span(claimed, 1))
+    assert loop.run_until(1)[0][0] == RESULT
+    pipeline = store.pipeline
+    assert not pipeline.submit("add_span", (), {"span": _span(claimed, 2)}, print)
+    assert not pipeline.submit("add_span", ({"rollout_id": 3},), {}, print)  # invalid
+    unknown = _span(claimed, 3, rollout_id="ro-unknown")
+    assert not pipeline.submit("add_span", (unknown,), {}, print)  # no cached row
+    # A duplicate is sent, and handed to the full path, which returns the stored span.
+    assert loop.submit(_span(claimed, 1))
+    assert loop.run_until(2)[1] == (FALLBACK, None)
+    assert len(store.query_spans(claimed.rollout_id)) == 1
+
+
+def test_a_lost_connection_hands_the_spans_in_flight_over_and_reconnects(
+        store: Any) -> None:
+    from mpstore.postgres.pipeline import PIPELINE_APPLICATION
+
+    claimed = _claimed(store)
+    loop = Loop(store.pipeline)
+    loop.submit_when_connected(_span(claimed, 1))
+    assert loop.run_until(1)[0][0] == RESULT
+    assert loop.submit(_span(claimed, 2))
+    import psycopg
+
+    with psycopg.connect(store.url, autocommit=True) as conn:
+        killed = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE application_name = %s AND datname = current_database()",
+                              (PIPELINE_APPLICATION,)
+                              ).fetchall()
+    assert killed == [(True,)]
+    assert loop.run_until(2)[1] == (FALLBACK, None)  # the full path adds it (idempotent)
+    assert not loop.ready  # the lost connection's descriptor was given back
+    loop.submit_when_connected(_span(claimed, 3))  # a new connection, made by its thread
+    assert loop.run_until(3)[2][0] == RESULT
