@@ -41,6 +41,7 @@ class Loop:
         self.epoll = select.epoll()
         self.ready: dict[int, Any] = {}
         self.answers: list[tuple[str, Any]] = []
+        self.by_span: dict[tuple[str, str], str] = {}  # (rollout, span id) -> kind
         pipeline.attach(self._register, self._unregister)
 
     def _register(self, fd: int, ready: Any) -> None:
@@ -53,8 +54,11 @@ class Loop:
         del self.ready[fd]
 
     def submit(self, span: Any) -> bool:
-        return bool(self.pipeline.submit("add_span", (span,), {},
-                                         lambda kind, value: self.answers.append((kind, value))))
+        def done(kind: str, value: Any) -> None:
+            self.answers.append((kind, value))
+            self.by_span[span.rollout_id, span.span_id] = kind
+
+        return bool(self.pipeline.submit("add_span", (span,), {}, None, done))
 
     def submit_when_connected(self, span: Any) -> None:
         """Submit once the pipeline's connection (made by a thread) is there."""
@@ -91,9 +95,9 @@ def test_spans_of_one_round_commit_together_and_a_stale_one_falls_back(store: An
     loop.submit_when_connected(_span(a, 1))
     assert loop.submit(_span(a, 2))  # built on the same cached row as a's first: stale
     assert loop.submit(_span(b, 1))
-    answers = loop.run_until(3)
-    assert [kind for kind, _ in answers] == [RESULT, FALLBACK, RESULT]
-    assert [value.span_id for kind, value in answers if kind == RESULT] == ["s1", "s1"]
+    loop.run_until(3)
+    assert loop.by_span == {(a.rollout_id, "s1"): RESULT, (a.rollout_id, "s2"): FALLBACK,
+                            (b.rollout_id, "s1"): RESULT}
     assert [s.span_id for s in store.query_spans(a.rollout_id)] == ["s1"]
     assert [s.span_id for s in store.query_spans(b.rollout_id)] == ["s1"]
     heartbeat = store.get_rollout_by_id(a.rollout_id)
@@ -106,10 +110,10 @@ def test_what_the_pipeline_does_not_take(store: Any) -> None:
     loop.submit_when_connected(_span(claimed, 1))
     assert loop.run_until(1)[0][0] == RESULT
     pipeline = store.pipeline
-    assert not pipeline.submit("add_span", (), {"span": _span(claimed, 2)}, print)
-    assert not pipeline.submit("add_span", ({"rollout_id": 3},), {}, print)  # invalid
+    assert not pipeline.submit("add_span", (), {"value": _span(claimed, 2)}, None, print)
+    assert not pipeline.submit("add_span", ({"rollout_id": 3},), {}, None, print)  # invalid
     unknown = _span(claimed, 3, rollout_id="ro-unknown")
-    assert not pipeline.submit("add_span", (unknown,), {}, print)  # no cached row
+    assert not pipeline.submit("add_span", (unknown,), {}, None, print)  # no cached row
     # A duplicate is sent, and handed to the full path, which returns the stored span.
     assert loop.submit(_span(claimed, 1))
     assert loop.run_until(2)[1] == (FALLBACK, None)
@@ -137,3 +141,49 @@ def test_a_lost_connection_hands_the_spans_in_flight_over_and_reconnects(
     assert not loop.ready  # the lost connection's descriptor was given back
     loop.submit_when_connected(_span(claimed, 3))  # a new connection, made by its thread
     assert loop.run_until(3)[2][0] == RESULT
+
+
+def test_spans_that_come_while_a_transaction_runs_go_in_the_next(store: Any) -> None:
+    first, second, third = _claimed(store), _claimed(store), _claimed(store)
+    loop = Loop(store.pipeline)
+    loop.submit_when_connected(_span(first, 1))
+    store.pipeline.flush()  # sent: a transaction in flight
+    assert loop.submit(_span(second, 1)) and loop.submit(_span(third, 1))
+    loop.run_until(3)  # flushed again when the first is answered
+    assert set(loop.by_span.values()) == {RESULT}
+    for claimed in (first, second, third):
+        assert [s.span_id for s in store.query_spans(claimed.rollout_id)] == ["s1"]
+
+
+def _submit(loop: Loop, name: str, args: tuple[Any, ...], kwds: dict[str, Any],
+            request: Any) -> bool:
+    return bool(loop.pipeline.submit(name, args, kwds, request,
+                                     lambda kind, value: loop.answers.append((kind, value))))
+
+
+def test_writes_with_a_request_id_store_their_reply_and_a_resend_falls_back(
+        store: Any) -> None:
+    claimed = _claimed(store)
+    loop = Loop(store.pipeline)
+    loop.submit_when_connected(_span(claimed, 1))
+    assert loop.run_until(1)[0][0] == RESULT
+    args = (claimed.rollout_id, claimed.attempt.attempt_id)
+    # Without a request id the pipeline does not take them: a statement lost with its
+    # connection could not be resent safely. Nor arguments the store refuses.
+    assert not _submit(loop, "update_attempt", args, {"status": "succeeded"}, None)
+    assert not _submit(loop, "enqueue_rollout", ({"q": 2},), {}, None)
+    assert not _submit(loop, "update_attempt", args, {"status": "nonsense"}, ("c", 1))
+    assert _submit(loop, "update_attempt", args, {"status": "succeeded"}, ("c", 1))
+    assert _submit(loop, "enqueue_rollout", ({"q": 2},), {}, ("c", 2))
+    results = {type(value).__name__: value for kind, value in loop.run_until(3)[1:]
+               if kind == RESULT}
+    assert set(results) == {"Attempt", "Rollout"}
+    assert store.get_rollout_by_id(claimed.rollout_id).status == "succeeded"
+    # The reply of request 2 is in the database: its resend fails its transaction (on the
+    # reply's key), goes to the full path, and ``once`` answers it from the database.
+    assert _submit(loop, "enqueue_rollout", ({"q": 2},), {}, ("c", 2))
+    assert loop.run_until(4)[3] == (FALLBACK, None)
+    resent = store.once(("c", 2), store.enqueue_rollout)({"q": 2})
+    assert resent.rollout_id == results["Rollout"].rollout_id
+    assert [r.rollout_id for r in store.query_rollouts()
+            if r.input == {"q": 2}] == [resent.rollout_id]  # enqueued once

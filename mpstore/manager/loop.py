@@ -384,10 +384,12 @@ class Dispatcher:
                 raise AttributeError(f"the mpstore server has no method {name!r}")
             if ident == PACKED_IDENT:
                 args = unpack(name, args)
+            request = None
             if REQUEST_KEY in kwds:
+                request = kwds[REQUEST_KEY]
                 func = once_call(self._once, kwds, func)
             if self._pipeline is not None and name in self._pipeline.names and \
-                    self._pipelined(peer, name, func, args, kwds, began):
+                    self._pipelined(peer, name, func, args, kwds, request, began):
                 return
             if self._offload and not (isinstance(kwds, dict) and blocks(name, kwds)):
                 self._start_offloaded(peer, name, func, args, kwds, began)
@@ -472,7 +474,8 @@ class Dispatcher:
         self._workers.submit(work)
 
     def _pipelined(self, peer: _Peer, name: str, func: Callable[..., Any],
-                   args: tuple[Any, ...], kwds: dict[str, Any], began: float) -> bool:
+                   args: tuple[Any, ...], kwds: dict[str, Any], request: Any, began: float
+                   ) -> bool:
         """Offer the call to the pipeline; True if it took it (and will call ``done``)."""
         def done(kind: str, value: Any) -> None:
             if kind == FALLBACK:
@@ -482,7 +485,7 @@ class Dispatcher:
             self._finish_blocking(peer, (dump_result(value, args), name, OK, began))
 
         assert self._pipeline is not None
-        if not self._pipeline.submit(name, args, kwds, done):
+        if not self._pipeline.submit(name, args, kwds, request, done):
             return False
         peer.busy = True
         self._unwatch(peer.sock)

@@ -46,9 +46,11 @@ class Pipeline(Protocol):
     def attach(self, register: Register, unregister: Callable[[int], None]) -> None:
         """The loop's calls for watching descriptors (only in its thread)."""
 
-    def submit(self, name: str, args: tuple[Any, ...], kwds: dict[str, Any], done: Done
-               ) -> bool:
-        """Take call ``name`` (``done`` is called exactly once, later), or return False."""
+    def submit(self, name: str, args: tuple[Any, ...], kwds: dict[str, Any], request: Any,
+               done: Done) -> bool:
+        """Take call ``name`` (``done`` is called exactly once, later), or return False.
+        ``request`` is the call's request id (``api.REQUEST_KEY``; None without one): the
+        pipeline answers the call in its stead, exactly once, or falls back."""
 
     def flush(self) -> None:
         """A round of the loop ended: send what was submitted in it."""

@@ -16,6 +16,7 @@ differently from it. Statements go through :class:`~.pq.Session` (libpq directly
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pickle
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -29,7 +30,7 @@ from .requests import ANSWERED_KEY, FORGOTTEN, Answered
 from .requests import REMEMBER as _REMEMBER
 from .unit import Unit
 
-__all__ = ["ADD_SPAN", "FastPaths"]
+__all__ = ["ADD_SPAN", "STATEMENTS", "FastPaths", "Planned"]
 
 T = TypeVar("T")
 _loads = pickle.loads
@@ -43,11 +44,26 @@ _UPDATE = ("UPDATE mpstore_rollouts SET status = %s, queue_pos = CASE WHEN %s TH
            "nextval('mpstore_queue_pos') WHEN %s THEN queue_pos END, check_at = %s, "
            "attempts = %s, record = %s, version = version + 1, finished = NULL "
            "WHERE rollout_id = %s")
-#: What mpstore_add_span returns for a row written since it was cached.
-_STALE = 2
+#: What mpstore_add_span returns for a duplicate span (D7).
+_DUPLICATE = 0
 _UNIQUE = "23505"
 _dumps = pickle.dumps
 Request = tuple[str, int] | None
+#: The statements a Planned may hold (the pipeline prepares them all).
+STATEMENTS = (ADD_SPAN, _WRITE, _INSERT)
+
+
+@dataclasses.dataclass(slots=True)
+class Planned:
+    """One write as one statement, decided on the cached row: ``sql`` and its ``params``,
+    the rollout it writes, and ``finish(code)``, which takes the statement's result (the
+    function's return code) to ``(the call's result,)``, or None if the full path must
+    decide (nothing was written)."""
+
+    sql: str
+    params: tuple[Any, ...]
+    rollout_id: str
+    finish: Callable[[int], tuple[Any] | None]
 
 
 def _reply(request: Request, reply: Any) -> tuple[Any, ...]:
@@ -96,6 +112,34 @@ class FastPaths:
               ) -> tuple[T] | None:
         """``apply(unit, now)`` on the cached row, written if still current (a 1-tuple);
         with a ``request`` id, its reply (the result) is stored by the same statement."""
+        planned = self.plan_write(rollout_id, apply, request)
+        return None if planned is None else self.run(planned)
+
+    def add_span(self, span: Span, record: bytes) -> tuple[Span] | None:
+        """``(span,)`` once stored; None for the full path (also for a duplicate, D7: the
+        full path answers with the stored span)."""
+        planned = self.plan_span(span, record)
+        if planned is None:
+            return None
+        try:
+            with self._pool.connection() as conn:
+                code = Session(conn).run(ADD_SPAN, planned.params)[0][0]
+        except DbError as exc:
+            self._cache.drop(span.rollout_id)
+            if exc.broken:
+                return None  # lost: the full path (add_span is idempotent)
+            raise StorageError(f"PostgreSQL: {exc}") from None
+        return planned.finish(code)
+
+    def run(self, planned: Planned) -> tuple[Any] | None:
+        """A planned statement on a pooled connection: its ``finish``."""
+        with self.session() as db:
+            return planned.finish(db.run(planned.sql, planned.params)[0][0])
+
+    # The statements, planned: run here (above) or by the server loop's pipeline.
+    def plan_write(self, rollout_id: str, apply: Callable[[Unit, float], Any],
+                   request: Request = None) -> Planned | None:
+        """:meth:`write`'s statement; None if the full path must decide."""
         unit = self._unit(rollout_id)
         if unit is None:
             return None
@@ -107,35 +151,14 @@ class FastPaths:
         if unit.worker_events:
             return None  # a worker's record changes too: the full path writes both
         record = encode_unit(unit)
-        with self.session() as db:
-            done = db.run(_WRITE, (rollout_id, unit.version, now, *unit_values(unit), record,
-                                   unit.finished, *_reply(request, result)))[0][0]
-        if done != 1:
-            self._cache.drop(rollout_id)
-            return None
-        self._cache.put(rollout_id, unit.version + 1, record, unit.queued)
-        return (result,)
+        after = (rollout_id, unit.version + 1, record, unit.queued)
+        return Planned(_WRITE, (rollout_id, unit.version, now, *unit_values(unit), record,
+                                unit.finished, *_reply(request, result)),
+                       rollout_id, lambda code: self._cached(code, after, result))
 
-    def add_span(self, span: Span, record: bytes) -> bool | None:
-        """True if stored, False for a duplicate (D7), None for the full path."""
-        prepared = self.span_statement(span, record)
-        if prepared is None:
-            return None
-        params, after = prepared
-        try:
-            with self._pool.connection() as conn:
-                done = Session(conn).run(ADD_SPAN, params)[0][0]
-        except DbError as exc:
-            self.span_failed(span.rollout_id, exc)
-            return None
-        return self.span_written(after, done)
-
-    # add_span in three parts, shared with the server loop's pipeline (.pipeline)
-    def span_statement(self, span: Span, record: bytes
-                       ) -> tuple[tuple[Any, ...], tuple[str, int, bytes, bool]] | None:
-        """:data:`ADD_SPAN`'s parameters for ``span`` (its ``record`` pickled), from the
-        cached row with the attempt's heartbeat, and the row to cache once it is written;
-        None if the full path must decide (no cached row, or no such attempt in it)."""
+    def plan_span(self, span: Span, record: bytes) -> Planned | None:
+        """:meth:`add_span`'s statement (``record``: the span pickled), from the cached row
+        with the attempt's heartbeat; None if the full path must decide."""
         unit = self._unit(span.rollout_id)
         if unit is None:
             return None
@@ -145,29 +168,22 @@ class FastPaths:
             return None
         unit.heartbeat(attempt, self._clock())
         row = encode_unit(unit)
-        params = (span.rollout_id, span.attempt_id, span.span_id, span.sequence_id,
-                  len(record), record, unit.version, *unit_values(unit), row)
-        return params, (span.rollout_id, unit.version + 1, row, unit.queued)
+        after = (span.rollout_id, unit.version + 1, row, unit.queued)
+        return Planned(ADD_SPAN, (span.rollout_id, span.attempt_id, span.span_id,
+                                  span.sequence_id, len(record), record, unit.version,
+                                  *unit_values(unit), row),
+                       span.rollout_id, lambda code: self._cached(code, after, span))
 
-    def span_written(self, after: tuple[str, int, bytes, bool], done: int) -> bool | None:
-        """ADD_SPAN returned ``done``: True if it stored the span (its row is cached as
-        ``after``), False for a duplicate (D7: nothing was written), None if the cached row
-        was stale (nothing was written: the full path decides)."""
-        if done == 1:
+    def _cached(self, code: int, after: tuple[str, int, bytes, bool], result: T
+                ) -> tuple[T] | None:
+        """A write's outcome: 1 written (the row after it is cached), else None (stale, or
+        a duplicate span: nothing was written, the full path decides)."""
+        if code == 1:
             self._cache.put(*after)
-            return True
-        if done == _STALE:
+            return (result,)
+        if code != _DUPLICATE:
             self._cache.drop(after[0])
-            return None
-        return False
-
-    def span_failed(self, rollout_id: str, exc: DbError) -> None:
-        """ADD_SPAN failed: returns (the full path decides) if the connection was lost
-        (add_span is idempotent); else raises StorageError."""
-        self._cache.drop(rollout_id)
-        if exc.broken:
-            return
-        raise StorageError(f"PostgreSQL: {exc}") from None
+        return None
 
     # ----------------------------------------------------------------- claims
     def claim(self, limit: int, worker: str | None, request: Request = None,
@@ -211,6 +227,13 @@ class FastPaths:
     def enqueue(self, fields: dict[str, Any], request: Request = None) -> Rollout | None:
         """A new queued rollout in one statement; None for the full path (no latest
         resources seen yet, they changed since, or a rollout is due for the watchdog)."""
+        planned = self.plan_enqueue(fields, request)
+        done = None if planned is None else self.run(planned)
+        return None if done is None else done[0]  # type: ignore[no-any-return]
+
+    def plan_enqueue(self, fields: dict[str, Any], request: Request = None
+                     ) -> Planned | None:
+        """:meth:`enqueue`'s statement; None if the full path must decide."""
         latest = self.latest_resources
         resources_id = fields["resources_id"]
         check = not resources_id  # REF Q12: then the rollout takes the latest resources
@@ -225,12 +248,14 @@ class FastPaths:
         unit = Unit(rollout, [], False, new=True)
         unit.write_status(RolloutStatus.QUEUING, now)
         record = encode_unit(unit)
-        with self.session() as db:
-            done = db.run(_INSERT, (rollout.rollout_id, now, rollout.status.value,
-                                    unit.check_at(), 0, record, check, resources_id,
-                                    *_reply(request, rollout)))[0][0]
-        if done != 1:
-            self.latest_resources = None
-            return None
-        self._cache.put(rollout.rollout_id, 0, record, True)
-        return rollout
+
+        def finish(code: int) -> tuple[Rollout] | None:
+            if code != 1:
+                self.latest_resources = None
+                return None
+            self._cache.put(rollout.rollout_id, 0, record, True)
+            return (rollout,)
+
+        return Planned(_INSERT, (rollout.rollout_id, now, rollout.status.value,
+                                 unit.check_at(), 0, record, check, resources_id,
+                                 *_reply(request, rollout)), rollout.rollout_id, finish)

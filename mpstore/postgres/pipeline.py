@@ -1,59 +1,71 @@
-"""``add_span`` on the server loop's own connection, in libpq's pipeline mode.
+"""The hot writes on the server loop's own connection, in libpq's pipeline mode.
 
-``add_span`` is most of what runners send (ten of the benchmark cycle's thirteen calls). As a
-worker-thread call it paid a pool checkout and two thread hand-offs on top of its one
-statement. :class:`SpanPipeline` is the server loop's :class:`~mpstore.manager.pipelined.
-Pipeline` for it: the loop sends the span's statement (:data:`~.fast.ADD_SPAN`, built from
-the cached row exactly as the worker's fast path builds it) on a connection of its own without
-waiting, and answers when the result arrives. Each statement is followed by a sync, so each
-is its own transaction, as on the worker's path: one span's failure touches no other.
+``add_span`` is most of what runners send (ten of the benchmark cycle's thirteen calls), and
+``update_attempt`` and ``enqueue_rollout`` two more. As worker-thread calls each paid a pool
+checkout and two thread hand-offs (~80 µs of CPU on this project's VM) on top of its one
+statement. :class:`StatementPipeline` is the server loop's
+:class:`~mpstore.manager.pipelined.Pipeline` for them: given a call's arguments, the store's
+*plan* for it (a :class:`~.fast.Planned`, decided on the cached row exactly as the worker's
+fast path decides it) is sent on a connection of the pipeline's own without waiting, and the
+call is answered when its result arrives.
+
+The calls of one loop round travel as one transaction (a group commit): while one is in
+flight, what comes meanwhile waits and goes, sorted by rollout, when it is answered. A
+statement's return code says what it did, and none raises for the cases the store expects
+(a stale row, a duplicate span), so one call's outcome touches no other's.
 
 What is not certain goes to the full path (``FALLBACK``), which decides as it always has:
-anything but one positional span, a span that fails validation (the full path raises the
-error), no cached row, a stale row, a duplicate (the full path returns the stored span), and
-every span in flight when the connection is lost (add_span is idempotent: D7). Meanwhile the
-connection is made again by a thread of its own, so the loop never waits for a connect.
+arguments the plan refuses (the full path raises the error), no cached row, a stale row, a
+duplicate span (the full path returns the stored one), every call of a transaction that
+failed, and every call in flight when the connection is lost. That last is safe because
+``add_span`` is idempotent (D7) and the other writes are taken only with a request id: their
+reply is stored by the same statement, so a resend is answered once (see .requests).
+Meanwhile the connection is made again by a thread of its own; the loop never waits for one.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
-import pickle
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from .. import validate as v
-from ..errors import StoreError
 from ..manager.pipelined import FALLBACK, RESULT, Done, Register
-from .fast import ADD_SPAN, FastPaths
+from .fast import STATEMENTS, Planned
 from .pq import encode, numbered, rows
 
-__all__ = ["PIPELINE_APPLICATION", "RECONNECT_EVERY", "SpanPipeline"]
+__all__ = ["PIPELINE_APPLICATION", "RECONNECT_EVERY", "Plan", "StatementPipeline"]
 
 #: The pipeline connection's ``application_name`` (as ``pg_stat_activity`` shows it).
 PIPELINE_APPLICATION = "mpstore-pipeline"
 
-_NAME = b"mpstore_pipeline_span"
+#: Prepared statement names on the pipeline's connection.
+_NAMES = {sql: f"mpstore_pipeline_{i}".encode() for i, sql in enumerate(STATEMENTS)}
+#: ``plan(args, kwds, request id or None)``: a call's statement, or None (not taken).
+Plan = Callable[[tuple[Any, ...], dict[str, Any], Any], Planned | None]
 #: Seconds between attempts to connect again.
 RECONNECT_EVERY = 1.0
-_dumps = pickle.dumps
+_Entry = tuple[Planned, Done]
 
 
-class SpanPipeline:
-    """See the module docstring. ``connect()`` returns a new psycopg connection."""
+def _rollout_of(entry: _Entry) -> str:
+    return entry[0].rollout_id
 
-    names = frozenset({"add_span"})
 
-    def __init__(self, connect: Callable[[], Any], fast: FastPaths) -> None:
-        self._connect, self._fast = connect, fast
+class StatementPipeline:
+    """See the module docstring. ``connect()`` returns a new psycopg connection; ``plans``
+    maps the names of the calls taken to their plans."""
+
+    def __init__(self, connect: Callable[[], Any], plans: dict[str, Plan]) -> None:
+        self._connect, self._plans = connect, plans
+        self.names = frozenset(plans)
         self._conn: Any = None  # in use (the loop's thread only)
         self._fresh: Any = None  # made by the connecting thread, not yet in use
-        #: Sent, not yet synced: (row to cache, span, done) each.
-        self._unsynced: list[tuple[Any, Any, Done]] = []
-        #: Synced, not yet answered, in order: one list as above per transaction.
-        self._inflight: collections.deque[list[tuple[Any, Any, Done]]] = collections.deque()
+        #: Not yet sent: (the call's statement, done) each.
+        self._waiting: list[_Entry] = []
+        #: Sent, not yet answered (at most one): one list as above per transaction.
+        self._inflight: collections.deque[list[_Entry]] = collections.deque()
         self._results: list[Any] = []  # the oldest transaction's results so far
         self._register: Register | None = None
         self._unregister: Callable[[int], None] | None = None
@@ -66,36 +78,36 @@ class SpanPipeline:
         self._register, self._unregister = register, unregister
         self._connect_later(0.0)
 
-    def submit(self, name: str, args: tuple[Any, ...], kwds: dict[str, Any], done: Done
-               ) -> bool:
-        if kwds or len(args) != 1 or (self._conn is None and not self._adopt()):
+    def submit(self, name: str, args: tuple[Any, ...], kwds: dict[str, Any], request: Any,
+               done: Done) -> bool:
+        if self._conn is None and not self._adopt():
             return False
         try:
-            span = v.span(args[0])
-        except StoreError:
+            planned = self._plans[name](args, kwds, request)
+        except Exception:  # refused arguments: the full path raises the error
             return False
-        record = _dumps(span, 5)
-        prepared = self._fast.span_statement(span, record)
-        if prepared is None:
+        if planned is None:
             return False
-        params, after = prepared
-        try:
-            self._conn.pgconn.send_query_prepared(_NAME, *encode(params), 1)
-        except Exception:  # the connection is lost: this span was not sent
-            self._lost()
-            return False
-        self._unsynced.append((after, span, done))
+        self._waiting.append((planned, done))
         return True
 
     def flush(self) -> None:
-        """End the transaction of the spans submitted since the last flush and send them."""
-        if not self._unsynced:
+        """Send the spans waiting, as one transaction, unless one is still in flight: then
+        they go when it is answered (a group commit: under load, every transaction carries
+        the spans that came while the last one ran; one connection's statements run one at a
+        time anyway). Sent in rollout order, so that two servers' transactions lock their
+        rows in the same order and cannot deadlock on each other."""
+        if not self._waiting or self._inflight or self._conn is None:
             return
-        group, self._unsynced = self._unsynced, []
+        group, self._waiting = self._waiting, []
+        group.sort(key=_rollout_of)
+        pgconn = self._conn.pgconn
         self._inflight.append(group)
         try:
-            self._conn.pgconn.pipeline_sync()  # sends the buffer too
-        except Exception:
+            for planned, _ in group:
+                pgconn.send_query_prepared(_NAMES[planned.sql], *encode(planned.params), 1)
+            pgconn.pipeline_sync()  # sends the buffer too
+        except Exception:  # the connection is lost
             self._lost()
 
     def _ready(self, mask: int) -> None:
@@ -119,22 +131,26 @@ class SpanPipeline:
         except Exception:
             pass  # consume_input failed: the connection is gone (see below)
         for group, results in finished:
-            for (after, span, done), result in itertools.zip_longest(group, results):
-                self._answer(after, span, done, result)
+            for (planned, done), result in itertools.zip_longest(group, results):
+                self._answer(planned, done, result)
         if pgconn.status != pq.ConnStatus.OK:
             self._lost()
+        else:
+            self.flush()  # what came while the last transaction ran
 
-    def _answer(self, after: Any, span: Any, done: Done, result: Any) -> None:
-        """One span's answer. Anything but a result (an error, or a statement not run after
+    @staticmethod
+    def _answer(planned: Planned, done: Done, result: Any) -> None:
+        """One call's answer. Anything but a result (an error, or a statement not run after
         another's error in the same transaction) goes to the full path: nothing of that
-        transaction was written, and add_span is idempotent."""
+        transaction was written."""
         from psycopg import pq
 
-        if result is not None and result.status == pq.ExecStatus.TUPLES_OK and \
-                self._fast.span_written(after, rows(result)[0][0]):
-            done(RESULT, span)
-        else:
-            done(FALLBACK, None)  # also a duplicate (D7) and a stale row: see the module
+        if result is not None and result.status == pq.ExecStatus.TUPLES_OK:
+            outcome = planned.finish(rows(result)[0][0])
+            if outcome is not None:
+                done(RESULT, outcome[0])
+                return
+        done(FALLBACK, None)
 
     # ----------------------------------------------------------------- the connection
     def _adopt(self) -> bool:
@@ -157,10 +173,10 @@ class SpanPipeline:
             return
         assert self._unregister is not None
         self._unregister(self._fd)
-        groups = [*self._inflight, self._unsynced]
-        self._inflight, self._unsynced, self._results = collections.deque(), [], []
+        groups = [*self._inflight, self._waiting]
+        self._inflight, self._waiting, self._results = collections.deque(), [], []
         for group in groups:
-            for _, _, done in group:
+            for _, done in group:
                 done(FALLBACK, None)
         try:
             conn.close()
@@ -181,8 +197,8 @@ class SpanPipeline:
                     conn = self._connect()
                 except Exception:
                     continue  # the database is down: try again
-                if conn.pgconn.prepare(_NAME, numbered(ADD_SPAN)).status == \
-                        pq.ExecStatus.COMMAND_OK:
+                if all(conn.pgconn.prepare(name, numbered(sql)).status ==
+                       pq.ExecStatus.COMMAND_OK for sql, name in _NAMES.items()):
                     self._fresh = conn
                     return
                 conn.close()

@@ -187,22 +187,26 @@ CREATE OR REPLACE FUNCTION mpstore_add_span(p_rid text, p_aid text, p_sid text, 
         p_queued boolean, p_check double precision, p_attempts integer, p_record bytea)
     RETURNS integer LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM 1 FROM mpstore_rollouts WHERE rollout_id = p_rid AND version = p_version
-        FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN 2;  -- written (or deleted) meanwhile: the caller reads afresh
-    END IF;
-    INSERT INTO mpstore_spans (rollout_id, attempt_id, span_id, sequence_id, size, record)
-        VALUES (p_rid, p_aid, p_sid, p_seq, p_size, p_span) ON CONFLICT DO NOTHING;
-    IF NOT FOUND THEN
-        RETURN 0;  -- a duplicate (D7): nothing else happens
+    -- Checked before the row is written: a duplicate (D7) changes nothing at all.
+    PERFORM 1 FROM mpstore_spans WHERE rollout_id = p_rid AND attempt_id = p_aid
+        AND span_id = p_sid;
+    IF FOUND THEN
+        RETURN 0;
     END IF;
     UPDATE mpstore_rollouts SET status = p_status, queue_pos = CASE WHEN p_appended
             THEN nextval('mpstore_queue_pos') WHEN p_queued THEN queue_pos END,
         check_at = p_check, attempts = p_attempts, record = p_record,
         span_counter = GREATEST(span_counter, p_seq), version = version + 1,
         finished = CASE WHEN p_status IN ('failed', 'succeeded', 'cancelled') THEN finished END
-        WHERE rollout_id = p_rid;
+        WHERE rollout_id = p_rid AND version = p_version;
+    IF NOT FOUND THEN
+        RETURN 2;  -- written (or deleted) meanwhile: nothing written, the caller reads afresh
+    END IF;
+    -- Every writer of a rollout's spans holds its row's lock and moves its version, so a
+    -- span stored since the check above made the UPDATE find nothing. Should one be there
+    -- all the same, the whole transaction is undone rather than keep a heartbeat of it.
+    INSERT INTO mpstore_spans (rollout_id, attempt_id, span_id, sequence_id, size, record)
+        VALUES (p_rid, p_aid, p_sid, p_seq, p_size, p_span);
     RETURN 1;
 END $$;
 """

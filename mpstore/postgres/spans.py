@@ -83,7 +83,7 @@ class Spans:
         record = _dumps(checked, 5)
         fast = self._fast.add_span(checked, record)
         if fast is not None:
-            return checked if fast else (self._stored_span(checked) or checked)
+            return checked
 
         def run(tx: Tx) -> Any:
             unit = self._rollout_unit(tx, checked.rollout_id)

@@ -38,10 +38,10 @@ from ..types import (
 )
 from .cache import RowCache
 from .db import COLUMNS, Tx
-from .fast import FastPaths
+from .fast import FastPaths, Planned
 from .notify import Listener
 from .ops import Operations
-from .pipeline import PIPELINE_APPLICATION, SpanPipeline
+from .pipeline import PIPELINE_APPLICATION, StatementPipeline
 from .reads import Reads
 from .requests import (
     ANSWERED_KEY,
@@ -108,10 +108,13 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
         self._listener = Listener(url, self._run_watchdog_quietly, self._interval)
         self._cache = RowCache()
         self._fast = FastPaths(self._pool, self._cache, clock)
-        #: add_span answered by a server's loop itself (see .pipeline); unused in process.
-        self.pipeline = SpanPipeline(lambda: psycopg.connect(
+        #: The hot writes, sent by a server's loop itself (see .pipeline); unused in process.
+        self.pipeline = StatementPipeline(lambda: psycopg.connect(
             url, autocommit=True, connect_timeout=5, prepare_threshold=None,
-            application_name=PIPELINE_APPLICATION), self._fast)
+            application_name=PIPELINE_APPLICATION), {
+                "add_span": self._plan_add_span,
+                "enqueue_rollout": self._plan_enqueue,
+                "update_attempt": self._plan_update_attempt})
         self._init_operations()
         self._init_requests()
 
@@ -407,6 +410,19 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
         """Replace the given fields of an attempt (``"latest"`` allowed). Setting a status on
         the latest attempt re-derives the rollout with P (E6), except a cancelled one (D2);
         an update without status never does (D3)."""
+        apply = self._attempt_change(rollout_id, attempt_id, status, worker_id,
+                                     last_heartbeat_time, metadata)
+        fast = self._fast.write(rollout_id, apply, self._current())
+        if fast is not None:
+            self._remembered()
+            return fast[0]
+        return self._call(lambda tx: apply(self._rollout_unit(tx, rollout_id), tx.now))
+
+    @staticmethod
+    def _attempt_change(rollout_id: str, attempt_id: str, status: Any = NOT_GIVEN,
+                        worker_id: Any = NOT_GIVEN, last_heartbeat_time: Any = NOT_GIVEN,
+                        metadata: Any = NOT_GIVEN) -> Callable[[Unit, float], Attempt]:
+        """update_attempt's arguments checked, as the change it applies to a rollout."""
         v.identifier(rollout_id, "rollout_id")
         v.identifier(attempt_id, "attempt_id")
         changes = v.attempt_changes(status, worker_id, last_heartbeat_time, metadata)
@@ -414,13 +430,33 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
         def apply(unit: Unit, now: float) -> Attempt:
             attempt = unit.attempt(attempt_id)
             unit.update_attempt(attempt, changes, now)
-            return attempt.snapshot()
+            return attempt.snapshot()  # type: ignore[attr-defined, no-any-return]
 
-        fast = self._fast.write(rollout_id, apply, self._current())
-        if fast is not None:
-            self._remembered()
-            return fast[0]
-        return self._call(lambda tx: apply(self._rollout_unit(tx, rollout_id), tx.now))
+        return apply
+
+    # ----------------------------------------------------------------- the pipeline's plans
+    # A server's loop sends these calls' statements itself (see .pipeline): each takes the
+    # call's arguments and request id and returns its statement, or None (not taken: the
+    # call runs as any other). The writes other than add_span only with a request id, so
+    # that a statement lost with its connection is resent exactly once (by ``once``).
+    def _plan_add_span(self, args: tuple[Any, ...], kwds: dict[str, Any],
+                       request: Any) -> Planned | None:
+        span = v.span(_span_argument(*args, **kwds))
+        return self._fast.plan_span(span, _dumps(span, 5))
+
+    def _plan_update_attempt(self, args: tuple[Any, ...], kwds: dict[str, Any],
+                             request: Any) -> Planned | None:
+        if not _request_id(request):
+            return None
+        apply = self._attempt_change(*args, **kwds)
+        return self._fast.plan_write(args[0] if args else kwds["rollout_id"], apply, request)
+
+    def _plan_enqueue(self, args: tuple[Any, ...], kwds: dict[str, Any],
+                      request: Any) -> Planned | None:
+        if not _request_id(request):
+            return None
+        fields = _enqueue_fields(*args, **kwds)
+        return None if fields["rollout_id"] else self._fast.plan_enqueue(fields, request)
 
     def close(self) -> None:
         """Close the connections (and give up the watchdog's lead); idempotent. Not served
@@ -438,6 +474,23 @@ def _claim(unit: Unit, worker: str | None, now: float) -> AttemptedRollout:
 
 def _record(row: Any) -> Any:
     return None if row is None else _loads(row[0])
+
+
+def _span_argument(span: Any) -> Any:
+    """add_span's argument, bound as add_span binds it."""
+    return span
+
+
+def _enqueue_fields(input: Any, mode: str | None = None, resources_id: str | None = None,
+                    config: Any = None, metadata: dict[str, Any] | None = None, *,
+                    rollout_id: str | None = None) -> dict[str, Any]:
+    """enqueue_rollout's arguments, bound as it binds them, and checked."""
+    return PostgresStore._fields(input, mode, resources_id, config, metadata, rollout_id)
+
+
+def _request_id(request: Any) -> bool:
+    return (isinstance(request, tuple) and len(request) == 2 and isinstance(request[0], str)
+            and type(request[1]) is int)
 
 
 def _is_pool_timeout(exc: Exception) -> bool:
