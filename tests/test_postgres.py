@@ -303,7 +303,8 @@ def test_a_version_1_database_is_migrated(url: str) -> None:
     from mpstore.postgres import SCHEMA_VERSION, PostgresStore
 
     PostgresStore(url).close()
-    _sql(url, "UPDATE mpstore_schema SET version = 1")
+    # Schema 1 is schema 2 without mpstore_write_span.
+    _sql(url, "DROP FUNCTION mpstore_write_span", "UPDATE mpstore_schema SET version = 1")
     with pytest.raises(StorageError, match="older"):
         PostgresStore(url)
     store = PostgresStore(url, migrate=True)

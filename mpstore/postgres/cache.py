@@ -1,7 +1,7 @@
 """The rollout rows a store last read or wrote, for writes in one round trip.
 
 A hit is only a guess: the row may have been written since, by this server or another. A
-write from a cached row goes through ``mpstore_add_span`` / ``mpstore_write``, which apply it
+write from a cached row goes through ``mpstore_write_span`` / ``mpstore_write``, which apply it
 only if the row is still at the cached ``version`` (optimistic concurrency); otherwise the
 caller drops the entry and takes the locked path (read ``FOR UPDATE``, apply, write). So the
 cache can make a call faster, never wrong. Entries are the row's bytes, decoded afresh for

@@ -2,7 +2,7 @@
 
 * **From a cached row** (:mod:`.cache`): ``add_span`` and single-rollout updates apply the
   rules to the row this server last saw and write it with one statement
-  (``mpstore_add_span`` / ``mpstore_write``) that applies only if the row is still at that
+  (``mpstore_write_span`` / ``mpstore_write``) that applies only if the row is still at that
   version and, for REF's method set, no rollout is due for the watchdog.
 * **Claims** as a short transaction of prepared statements (no rollout due, or the full
   path runs the watchdog first): lock the head ``FOR UPDATE SKIP LOCKED``, write the claims.
@@ -35,7 +35,7 @@ __all__ = ["ADD_SPAN", "STATEMENTS", "FastPaths", "Planned"]
 T = TypeVar("T")
 _loads = pickle.loads
 _WRITE = "SELECT mpstore_write(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-ADD_SPAN = "SELECT mpstore_add_span(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+ADD_SPAN = "SELECT mpstore_write_span(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _INSERT = "SELECT mpstore_insert(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _ANY_DUE = "SELECT EXISTS (SELECT 1 FROM mpstore_rollouts WHERE check_at <= %s)"
 _HEAD = (f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE queue_pos IS NOT NULL "
@@ -44,7 +44,7 @@ _UPDATE = ("UPDATE mpstore_rollouts SET status = %s, queue_pos = CASE WHEN %s TH
            "nextval('mpstore_queue_pos') WHEN %s THEN queue_pos END, check_at = %s, "
            "attempts = %s, record = %s, version = version + 1, finished = NULL "
            "WHERE rollout_id = %s")
-#: What mpstore_add_span returns for a duplicate span (D7).
+#: What mpstore_write_span returns for a duplicate span (D7).
 _DUPLICATE = 0
 _UNIQUE = "23505"
 _dumps = pickle.dumps

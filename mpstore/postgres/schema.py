@@ -5,8 +5,8 @@ holds (``name = 'mpstore'``, ``version``). :func:`prepare` runs in one transacti
 advisory lock (two servers starting at once do not both create it):
 
 * an empty database gets the current schema;
-* an older version is migrated (``MIGRATIONS``; 1 -> 2 changes ``mpstore_add_span``) when
-  ``migrate`` is true, or started on by default too (``agl store`` migrates on start);
+* an older version is migrated (``MIGRATIONS``; 1 -> 2 adds ``mpstore_write_span``)
+  when ``migrate`` is true, or started on by default too (``agl store`` migrates on start);
 * a newer version, or a database with other tables called ``mpstore_*`` but no version row,
   is a :class:`~mpstore.errors.StorageError`: ``agl store`` exits 1 with its message.
 
@@ -24,7 +24,7 @@ beside them are what the queries filter, sort and lock by, each with its index:
 
 ``version`` counts a rollout row's writes. Two functions write a row in one round trip
 without locking it first, if it is still at the version a server last saw (optimistic; the
-server keeps recent rows: see ``mpstore.postgres.cache``): ``mpstore_add_span`` (the span and
+server keeps recent rows: see ``mpstore.postgres.cache``): ``mpstore_write_span`` (the span and
 its heartbeat) and ``mpstore_write`` (any other change of one rollout, when no rollout is due
 for the watchdog); ``mpstore_insert`` enqueues a rollout if the latest resources are still
 the ones the server saw. Given a request id, the write functions also store its reply with
@@ -123,7 +123,7 @@ BEGIN
     INSERT INTO mpstore_replies VALUES (p_client, p_seq, p_at, p_reply);
     RETURN 1;
 END $$;
-{add_span}CREATE FUNCTION mpstore_insert(p_rid text, p_now double precision, p_status text,
+{write_span}CREATE FUNCTION mpstore_insert(p_rid text, p_now double precision, p_status text,
         p_check double precision, p_attempts integer, p_record bytea,
         p_check_latest boolean, p_latest text, p_client text, p_seq bigint, p_reply bytea)
     RETURNS integer LANGUAGE plpgsql AS $$
@@ -180,9 +180,10 @@ END $$;
 #: A span and its heartbeat, if the rollout row is still at ``p_version``: 1 stored, 0 a
 #: duplicate (D7: nothing happens), 2 stale (nothing written: the caller reads afresh). It
 #: raises for nothing of its own, so that a server may send several spans in one transaction
-#: (see .pipeline). Version 1 raised MPST1 for a stale row instead.
-_ADD_SPAN_FN = """
-CREATE OR REPLACE FUNCTION mpstore_add_span(p_rid text, p_aid text, p_sid text, p_seq bigint,
+#: (see .pipeline). Schema 1's ``mpstore_add_span`` raised for a stale row instead; a
+#: database migrated from 1 keeps it, unchanged, for the older servers still running on it.
+_WRITE_SPAN_FN = """
+CREATE FUNCTION mpstore_write_span(p_rid text, p_aid text, p_sid text, p_seq bigint,
         p_size integer, p_span bytea, p_version bigint, p_status text, p_appended boolean,
         p_queued boolean, p_check double precision, p_attempts integer, p_record bytea)
     RETURNS integer LANGUAGE plpgsql AS $$
@@ -210,10 +211,10 @@ BEGIN
     RETURN 1;
 END $$;
 """
-_CREATE = _CREATE.replace("{add_span}", _ADD_SPAN_FN)
+_CREATE = _CREATE.replace("{write_span}", _WRITE_SPAN_FN)
 
 #: version -> the statements that migrate a database of that version to version + 1.
-MIGRATIONS: dict[int, str] = {1: _ADD_SPAN_FN}
+MIGRATIONS: dict[int, str] = {1: _WRITE_SPAN_FN}
 
 
 def _found(conn: Any) -> tuple[int | None, list[str]]:
