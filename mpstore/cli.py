@@ -200,8 +200,9 @@ def _require(module: str, extra: str, feature: str) -> None:
 @click.option("--backend", default=None, metavar="postgresql://USER@HOST:PORT/DB",
               envvar="MPSTORE_BACKEND", show_envvar=True,
               help="Keep the state in this PostgreSQL database instead of memory; any number "
-                   "of servers may share it (needs mpstore[postgres]). An empty database is "
-                   "given mpstore's schema; a newer or foreign one is refused (exit 1).")
+                   "of servers may share it (needs mpstore[postgres]). Each server holds 11 "
+                   "connections to it. An empty database is given mpstore's schema; a newer "
+                   "or foreign one is refused (exit 1).")
 @click.option("--migrate", is_flag=True, default=False, envvar="MPSTORE_MIGRATE",
               show_envvar=True,
               help="With --backend: migrate a database of an older mpstore schema (without "
