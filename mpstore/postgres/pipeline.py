@@ -92,9 +92,9 @@ class StatementPipeline:
         return True
 
     def flush(self) -> None:
-        """Send the spans waiting, as one transaction, unless one is still in flight: then
+        """Send the calls waiting, as one transaction, unless one is still in flight: then
         they go when it is answered (a group commit: under load, every transaction carries
-        the spans that came while the last one ran; one connection's statements run one at a
+        the calls that came while the last one ran; one connection's statements run one at a
         time anyway). Sent in rollout order, so that two servers' transactions lock their
         rows in the same order and cannot deadlock on each other."""
         if not self._waiting or self._inflight or self._conn is None:
@@ -111,9 +111,11 @@ class StatementPipeline:
             self._lost()
 
     def _ready(self, mask: int) -> None:
-        """Results arrived (or the connection failed): answer the spans they finish."""
+        """Results arrived (or the connection failed): answer the calls they finish."""
         from psycopg import pq
 
+        if self._conn is None:
+            return  # lost earlier in this round of the loop
         pgconn = self._conn.pgconn
         finished = []
         try:
@@ -166,8 +168,8 @@ class StatementPipeline:
         return True
 
     def _lost(self) -> None:
-        """The connection failed: the spans in flight go to the full path, and another
-        connection is made."""
+        """The connection failed: the calls waiting or in flight go to the full path, and
+        another connection is made."""
         conn, self._conn = self._conn, None
         if conn is None:
             return

@@ -109,9 +109,13 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
         self._cache = RowCache()
         self._fast = FastPaths(self._pool, self._cache, clock)
         #: The hot writes, sent by a server's loop itself (see .pipeline); unused in process.
+        # Its calls wait for nothing but their results: a connection that stops answering
+        # without closing (a network partition) is given up by the kernel within 30 s
+        # (keepalives, tcp_user_timeout), and its calls go to the full path.
         self.pipeline = StatementPipeline(lambda: psycopg.connect(
             url, autocommit=True, connect_timeout=5, prepare_threshold=None,
-            application_name=PIPELINE_APPLICATION), {
+            application_name=PIPELINE_APPLICATION, keepalives_idle=10,
+            keepalives_interval=5, keepalives_count=3, tcp_user_timeout=30_000), {
                 "add_span": self._plan_add_span,
                 "enqueue_rollout": self._plan_enqueue,
                 "update_attempt": self._plan_update_attempt})
