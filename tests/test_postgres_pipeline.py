@@ -54,11 +54,17 @@ class Loop:
         del self.ready[fd]
 
     def submit(self, span: Any) -> bool:
+        return self.call("add_span", (span,), {}, None, (span.rollout_id, span.span_id))
+
+    def call(self, name: str, args: tuple[Any, ...], kwds: dict[str, Any], request: Any,
+             key: tuple[str, str] | None = None) -> bool:
+        """Offer a call; its answer is appended to ``answers`` (and kept under ``key``)."""
         def done(kind: str, value: Any) -> None:
             self.answers.append((kind, value))
-            self.by_span[span.rollout_id, span.span_id] = kind
+            if key is not None:
+                self.by_span[key] = kind
 
-        return bool(self.pipeline.submit("add_span", (span,), {}, None, done))
+        return bool(self.pipeline.submit(name, args, kwds, request, done))
 
     def submit_when_connected(self, span: Any) -> None:
         """Submit once the pipeline's connection (made by a thread) is there."""
@@ -76,6 +82,15 @@ class Loop:
             for fd, mask in self.epoll.poll(1.0):
                 self.ready[fd](mask)
         return self.answers
+
+
+def _connected(store: Any) -> tuple[Any, Loop]:
+    """A claimed rollout, and a loop whose pipeline has answered one span of it."""
+    claimed = _claimed(store)
+    loop = Loop(store.pipeline)
+    loop.submit_when_connected(_span(claimed, 1))
+    assert loop.run_until(1)[0][0] == RESULT
+    return claimed, loop
 
 
 def _claimed(store: Any) -> Any:
@@ -105,10 +120,7 @@ def test_spans_of_one_round_commit_together_and_a_stale_one_falls_back(store: An
 
 
 def test_what_the_pipeline_does_not_take(store: Any) -> None:
-    claimed = _claimed(store)
-    loop = Loop(store.pipeline)
-    loop.submit_when_connected(_span(claimed, 1))
-    assert loop.run_until(1)[0][0] == RESULT
+    claimed, loop = _connected(store)
     pipeline = store.pipeline
     assert not pipeline.submit("add_span", (), {"value": _span(claimed, 2)}, None, print)
     assert not pipeline.submit("add_span", ({"rollout_id": 3},), {}, None, print)  # invalid
@@ -124,10 +136,7 @@ def test_a_lost_connection_hands_the_spans_in_flight_over_and_reconnects(
         store: Any) -> None:
     from mpstore.postgres.pipeline import PIPELINE_APPLICATION
 
-    claimed = _claimed(store)
-    loop = Loop(store.pipeline)
-    loop.submit_when_connected(_span(claimed, 1))
-    assert loop.run_until(1)[0][0] == RESULT
+    claimed, loop = _connected(store)
     assert loop.submit(_span(claimed, 2))
     import psycopg
 
@@ -155,33 +164,24 @@ def test_spans_that_come_while_a_transaction_runs_go_in_the_next(store: Any) -> 
         assert [s.span_id for s in store.query_spans(claimed.rollout_id)] == ["s1"]
 
 
-def _submit(loop: Loop, name: str, args: tuple[Any, ...], kwds: dict[str, Any],
-            request: Any) -> bool:
-    return bool(loop.pipeline.submit(name, args, kwds, request,
-                                     lambda kind, value: loop.answers.append((kind, value))))
-
-
 def test_writes_with_a_request_id_store_their_reply_and_a_resend_falls_back(
         store: Any) -> None:
-    claimed = _claimed(store)
-    loop = Loop(store.pipeline)
-    loop.submit_when_connected(_span(claimed, 1))
-    assert loop.run_until(1)[0][0] == RESULT
+    claimed, loop = _connected(store)
     args = (claimed.rollout_id, claimed.attempt.attempt_id)
     # Without a request id the pipeline does not take them: a statement lost with its
     # connection could not be resent safely. Nor arguments the store refuses.
-    assert not _submit(loop, "update_attempt", args, {"status": "succeeded"}, None)
-    assert not _submit(loop, "enqueue_rollout", ({"q": 2},), {}, None)
-    assert not _submit(loop, "update_attempt", args, {"status": "nonsense"}, ("c", 1))
-    assert _submit(loop, "update_attempt", args, {"status": "succeeded"}, ("c", 1))
-    assert _submit(loop, "enqueue_rollout", ({"q": 2},), {}, ("c", 2))
+    assert not loop.call("update_attempt", args, {"status": "succeeded"}, None)
+    assert not loop.call("enqueue_rollout", ({"q": 2},), {}, None)
+    assert not loop.call("update_attempt", args, {"status": "nonsense"}, ("c", 1))
+    assert loop.call("update_attempt", args, {"status": "succeeded"}, ("c", 1))
+    assert loop.call("enqueue_rollout", ({"q": 2},), {}, ("c", 2))
     results = {type(value).__name__: value for kind, value in loop.run_until(3)[1:]
                if kind == RESULT}
     assert set(results) == {"Attempt", "Rollout"}
     assert store.get_rollout_by_id(claimed.rollout_id).status == "succeeded"
     # The reply of request 2 is in the database: its resend fails its transaction (on the
     # reply's key), goes to the full path, and ``once`` answers it from the database.
-    assert _submit(loop, "enqueue_rollout", ({"q": 2},), {}, ("c", 2))
+    assert loop.call("enqueue_rollout", ({"q": 2},), {}, ("c", 2))
     assert loop.run_until(4)[3] == (FALLBACK, None)
     resent = store.once(("c", 2), store.enqueue_rollout)({"q": 2})
     assert resent.rollout_id == results["Rollout"].rollout_id

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["DbError", "Session", "encode", "failure", "numbered", "rows", "text_array"]
+__all__ = ["DbError", "Session", "encode", "numbered", "rows", "text_array"]
 
 _INT8, _INT4, _FLOAT8 = struct.Struct(">q"), struct.Struct(">i"), struct.Struct(">d")
 #: Binary result decoders by type OID: bool, bytea, int8, int4, text, varchar, float8.
@@ -91,17 +91,6 @@ def rows(result: Any) -> list[tuple[Any, ...]]:
             for row in range(result.ntuples)]
 
 
-def failure(result: Any, pgconn: Any) -> DbError:
-    """The DbError of a failed ``result`` on ``pgconn``."""
-    from psycopg import pq
-
-    message = (result.error_message or pgconn.error_message or b"").decode(
-        errors="replace").strip()
-    state = result.error_field(pq.DiagnosticField.SQLSTATE)
-    broken = pgconn.status != pq.ConnStatus.OK
-    return DbError(message or "statement failed", state.decode() if state else None, broken)
-
-
 def text_array(items: Sequence[str]) -> str:
     """A text[] literal (for ``= ANY($1)``)."""
     quoted = ('"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in items)
@@ -121,7 +110,14 @@ class Session:
         self._names = names
 
     def _fail(self, result: Any) -> DbError:
-        return failure(result, self.pgconn)
+        from psycopg import pq
+
+        message = (result.error_message or self.pgconn.error_message or b"").decode(
+            errors="replace").strip()
+        state = result.error_field(pq.DiagnosticField.SQLSTATE)
+        broken = self.pgconn.status != pq.ConnStatus.OK
+        return DbError(message or "statement failed", state.decode() if state else None,
+                       broken)
 
     def run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """The rows of one statement (``%s`` placeholders), prepared on first use."""

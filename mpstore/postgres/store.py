@@ -414,8 +414,8 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
         """Replace the given fields of an attempt (``"latest"`` allowed). Setting a status on
         the latest attempt re-derives the rollout with P (E6), except a cancelled one (D2);
         an update without status never does (D3)."""
-        apply = self._attempt_change(rollout_id, attempt_id, status, worker_id,
-                                     last_heartbeat_time, metadata)
+        _, apply = self._attempt_change(rollout_id, attempt_id, status, worker_id,
+                                        last_heartbeat_time, metadata)
         fast = self._fast.write(rollout_id, apply, self._current())
         if fast is not None:
             self._remembered()
@@ -425,8 +425,9 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
     @staticmethod
     def _attempt_change(rollout_id: str, attempt_id: str, status: Any = NOT_GIVEN,
                         worker_id: Any = NOT_GIVEN, last_heartbeat_time: Any = NOT_GIVEN,
-                        metadata: Any = NOT_GIVEN) -> Callable[[Unit, float], Attempt]:
-        """update_attempt's arguments checked, as the change it applies to a rollout."""
+                        metadata: Any = NOT_GIVEN
+                        ) -> tuple[str, Callable[[Unit, float], Attempt]]:
+        """update_attempt's arguments checked: the rollout, and the change applied to it."""
         v.identifier(rollout_id, "rollout_id")
         v.identifier(attempt_id, "attempt_id")
         changes = v.attempt_changes(status, worker_id, last_heartbeat_time, metadata)
@@ -436,7 +437,7 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
             unit.update_attempt(attempt, changes, now)
             return attempt.snapshot()  # type: ignore[attr-defined, no-any-return]
 
-        return apply
+        return rollout_id, apply
 
     # ----------------------------------------------------------------- the pipeline's plans
     # A server's loop sends these calls' statements itself (see .pipeline): each takes the
@@ -452,8 +453,8 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
                              request: Any) -> Planned | None:
         if not _request_id(request):
             return None
-        apply = self._attempt_change(*args, **kwds)
-        return self._fast.plan_write(args[0] if args else kwds["rollout_id"], apply, request)
+        rollout_id, apply = self._attempt_change(*args, **kwds)
+        return self._fast.plan_write(rollout_id, apply, request)
 
     def _plan_enqueue(self, args: tuple[Any, ...], kwds: dict[str, Any],
                       request: Any) -> Planned | None:
