@@ -320,3 +320,36 @@ def test_a_version_1_database_is_migrated(url: str) -> None:
         assert [s.span_id for s in store.query_spans(rollout.rollout_id)] == [span.span_id]
     finally:
         store.close()
+
+
+def _scans(url: str, query: str, *params: Any) -> list[str]:
+    """The scans of mpstore_rollouts that ``query`` ran (EXPLAIN ANALYZE's plan lines)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        plan = [row[0] for row in conn.execute(f"EXPLAIN ANALYZE {query}", params)]
+    return [line for line in plan
+            if "Seq Scan on mpstore_rollouts" in line and "never executed" not in line]
+
+
+def test_the_watchdogs_check_does_not_scan_the_rollouts(url: str) -> None:
+    """Every call asks whether a rollout is due: with thousands stored, and no statistics
+    yet (a new run), that must read the index, not every row."""
+    from mpstore.postgres import PostgresStore
+    from mpstore.postgres.db import DUE
+    from mpstore.postgres.schema import any_due
+
+    store = PostgresStore(url)
+    try:
+        store.enqueue_many_rollouts([{"input": i} for i in range(3000)])
+        claimed = store.dequeue_rollout()  # one claim: one row with a check_at
+        assert claimed is not None
+    finally:
+        store.close()
+    now = time.time()
+    assert _scans(url, "SELECT " + any_due("%s"), now) == []
+    assert _scans(url, DUE, now, now) == []
+    # the functions of the write paths ask the same (their plans are not EXPLAIN's to show)
+    bodies = _sql(url, "SELECT prosrc FROM pg_proc WHERE proname IN "
+                       "('mpstore_insert', 'mpstore_write')")
+    assert len(bodies) == 2 and all(any_due("p_now") in body for (body,) in bodies)

@@ -204,10 +204,13 @@ def test_a_server_killed_mid_load(url: str, tmp_path: Path) -> None:
         _check_applied_once(trainer, producer)
         # The survivor took the watchdog over: a claim nobody finishes is given up by a
         # background pass alone (read here from the database, so no call runs the watchdog).
+        # The producer's last rollouts may still be queued ahead of it (FIFO): claimed too.
         with survivor.connect() as client:
-            client.enqueue_rollout("late", config={"unresponsive_seconds": 0.5})
-            late = client.dequeue_rollout()
-            assert late is not None
+            late = client.enqueue_rollout("late", config={"unresponsive_seconds": 0.5})
+            while (claimed := client.dequeue_rollout()) is not None:
+                if claimed.rollout_id == late.rollout_id:
+                    break
+            assert claimed is not None, "the late rollout was not claimed"
         _wait_status(url, late.rollout_id, "failed", within=15.0)
         with survivor.connect() as client:
             assert client.statistics()["watchdog_leader"]

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import worker_rows
-from .schema import FEED_LOCK
+from .schema import FEED_LOCK, any_due
 from .unit import Unit
 
 __all__ = ["COLUMNS", "Tx", "decode_unit", "encode_unit"]
@@ -28,7 +28,9 @@ _dumps, _loads = pickle.dumps, pickle.loads
 #: Columns every rollout query selects, in the order decode_unit reads them.
 COLUMNS = "rollout_id, queue_pos IS NOT NULL, record, version"
 
-DUE = (f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE check_at <= %s "
+#: The rollouts due, locked. any_due() first, as a one-time filter, so that the scan itself
+#: (however it is planned) runs only when some rollout is due.
+DUE = (f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE {any_due('%s')} AND check_at <= %s "
        "ORDER BY created FOR UPDATE SKIP LOCKED")
 INSERT = ("INSERT INTO mpstore_rollouts (rollout_id, status, queue_pos, check_at, attempts, "
           "record) VALUES (%s, %s, CASE WHEN %s THEN nextval('mpstore_queue_pos') END, %s, "
@@ -85,7 +87,7 @@ class Tx:
         self.rows_after: dict[str, tuple[int, bytes, bool] | None] = {}
         #: changes of worker records, beside those of the units (see .worker_rows)
         self.worker_changes: list[tuple[str, worker_rows.Change]] = []
-        self._due_cursor = conn.execute(DUE, (now,), binary=True) if watchdog else None
+        self._due_cursor = conn.execute(DUE, (now, now), binary=True) if watchdog else None
 
     def execute(self, query: str, params: Any = None) -> Any:
         return self.conn.execute(query, params, binary=True)

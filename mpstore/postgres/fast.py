@@ -28,6 +28,7 @@ from .db import COLUMNS, decode_unit, encode_unit, unit_values
 from .pq import DbError, Session
 from .requests import ANSWERED_KEY, FORGOTTEN, Answered
 from .requests import REMEMBER as _REMEMBER
+from .schema import any_due
 from .unit import Unit
 
 __all__ = ["ADD_SPAN", "STATEMENTS", "FastPaths", "Planned"]
@@ -37,7 +38,7 @@ _loads = pickle.loads
 _WRITE = "SELECT mpstore_write(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 ADD_SPAN = "SELECT mpstore_write_span(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 _INSERT = "SELECT mpstore_insert(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-_ANY_DUE = "SELECT EXISTS (SELECT 1 FROM mpstore_rollouts WHERE check_at <= %s)"
+_ANY_DUE = "SELECT " + any_due("%s")
 _HEAD = (f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE queue_pos IS NOT NULL "
          "ORDER BY queue_pos LIMIT %s FOR UPDATE SKIP LOCKED")
 _UPDATE = ("UPDATE mpstore_rollouts SET status = %s, queue_pos = CASE WHEN %s THEN "

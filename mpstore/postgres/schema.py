@@ -5,7 +5,8 @@ holds (``name = 'mpstore'``, ``version``). :func:`prepare` runs in one transacti
 advisory lock (two servers starting at once do not both create it):
 
 * an empty database gets the current schema;
-* an older version is migrated (``MIGRATIONS``; 1 -> 2 adds ``mpstore_write_span``)
+* an older version is migrated (``MIGRATIONS``; 1 -> 2 adds ``mpstore_write_span``, 2 -> 3
+  gives ``mpstore_insert`` and ``mpstore_write`` the index-bound check of :func:`any_due`)
   when ``migrate`` is true, or started on by default too (``agl store`` migrates on start);
 * a newer version, or a database with other tables called ``mpstore_*`` but no version row,
   is a :class:`~mpstore.errors.StorageError`: ``agl store`` exits 1 with its message.
@@ -39,10 +40,10 @@ from typing import Any
 
 from ..errors import StorageError
 
-__all__ = ["SCHEMA_NAME", "SCHEMA_VERSION", "TABLES", "prepare"]
+__all__ = ["SCHEMA_NAME", "SCHEMA_VERSION", "TABLES", "any_due", "prepare"]
 
 SCHEMA_NAME = "mpstore"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Taken (transaction-scoped) while the schema is checked or created: "mpst" in ASCII.
 SCHEMA_LOCK = 0x6D707374
 TABLES = ("mpstore_counters", "mpstore_replies", "mpstore_reply_floors", "mpstore_resources",
@@ -51,6 +52,16 @@ TABLES = ("mpstore_counters", "mpstore_replies", "mpstore_reply_floors", "mpstor
 #: takes the feed's next number: finishes commit in the order of their numbers, so a reader
 #: of the feed never sees number n+1 before n ("mpsf").
 FEED_LOCK = 0x6D707366
+
+
+def any_due(now: str) -> str:
+    """SQL: whether a rollout is due for the watchdog at ``now`` (an SQL expression).
+
+    ``min()`` reads the first entry of the partial index on ``check_at`` whatever the
+    planner knows. ``EXISTS (... WHERE check_at <= now)``, its first form, was planned as a
+    scan of the whole table while the table had no statistics yet (the first minutes of a
+    run, or a run with no timeouts): a cost per call that grew with the rollouts stored."""
+    return f"coalesce((SELECT min(check_at) FROM mpstore_rollouts) <= {now}, false)"
 
 
 _CREATE = """
@@ -123,12 +134,17 @@ BEGIN
     INSERT INTO mpstore_replies VALUES (p_client, p_seq, p_at, p_reply);
     RETURN 1;
 END $$;
-{write_span}CREATE FUNCTION mpstore_insert(p_rid text, p_now double precision, p_status text,
+"""
+
+#: A rollout enqueued, if nothing is due and the latest resources are the ones the server
+#: saw (1; -1: the caller takes the full path).
+_INSERT_FN = """
+CREATE OR REPLACE FUNCTION mpstore_insert(p_rid text, p_now double precision, p_status text,
         p_check double precision, p_attempts integer, p_record bytea,
         p_check_latest boolean, p_latest text, p_client text, p_seq bigint, p_reply bytea)
     RETURNS integer LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM mpstore_rollouts WHERE check_at <= p_now) THEN
+    IF {any_due} THEN
         RETURN -1;  -- the watchdog has work to do first: the caller takes the full path
     END IF;
     IF p_check_latest AND coalesce((SELECT resources_id FROM mpstore_resources
@@ -143,13 +159,17 @@ BEGIN
     PERFORM pg_notify('mpstore_queued', '1');
     RETURN 1;
 END $$;
-CREATE FUNCTION mpstore_write(p_rid text, p_version bigint, p_now double precision,
+"""
+#: Any other change of one rollout at the version the server saw (1; -1 stale or something
+#: due: the caller takes the full path).
+_WRITE_FN = """
+CREATE OR REPLACE FUNCTION mpstore_write(p_rid text, p_version bigint, p_now double precision,
         p_status text, p_appended boolean, p_queued boolean, p_check double precision,
         p_attempts integer, p_record bytea, p_finished boolean, p_client text, p_seq bigint,
         p_reply bytea)
     RETURNS integer LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM mpstore_rollouts WHERE check_at <= p_now) THEN
+    IF {any_due} THEN
         RETURN -1;  -- the watchdog has work to do first: the caller takes the full path
     END IF;
     IF p_finished THEN  -- finishes commit in the order of their feed numbers
@@ -211,10 +231,15 @@ BEGIN
     RETURN 1;
 END $$;
 """
-_CREATE = _CREATE.replace("{write_span}", _WRITE_SPAN_FN)
+_WRITE_FNS = (_INSERT_FN + _WRITE_FN).replace("{any_due}", any_due("p_now"))
+_CREATE += _WRITE_FNS + _WRITE_SPAN_FN
 
 #: version -> the statements that migrate a database of that version to version + 1.
-MIGRATIONS: dict[int, str] = {1: _WRITE_SPAN_FN}
+MIGRATIONS: dict[int, str] = {
+    1: _WRITE_SPAN_FN,
+    # The same functions with the same results, so servers of schema 2 keep working on a 3.
+    2: _WRITE_FNS,
+}
 
 
 def _found(conn: Any) -> tuple[int | None, list[str]]:
