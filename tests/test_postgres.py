@@ -353,3 +353,29 @@ def test_the_watchdogs_check_does_not_scan_the_rollouts(url: str) -> None:
     bodies = _sql(url, "SELECT prosrc FROM pg_proc WHERE proname IN "
                        "('mpstore_insert', 'mpstore_write')")
     assert len(bodies) == 2 and all(any_due("p_now") in body for (body,) in bodies)
+
+
+def test_a_batch_stops_at_its_first_error_and_a_lost_link_is_an_error(url: str) -> None:
+    """Session.batch (a claim's two round trips): the statements after a failing one are not
+    run, the error is the first one's; a connection killed meanwhile raises, never hangs."""
+    import psycopg
+
+    from mpstore.postgres.pq import DbError, Session
+
+    _sql(url, "CREATE TABLE batch_t (v integer)")
+    with psycopg.connect(url, autocommit=True) as conn:
+        db = Session(conn)
+        assert db.batch([("BEGIN", ()), ("SELECT %s::int + 1", (1,)), ("COMMIT", ())]) == [
+            [], [(2,)], []]
+        with pytest.raises(DbError) as failed:
+            db.batch([("BEGIN", ()), ("INSERT INTO batch_t VALUES (%s)", (1,)),
+                      ("SELECT 1 / %s::int", (0,)), ("INSERT INTO batch_t VALUES (%s)", (2,)),
+                      ("COMMIT", ())])
+        assert failed.value.sqlstate == "22012" and not failed.value.broken
+        db.script("ROLLBACK")
+        assert _sql(url, "SELECT count(*) FROM batch_t") == [(0,)]
+        pid = conn.pgconn.backend_pid
+        _sql(url, f"SELECT pg_terminate_backend({pid})")
+        with pytest.raises(DbError) as lost:
+            db.batch([("SELECT %s::int", (1,))])
+        assert lost.value.broken

@@ -197,25 +197,25 @@ class FastPaths:
             return None
         written = []
         with self.session() as db:
-            db.script("BEGIN")
-            try:
+            try:  # two round trips: the head read and locked, then the writes committed
                 now = self._clock()
-                if db.run(_ANY_DUE, (now,))[0][0]:
+                _, due, head = db.batch([("BEGIN", ()), (_ANY_DUE, (now,)), (_HEAD, (limit,))])
+                if due[0][0]:
                     db.script("ROLLBACK")
                     return None
-                claimed = []
-                for row in db.run(_HEAD, (limit,)):
+                claimed, writes = [], []
+                for row in head:
                     unit = decode_unit(row)
                     attempt = unit.new_attempt(worker, now)
                     claimed.append(AttemptedRollout.of(unit.rollout.snapshot(),
                                                        attempt.snapshot()))
                     record = encode_unit(unit)
-                    db.run(_UPDATE, (*unit_values(unit), record, unit.rollout_id))
+                    writes.append((_UPDATE, (*unit_values(unit), record, unit.rollout_id)))
                     written.append((unit.rollout_id, unit.version + 1, record, unit.queued))
                 if request is not None and claimed:
                     reply = claimed if answer is None else answer(claimed)
-                    db.run(_REMEMBER, (*request, now, _dumps(reply, 5)))
-                db.script("COMMIT")
+                    writes.append((_REMEMBER, (*request, now, _dumps(reply, 5))))
+                db.batch([*writes, ("COMMIT", ())])
             except BaseException:
                 with contextlib.suppress(Exception):
                     db.script("ROLLBACK")

@@ -11,6 +11,7 @@ through psycopg proper. Errors raise :class:`DbError` with the SQLSTATE.
 from __future__ import annotations
 
 import re
+import select
 import struct
 import weakref
 from collections.abc import Callable, Sequence
@@ -30,6 +31,8 @@ _DECODE: dict[int, Callable[[bytes], Any]] = {
     701: lambda b: _FLOAT8.unpack(b)[0],
 }
 _PLACEHOLDER = re.compile(r"%s")
+#: Statements Session.batch sends as they are (no parameters, nothing to prepare).
+_CONTROL = frozenset({"BEGIN", "COMMIT", "ROLLBACK"})
 #: Prepared statement names per connection (a connection's prepared statements die with it).
 _prepared: weakref.WeakKeyDictionary[Any, dict[str, bytes]] = weakref.WeakKeyDictionary()
 
@@ -97,6 +100,15 @@ def text_array(items: Sequence[str]) -> str:
     return "{" + ",".join(quoted) + "}"
 
 
+def _next_result(pgconn: Any) -> Any:
+    """``pgconn.get_result()``, waited for without the GIL (psycopg's binding holds it in a
+    get_result that blocks, which would stop every other thread of the server)."""
+    while pgconn.is_busy():
+        select.select([pgconn.socket], [], [])
+        pgconn.consume_input()
+    return pgconn.get_result()
+
+
 class Session:
     """One pooled psycopg connection, driven through its ``pgconn``."""
 
@@ -119,8 +131,8 @@ class Session:
         return DbError(message or "statement failed", state.decode() if state else None,
                        broken)
 
-    def run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """The rows of one statement (``%s`` placeholders), prepared on first use."""
+    def _name(self, sql: str) -> bytes:
+        """The name ``sql`` is prepared under on this connection (prepared on first use)."""
         from psycopg import pq
 
         name = self._names.get(sql)
@@ -130,13 +142,55 @@ class Session:
             if result.status != pq.ExecStatus.COMMAND_OK:
                 raise self._fail(result)
             self._names[sql] = name
-        result = self.pgconn.exec_prepared(name, *encode(params), 1)
+        return name
+
+    def _rows(self, result: Any) -> list[tuple[Any, ...]]:
+        from psycopg import pq
+
         status = result.status
         if status == pq.ExecStatus.COMMAND_OK:
             return []
         if status != pq.ExecStatus.TUPLES_OK:
             raise self._fail(result)
         return rows(result)
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one statement (``%s`` placeholders), prepared on first use."""
+        return self._rows(self.pgconn.exec_prepared(self._name(sql), *encode(params), 1))
+
+    def batch(self, statements: Sequence[tuple[str, Sequence[Any]]]
+              ) -> list[list[tuple[Any, ...]]]:
+        """The rows of each statement, all sent in one round trip (libpq's pipeline mode).
+        ``BEGIN``, ``COMMIT`` and ``ROLLBACK`` may be among them (no parameters). If one
+        fails, the rest are not run (a transaction they are in is aborted) and its error
+        is raised once every result is read."""
+        from psycopg import pq
+
+        pgconn = self.pgconn
+        names = [None if sql in _CONTROL else self._name(sql) for sql, _ in statements]
+        results = []
+        try:
+            pgconn.enter_pipeline_mode()
+            for (sql, params), name in zip(statements, names, strict=True):
+                if name is None:
+                    pgconn.send_query_params(sql.encode(), None)
+                else:
+                    pgconn.send_query_prepared(name, *encode(params), 1)
+            pgconn.pipeline_sync()
+            last = None
+            while (result := _next_result(pgconn)) is None or \
+                    result.status != pq.ExecStatus.PIPELINE_SYNC:
+                if result is not None:
+                    results.append(result)
+                elif last is None:  # a statement's end follows a result, never another end
+                    raise DbError("the connection was lost", None, True)
+                last = result
+            pgconn.exit_pipeline_mode()
+        except DbError:
+            raise
+        except Exception as exc:  # libpq refused to send or read: the link is gone
+            raise DbError(str(exc), None, True) from None
+        return [self._rows(result) for result in results]
 
     def script(self, sql: str) -> None:
         """A statement without parameters or results (BEGIN, COMMIT, ROLLBACK)."""
