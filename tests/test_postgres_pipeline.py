@@ -42,6 +42,7 @@ class Loop:
         self.ready: dict[int, Any] = {}
         self.answers: list[tuple[str, Any]] = []
         self.by_span: dict[tuple[str, str], str] = {}  # (rollout, span id) -> kind
+        self.values: dict[tuple[str, str], Any] = {}  # the same keys -> the answer's value
         pipeline.attach(self._register, self._unregister)
 
     def _register(self, fd: int, ready: Any) -> None:
@@ -62,7 +63,7 @@ class Loop:
         def done(kind: str, value: Any) -> None:
             self.answers.append((kind, value))
             if key is not None:
-                self.by_span[key] = kind
+                self.by_span[key], self.values[key] = kind, value
 
         return bool(self.pipeline.submit(name, args, kwds, request, done))
 
@@ -187,3 +188,59 @@ def test_writes_with_a_request_id_store_their_reply_and_a_resend_falls_back(
     assert resent.rollout_id == results["Rollout"].rollout_id
     assert [r.rollout_id for r in store.query_rollouts()
             if r.input == {"q": 2}] == [resent.rollout_id]  # enqueued once
+
+
+def test_claims_of_one_round_take_the_head_in_order_each_a_rollout_of_its_own(
+        store: Any) -> None:
+    _, loop = _connected(store)
+    # Not taken: no request id (a claim lost with its connection could not be resent),
+    # a worker's claim, or one that may wait.
+    assert not loop.call("dequeue_rollout", (), {}, None)
+    assert not loop.call("dequeue_rollout", ("worker-1",), {}, ("c", 9))
+    assert not loop.call("dequeue_rollout", (), {"wait": 1.0}, ("c", 9))
+    queued = [store.enqueue_rollout({"q": i}).rollout_id for i in range(3)]
+    assert loop.call("dequeue_rollout", (), {}, ("c", 1), key=("claim", "1"))
+    assert loop.call("dequeue_rollout", (), {"wait": 0}, ("c", 2), key=("claim", "2"))
+    loop.run_until(3)
+    assert loop.by_span[("claim", "1")] == loop.by_span[("claim", "2")] == RESULT
+    first, second = loop.values[("claim", "1")], loop.values[("claim", "2")]
+    assert [first.rollout_id, second.rollout_id] == queued[:2]  # FIFO, none twice
+    assert [store.get_rollout_by_id(rid).status for rid in queued] == [
+        "preparing", "preparing", "queuing"]
+    # Each reply is stored with the claim: a resend takes the head (the third), fails on
+    # the reply's key, and goes to the full path, which answers it from the database.
+    assert loop.call("dequeue_rollout", (), {}, ("c", 1))
+    assert loop.run_until(4)[3] == (FALLBACK, None)
+    resent = store.once(("c", 1), store.dequeue_rollout)()
+    assert resent.attempt.attempt_id == first.attempt.attempt_id
+    assert store.get_rollout_by_id(queued[2]).status == "queuing"
+
+
+def test_a_claim_goes_to_the_full_path_if_the_queue_is_empty_or_the_head_was_taken(
+        store: Any) -> None:
+    from mpstore.postgres import PostgresStore
+
+    _, loop = _connected(store)
+    assert loop.call("dequeue_rollout", (), {}, ("c", 1))  # nothing queued
+    assert loop.run_until(2)[1] == (FALLBACK, None)
+    head = store.enqueue_rollout({"q": 1})
+    assert loop.call("dequeue_rollout", (), {}, ("c", 2))
+    store.pipeline.flush()  # the head is read ...
+    assert loop.epoll.poll(30.0), "no answer from PostgreSQL"
+    other = PostgresStore(store.url)  # ... and claimed by another server before it is written
+    try:
+        assert other.dequeue_rollout().rollout_id == head.rollout_id
+    finally:
+        other.close()
+    assert loop.run_until(3)[2] == (FALLBACK, None)  # written at the version read: stale
+    assert len(store.query_attempts(head.rollout_id)) == 1
+
+
+def test_a_claim_goes_to_the_full_path_while_a_rollout_is_due(store: Any) -> None:
+    _, loop = _connected(store)
+    store.enqueue_rollout({"q": 1}, config={"timeout_seconds": 0.0})
+    waiting = store.enqueue_rollout({"q": 2})
+    assert store.dequeue_rollout() is not None  # the first: due for the watchdog at once
+    assert loop.call("dequeue_rollout", (), {}, ("c", 1))
+    assert loop.run_until(2)[1] == (FALLBACK, None)
+    assert store.get_rollout_by_id(waiting.rollout_id).status == "queuing"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import pickle
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -45,13 +46,22 @@ _UPDATE = ("UPDATE mpstore_rollouts SET status = %s, queue_pos = CASE WHEN %s TH
            "nextval('mpstore_queue_pos') WHEN %s THEN queue_pos END, check_at = %s, "
            "attempts = %s, record = %s, version = version + 1, finished = NULL "
            "WHERE rollout_id = %s")
+#: Rows a pipelined claim reads at the head: more than the claims a server has in flight
+#: at once, so that each takes a rollout of its own.
+CLAIM_LOOKAHEAD = 8
+#: Seconds a pipelined claim's rollout is kept from this server's other claims (its write
+#: answers far sooner; the limit frees it should the answer be lost with a connection).
+CLAIM_HOLD = 2.0
+_CLAIM_HEAD = (f"SELECT {any_due('%s')}, h.* FROM (SELECT 1) one LEFT JOIN LATERAL "
+               f"(SELECT {COLUMNS} FROM mpstore_rollouts WHERE queue_pos IS NOT NULL "
+               f"ORDER BY queue_pos LIMIT {CLAIM_LOOKAHEAD}) h ON true")
 #: What mpstore_write_span returns for a duplicate span (D7).
 _DUPLICATE = 0
 _UNIQUE = "23505"
 _dumps = pickle.dumps
 Request = tuple[str, int] | None
 #: The statements a Planned may hold (the pipeline prepares them all).
-STATEMENTS = (ADD_SPAN, _WRITE, _INSERT)
+STATEMENTS = (ADD_SPAN, _WRITE, _INSERT, _CLAIM_HEAD)
 
 
 @dataclasses.dataclass(slots=True)
@@ -64,7 +74,22 @@ class Planned:
     sql: str
     params: tuple[Any, ...]
     rollout_id: str
-    finish: Callable[[int], tuple[Any] | None]
+    finish: Callable[[Any], tuple[Any] | Planned | None]
+    #: finish takes every row of the result (not the first value), and may return the
+    #: call's next statement (a claim's write, planned on the head it read)
+    all_rows: bool = False
+
+
+def _one_step(outcome: tuple[T] | Planned | None) -> tuple[T] | None:
+    """The outcome of a plan of one statement (a plan of two is the pipeline's)."""
+    assert not isinstance(outcome, Planned), "a plan of two statements ran on a pool"
+    return outcome
+
+
+def _claim_one(unit: Unit, now: float) -> AttemptedRollout:
+    """A claim of ``unit`` with no worker: its new attempt, as dequeue_rollout answers."""
+    attempt = unit.new_attempt(None, now)
+    return AttemptedRollout.of(unit.rollout.snapshot(), attempt.snapshot())
 
 
 def _reply(request: Request, reply: Any) -> tuple[Any, ...]:
@@ -79,6 +104,8 @@ class FastPaths:
 
     def __init__(self, pool: Any, cache: RowCache, clock: Callable[[], float]) -> None:
         self._pool, self._cache, self._clock = pool, cache, clock
+        #: rollouts this server's pipelined claims are writing: id -> since (monotonic)
+        self._claiming: dict[str, float] = {}
         #: the latest resources id as last seen ("": none), None: not seen yet
         self.latest_resources: str | None = None
 
@@ -130,32 +157,65 @@ class FastPaths:
             if exc.broken:
                 return None  # lost: the full path (add_span is idempotent)
             raise StorageError(f"PostgreSQL: {exc}") from None
-        return planned.finish(code)
+        return _one_step(planned.finish(code))
 
     def run(self, planned: Planned) -> tuple[Any] | None:
-        """A planned statement on a pooled connection: its ``finish``."""
+        """A planned statement of one step on a pooled connection: its ``finish``."""
         with self.session() as db:
-            return planned.finish(db.run(planned.sql, planned.params)[0][0])
+            return _one_step(planned.finish(db.run(planned.sql, planned.params)[0][0]))
 
     # The statements, planned: run here (above) or by the server loop's pipeline.
     def plan_write(self, rollout_id: str, apply: Callable[[Unit, float], Any],
                    request: Request = None) -> Planned | None:
         """:meth:`write`'s statement; None if the full path must decide."""
         unit = self._unit(rollout_id)
-        if unit is None:
-            return None
+        return None if unit is None else self._plan_on(unit, apply, request)
+
+    def _plan_on(self, unit: Unit, apply: Callable[[Unit, float], Any], request: Request,
+                 then: Callable[[], object] | None = None) -> Planned | None:
+        """``apply`` on ``unit`` (a row as read at its version), as one mpstore_write;
+        ``then()`` runs once its outcome is known."""
         now = self._clock()
         try:
             result = apply(unit, now)
         except StoreError:
-            return None  # the cached row may be what is out of date: the full path decides
+            return None  # the row may be what is out of date: the full path decides
         if unit.worker_events:
             return None  # a worker's record changes too: the full path writes both
         record = encode_unit(unit)
+        rollout_id = unit.rollout_id
         after = (rollout_id, unit.version + 1, record, unit.queued)
+
+        def finish(code: int) -> tuple[Any] | None:
+            if then is not None:
+                then()
+            return self._cached(code, after, result)
+
         return Planned(_WRITE, (rollout_id, unit.version, now, *unit_values(unit), record,
-                                unit.finished, *_reply(request, result)),
-                       rollout_id, lambda code: self._cached(code, after, result))
+                                unit.finished, *_reply(request, result)), rollout_id, finish)
+
+    def plan_claim(self, request: Request) -> Planned | None:
+        """``dequeue_rollout()``'s statements (no worker, no wait), for the pipeline: the
+        head of the queue read (a few rows, unlocked), then the claim of the first that no
+        claim of this server is writing, at the version read (stale, or taken meanwhile
+        by another server: the full path). An empty queue, or a rollout due for the
+        watchdog, goes to the full path as well: it runs the watchdog first, and checks
+        whether the request was answered before."""
+        def pick(rows: list[tuple[Any, ...]]) -> Planned | None:
+            if rows[0][0] or rows[0][1] is None:
+                return None
+            now = time.monotonic()
+            held = self._claiming
+            row = next((r for r in rows if now - held.get(r[1], -CLAIM_HOLD) >= CLAIM_HOLD),
+                       None)
+            if row is None:
+                return None
+            rollout_id = row[1]
+            held[rollout_id] = now
+            return self._plan_on(decode_unit(row[1:]), _claim_one, request,
+                                 lambda: held.pop(rollout_id, None))
+
+        return Planned(_CLAIM_HEAD, (self._clock(),), "", pick, all_rows=True)
 
     def plan_span(self, span: Span, record: bytes) -> Planned | None:
         """:meth:`add_span`'s statement (``record``: the span pickled), from the cached row
@@ -206,9 +266,7 @@ class FastPaths:
                 claimed, writes = [], []
                 for row in head:
                     unit = decode_unit(row)
-                    attempt = unit.new_attempt(worker, now)
-                    claimed.append(AttemptedRollout.of(unit.rollout.snapshot(),
-                                                       attempt.snapshot()))
+                    claimed.append(_claim_one(unit, now))
                     record = encode_unit(unit)
                     writes.append((_UPDATE, (*unit_values(unit), record, unit.rollout_id)))
                     written.append((unit.rollout_id, unit.version + 1, record, unit.queued))

@@ -9,8 +9,11 @@ statement. :class:`StatementPipeline` is the server loop's
 fast path decides it) is sent on a connection of the pipeline's own without waiting, and the
 call is answered when its result arrives.
 
-The calls of one loop round travel as one transaction (a group commit): while one is in
-flight, what comes meanwhile waits and goes, sorted by rollout, when it is answered. A
+A claim (``dequeue_rollout``) takes two statements: the head of the queue read, then the
+claim written at the version read, as any other write (see ``FastPaths.plan_claim``).
+
+The calls of one loop round travel as one transaction (a group commit): while two are in
+flight, what comes meanwhile waits and goes, sorted by rollout, when the first is answered. A
 statement's return code says what it did, and none raises for the cases the store expects
 (a stale row, a duplicate span), so one call's outcome touches no other's.
 
@@ -46,6 +49,11 @@ _NAMES = {sql: f"mpstore_pipeline_{i}".encode() for i, sql in enumerate(STATEMEN
 Plan = Callable[[tuple[Any, ...], dict[str, Any], Any], Planned | None]
 #: Seconds between attempts to connect again.
 RECONNECT_EVERY = 1.0
+#: Transactions sent and not yet answered, at most. PostgreSQL runs one connection's
+#: statements one at a time anyway; a second one queued behind the first starts as soon as
+#: the first commits, instead of a round trip later (measured: about +4 % cycles at K=4),
+#: while the calls that come meanwhile still group in the next.
+IN_FLIGHT = 2
 _Entry = tuple[Planned, Done]
 
 
@@ -64,7 +72,7 @@ class StatementPipeline:
         self._fresh: Any = None  # made by the connecting thread, not yet in use
         #: Not yet sent: (the call's statement, done) each.
         self._waiting: list[_Entry] = []
-        #: Sent, not yet answered (at most one): one list as above per transaction.
+        #: Sent, not yet answered (at most IN_FLIGHT): one list as above per transaction.
         self._inflight: collections.deque[list[_Entry]] = collections.deque()
         self._results: list[Any] = []  # the oldest transaction's results so far
         self._register: Register | None = None
@@ -92,12 +100,12 @@ class StatementPipeline:
         return True
 
     def flush(self) -> None:
-        """Send the calls waiting, as one transaction, unless one is still in flight: then
-        they go when it is answered (a group commit: under load, every transaction carries
-        the calls that came while the last one ran; one connection's statements run one at a
-        time anyway). Sent in rollout order, so that two servers' transactions lock their
-        rows in the same order and cannot deadlock on each other."""
-        if not self._waiting or self._inflight or self._conn is None:
+        """Send the calls waiting, as one transaction, unless IN_FLIGHT are still in flight:
+        then they go when the oldest is answered (a group commit: under load, every
+        transaction carries the calls that came while the last ones ran). Sent in rollout
+        order, so that two servers' transactions lock their rows in the same order and
+        cannot deadlock on each other."""
+        if not self._waiting or len(self._inflight) >= IN_FLIGHT or self._conn is None:
             return
         group, self._waiting = self._waiting, []
         group.sort(key=_rollout_of)
@@ -140,15 +148,19 @@ class StatementPipeline:
         else:
             self.flush()  # what came while the last transaction ran
 
-    @staticmethod
-    def _answer(planned: Planned, done: Done, result: Any) -> None:
-        """One call's answer. Anything but a result (an error, or a statement not run after
-        another's error in the same transaction) goes to the full path: nothing of that
-        transaction was written."""
+    def _answer(self, planned: Planned, done: Done, result: Any) -> None:
+        """One call's answer, or its next statement (sent with the next transaction).
+        Anything but a result (an error, or a statement not run after another's error in
+        the same transaction) goes to the full path: nothing of that transaction was
+        written."""
         from psycopg import pq
 
         if result is not None and result.status == pq.ExecStatus.TUPLES_OK:
-            outcome = planned.finish(rows(result)[0][0])
+            got = rows(result)
+            outcome = planned.finish(got if planned.all_rows else got[0][0])
+            if isinstance(outcome, Planned):
+                self._waiting.append((outcome, done))
+                return
             if outcome is not None:
                 done(RESULT, outcome[0])
                 return

@@ -117,6 +117,7 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
             application_name=PIPELINE_APPLICATION, keepalives_idle=10,
             keepalives_interval=5, keepalives_count=3, tcp_user_timeout=30_000), {
                 "add_span": self._plan_add_span,
+                "dequeue_rollout": self._plan_dequeue,
                 "enqueue_rollout": self._plan_enqueue,
                 "update_attempt": self._plan_update_attempt})
         self._init_operations()
@@ -456,6 +457,16 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
         rollout_id, apply = self._attempt_change(*args, **kwds)
         return self._fast.plan_write(rollout_id, apply, request)
 
+    def _plan_dequeue(self, args: tuple[Any, ...], kwds: dict[str, Any],
+                      request: Any) -> Planned | None:
+        if not _request_id(request):
+            return None
+        worker_id, wait = _dequeue_arguments(*args, **kwds)
+        no_wait = wait is None or (type(wait) in (int, float) and wait == 0)
+        if worker_id is not None or not no_wait:
+            return None  # a worker's claim, or one that may wait: the full path
+        return self._fast.plan_claim(request)
+
     def _plan_enqueue(self, args: tuple[Any, ...], kwds: dict[str, Any],
                       request: Any) -> Planned | None:
         if not _request_id(request):
@@ -484,6 +495,12 @@ def _record(row: Any) -> Any:
 def _span_argument(span: Any) -> Any:
     """add_span's argument, bound as add_span binds it."""
     return span
+
+
+def _dequeue_arguments(worker_id: Any = None, *, wait: Any = 0.0) -> tuple[Any, Any]:
+    """dequeue_rollout's arguments, bound as it binds them (unchecked: a plan takes only
+    the plain case, and the full path refuses bad ones)."""
+    return worker_id, wait
 
 
 def _enqueue_fields(input: Any, mode: str | None = None, resources_id: str | None = None,
