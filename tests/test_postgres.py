@@ -282,6 +282,44 @@ def test_a_client_of_two_servers_moves_on_when_one_dies(url: str, tmp_path: Path
             client.close()
 
 
+def test_claims_racing_on_two_servers_take_each_rollout_once(url: str, tmp_path: Path
+                                                             ) -> None:
+    """Plain claims (the servers' pipelines take them) from six clients on two servers at
+    once: a claim that loses a race to the other server goes to the full path; none is
+    handed out twice and none is lost."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    write_key_file(tmp_path / "a" / "authkey")
+    shutil.copy(tmp_path / "a" / "authkey", tmp_path / "b" / "authkey")
+    with running_server(tmp_path / "a", "--backend", url) as a, \
+            running_server(tmp_path / "b", "--backend", url) as b:
+        trainer = connect(a.address, a.authkey)
+        ids = {r.rollout_id for r in trainer.enqueue_many_rollouts(
+            [{"input": i} for i in range(300)])}
+        claims: list[list[Any]] = [[] for _ in range(6)]
+
+        def claim(mine: list[Any], address: str) -> None:
+            with connect(address, a.authkey) as client:
+                while (claimed := client.dequeue_rollout()) is not None:
+                    mine.append(claimed)
+
+        threads = [threading.Thread(target=claim, args=(claims[i], (a, b)[i % 2].address))
+                   for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        claim(claims[0], a.address)  # any left while the last ones were locked
+        got = [c.rollout_id for mine in claims for c in mine]
+        assert len(got) == len(set(got)) == len(ids) and set(got) == ids
+        assert sum(len(mine) > 0 for mine in claims[1::2]) > 0  # both servers claimed
+        attempts = {c.attempt.attempt_id for mine in claims for c in mine}
+        stored = {a.attempt_id for r in trainer.query_rollouts()
+                  for a in trainer.query_attempts(r.rollout_id)}
+        assert attempts == stored  # one attempt each: no claim overwrote another
+        trainer.close()
+
+
 def test_the_same_methods_with_the_same_signatures() -> None:
     import inspect
 

@@ -214,6 +214,10 @@ def test_claims_of_one_round_take_the_head_in_order_each_a_rollout_of_its_own(
     resent = store.once(("c", 1), store.dequeue_rollout)()
     assert resent.attempt.attempt_id == first.attempt.attempt_id
     assert store.get_rollout_by_id(queued[2]).status == "queuing"
+    # The failed write let go of the third: the next claim takes it (FIFO still).
+    assert loop.call("dequeue_rollout", (), {}, ("c", 3))
+    kind, third = loop.run_until(5)[4]
+    assert kind == RESULT and third.rollout_id == queued[2]
 
 
 def test_a_claim_goes_to_the_full_path_if_the_queue_is_empty_or_the_head_was_taken(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import pickle
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -49,9 +48,6 @@ _UPDATE = ("UPDATE mpstore_rollouts SET status = %s, queue_pos = CASE WHEN %s TH
 #: Rows a pipelined claim reads at the head: more than the claims a server has in flight
 #: at once, so that each takes a rollout of its own.
 CLAIM_LOOKAHEAD = 8
-#: Seconds a pipelined claim's rollout is kept from this server's other claims (its write
-#: answers far sooner; the limit frees it should the answer be lost with a connection).
-CLAIM_HOLD = 2.0
 _CLAIM_HEAD = (f"SELECT {any_due('%s')}, h.* FROM (SELECT 1) one LEFT JOIN LATERAL "
                f"(SELECT {COLUMNS} FROM mpstore_rollouts WHERE queue_pos IS NOT NULL "
                f"ORDER BY queue_pos LIMIT {CLAIM_LOOKAHEAD}) h ON true")
@@ -69,7 +65,8 @@ class Planned:
     """One write as one statement, decided on the cached row: ``sql`` and its ``params``,
     the rollout it writes, and ``finish(code)``, which takes the statement's result (the
     function's return code) to ``(the call's result,)``, or None if the full path must
-    decide (nothing was written)."""
+    decide (nothing was written). ``finish`` is called once whatever happens: with None
+    when there is no result (the statement failed, or the connection was lost with it)."""
 
     sql: str
     params: tuple[Any, ...]
@@ -104,8 +101,8 @@ class FastPaths:
 
     def __init__(self, pool: Any, cache: RowCache, clock: Callable[[], float]) -> None:
         self._pool, self._cache, self._clock = pool, cache, clock
-        #: rollouts this server's pipelined claims are writing: id -> since (monotonic)
-        self._claiming: dict[str, float] = {}
+        #: rollouts this server's pipelined claims are writing (until their finish)
+        self._claiming: set[str] = set()
         #: the latest resources id as last seen ("": none), None: not seen yet
         self.latest_resources: str | None = None
 
@@ -186,7 +183,7 @@ class FastPaths:
         rollout_id = unit.rollout_id
         after = (rollout_id, unit.version + 1, record, unit.queued)
 
-        def finish(code: int) -> tuple[Any] | None:
+        def finish(code: int | None) -> tuple[Any] | None:
             if then is not None:
                 then()
             return self._cached(code, after, result)
@@ -201,19 +198,21 @@ class FastPaths:
         by another server: the full path). An empty queue, or a rollout due for the
         watchdog, goes to the full path as well: it runs the watchdog first, and checks
         whether the request was answered before."""
-        def pick(rows: list[tuple[Any, ...]]) -> Planned | None:
-            if rows[0][0] or rows[0][1] is None:
-                return None
-            now = time.monotonic()
-            held = self._claiming
-            row = next((r for r in rows if now - held.get(r[1], -CLAIM_HOLD) >= CLAIM_HOLD),
-                       None)
+        held = self._claiming
+
+        def pick(rows: list[tuple[Any, ...]] | None) -> Planned | None:
+            if not rows or rows[0][0] or rows[0][1] is None:
+                return None  # no result, a rollout due, or an empty queue
+            row = next((r for r in rows if r[1] not in held), None)
             if row is None:
                 return None
             rollout_id = row[1]
-            held[rollout_id] = now
-            return self._plan_on(decode_unit(row[1:]), _claim_one, request,
-                                 lambda: held.pop(rollout_id, None))
+            held.add(rollout_id)
+            planned = self._plan_on(decode_unit(row[1:]), _claim_one, request,
+                                    lambda: held.discard(rollout_id))
+            if planned is None:
+                held.discard(rollout_id)
+            return planned
 
         return Planned(_CLAIM_HEAD, (self._clock(),), "", pick, all_rows=True)
 
@@ -235,14 +234,15 @@ class FastPaths:
                                   *unit_values(unit), row),
                        span.rollout_id, lambda code: self._cached(code, after, span))
 
-    def _cached(self, code: int, after: tuple[str, int, bytes, bool], result: T
+    def _cached(self, code: int | None, after: tuple[str, int, bytes, bool], result: T
                 ) -> tuple[T] | None:
-        """A write's outcome: 1 written (the row after it is cached), else None (stale, or
-        a duplicate span: nothing was written, the full path decides)."""
+        """A write's outcome: 1 written (the row after it is cached), else None (stale, a
+        duplicate span, or no result at all: the full path decides). The row stays cached
+        unless it is known to be stale: a write built on it is checked by its version."""
         if code == 1:
             self._cache.put(*after)
             return (result,)
-        if code != _DUPLICATE:
+        if code is not None and code != _DUPLICATE:
             self._cache.drop(after[0])
         return None
 
@@ -308,7 +308,7 @@ class FastPaths:
         unit.write_status(RolloutStatus.QUEUING, now)
         record = encode_unit(unit)
 
-        def finish(code: int) -> tuple[Rollout] | None:
+        def finish(code: int | None) -> tuple[Rollout] | None:
             if code != 1:
                 self.latest_resources = None
                 return None

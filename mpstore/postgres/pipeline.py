@@ -155,16 +155,17 @@ class StatementPipeline:
         written."""
         from psycopg import pq
 
+        value = None  # finish(None): there is no result
         if result is not None and result.status == pq.ExecStatus.TUPLES_OK:
             got = rows(result)
-            outcome = planned.finish(got if planned.all_rows else got[0][0])
-            if isinstance(outcome, Planned):
-                self._waiting.append((outcome, done))
-                return
-            if outcome is not None:
-                done(RESULT, outcome[0])
-                return
-        done(FALLBACK, None)
+            value = got if planned.all_rows else got[0][0]
+        outcome = planned.finish(value)
+        if isinstance(outcome, Planned):
+            self._waiting.append((outcome, done))
+        elif outcome is not None:
+            done(RESULT, outcome[0])
+        else:
+            done(FALLBACK, None)
 
     # ----------------------------------------------------------------- the connection
     def _adopt(self) -> bool:
@@ -190,7 +191,8 @@ class StatementPipeline:
         groups = [*self._inflight, self._waiting]
         self._inflight, self._waiting, self._results = collections.deque(), [], []
         for group in groups:
-            for _, done in group:
+            for planned, done in group:
+                planned.finish(None)  # the outcome is not known: nothing of it is kept
                 done(FALLBACK, None)
         try:
             conn.close()
