@@ -248,3 +248,20 @@ def test_a_claim_goes_to_the_full_path_while_a_rollout_is_due(store: Any) -> Non
     assert loop.call("dequeue_rollout", (), {}, ("c", 1))
     assert loop.run_until(2)[1] == (FALLBACK, None)
     assert store.get_rollout_by_id(waiting.rollout_id).status == "queuing"
+
+
+def test_a_plan_that_fails_to_decide_goes_to_the_full_path_and_holds_nothing(
+        store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, loop = _connected(store)
+    head = store.enqueue_rollout({"q": 1})
+
+    def unreadable(*args: Any, **kwds: Any) -> None:
+        raise RuntimeError("a record this server cannot read")
+
+    monkeypatch.setattr(store._fast, "_plan_on", unreadable)
+    assert loop.call("dequeue_rollout", (), {}, ("c", 1))
+    assert loop.run_until(2)[1] == (FALLBACK, None)  # the loop goes on
+    monkeypatch.undo()
+    assert loop.call("dequeue_rollout", (), {}, ("c", 2))
+    kind, claimed = loop.run_until(3)[2]
+    assert kind == RESULT and claimed.rollout_id == head.rollout_id  # not held

@@ -208,10 +208,13 @@ class FastPaths:
                 return None
             rollout_id = row[1]
             held.add(rollout_id)
-            planned = self._plan_on(decode_unit(row[1:]), _claim_one, request,
-                                    lambda: held.discard(rollout_id))
-            if planned is None:
-                held.discard(rollout_id)
+            planned = None
+            try:
+                planned = self._plan_on(decode_unit(row[1:]), _claim_one, request,
+                                        lambda: held.discard(rollout_id))
+            finally:
+                if planned is None:  # not written: no finish will let go of it
+                    held.discard(rollout_id)
             return planned
 
         return Planned(_CLAIM_HEAD, (self._clock(),), "", pick, all_rows=True)

@@ -159,7 +159,10 @@ class StatementPipeline:
         if result is not None and result.status == pq.ExecStatus.TUPLES_OK:
             got = rows(result)
             value = got if planned.all_rows else got[0][0]
-        outcome = planned.finish(value)
+        try:
+            outcome = planned.finish(value)
+        except Exception:  # a plan that cannot decide (say, a record it cannot read)
+            outcome = None  # leaves it to the full path, which raises what is wrong
         if isinstance(outcome, Planned):
             self._waiting.append((outcome, done))
         elif outcome is not None:
