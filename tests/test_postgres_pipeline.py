@@ -135,11 +135,19 @@ def test_what_the_pipeline_does_not_take(store: Any) -> None:
 
 def test_a_lost_connection_hands_the_spans_in_flight_over_and_reconnects(
         store: Any) -> None:
-    from mpstore.postgres.pipeline import PIPELINE_APPLICATION
-
     claimed, loop = _connected(store)
     assert loop.submit(_span(claimed, 2))
+    _kill_pipeline_backend(store)
+    assert loop.run_until(2)[1] == (FALLBACK, None)  # the full path adds it (idempotent)
+    assert not loop.ready  # the lost connection's descriptor was given back
+    loop.submit_when_connected(_span(claimed, 3))  # a new connection, made by its thread
+    assert loop.run_until(3)[2][0] == RESULT
+
+
+def _kill_pipeline_backend(store: Any) -> None:
     import psycopg
+
+    from mpstore.postgres.pipeline import PIPELINE_APPLICATION
 
     with psycopg.connect(store.url, autocommit=True) as conn:
         killed = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -147,10 +155,34 @@ def test_a_lost_connection_hands_the_spans_in_flight_over_and_reconnects(
                               (PIPELINE_APPLICATION,)
                               ).fetchall()
     assert killed == [(True,)]
-    assert loop.run_until(2)[1] == (FALLBACK, None)  # the full path adds it (idempotent)
-    assert not loop.ready  # the lost connection's descriptor was given back
-    loop.submit_when_connected(_span(claimed, 3))  # a new connection, made by its thread
-    assert loop.run_until(3)[2][0] == RESULT
+
+
+def test_a_claim_whose_write_is_lost_lets_go_of_its_rollout(store: Any) -> None:
+    import psycopg
+
+    _, loop = _connected(store)
+    heads = [store.enqueue_rollout({"q": i}).rollout_id for i in range(2)]
+    with psycopg.connect(store.url) as locker:  # holds the head's row: the write waits
+        locker.execute("SELECT 1 FROM mpstore_rollouts WHERE rollout_id = %s FOR UPDATE",
+                       (heads[0],))
+        assert loop.call("dequeue_rollout", (), {}, ("c", 1))
+        store.pipeline.flush()  # the head read (a read waits for no lock) ...
+        read = loop.pipeline._inflight[0]
+        while loop.pipeline._inflight and loop.pipeline._inflight[0] is read:
+            assert loop.epoll.poll(30.0), "no answer from PostgreSQL"
+            for fd in list(loop.ready):
+                loop.ready[fd](select.EPOLLIN)
+        assert loop.pipeline._inflight, "... answered, and its write sent"
+        _kill_pipeline_backend(store)  # with the write waiting for the row
+        assert loop.run_until(2)[1] == (FALLBACK, None)
+        locker.rollback()
+    assert store.get_rollout_by_id(heads[0]).status == "queuing"  # not written
+    deadline = time.monotonic() + 30.0  # the next claim of this server takes it
+    while not loop.call("dequeue_rollout", (), {}, ("c", 2)):
+        assert time.monotonic() < deadline, "the pipeline never connected again"
+        threading.Event().wait(0.01)
+    kind, claimed = loop.run_until(3)[2]
+    assert kind == RESULT and claimed.rollout_id == heads[0]
 
 
 def test_spans_that_come_while_a_transaction_runs_go_in_the_next(store: Any) -> None:
