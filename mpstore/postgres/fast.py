@@ -4,8 +4,10 @@
   rules to the row this server last saw and write it with one statement
   (``mpstore_write_span`` / ``mpstore_write``) that applies only if the row is still at that
   version and, for REF's method set, no rollout is due for the watchdog.
-* **Claims** as a short transaction of prepared statements (no rollout due, or the full
-  path runs the watchdog first): lock the head ``FOR UPDATE SKIP LOCKED``, write the claims.
+* **Claims** as a short transaction in two round trips (no rollout due, or the full path
+  runs the watchdog first): lock the head ``FOR UPDATE SKIP LOCKED``, write the claims. On a
+  server, the loop's pipeline claims without a lock instead (:meth:`FastPaths.plan_claim`):
+  the head read, then written at the version read.
 * **Enqueue** with one statement (``mpstore_insert``), given the latest resources this
   server saw are still the latest (REF Q12: a new rollout takes their id).
 

@@ -1,7 +1,8 @@
 """The hot writes on the server loop's own connection, in libpq's pipeline mode.
 
 ``add_span`` is most of what runners send (ten of the benchmark cycle's thirteen calls), and
-``update_attempt`` and ``enqueue_rollout`` two more. As worker-thread calls each paid a pool
+``update_attempt``, ``enqueue_rollout`` and ``dequeue_rollout`` the other three. As
+worker-thread calls each paid a pool
 checkout and two thread hand-offs (~80 µs of CPU on this project's VM) on top of its one
 statement. :class:`StatementPipeline` is the server loop's
 :class:`~mpstore.manager.pipelined.Pipeline` for them: given a call's arguments, the store's
@@ -10,7 +11,8 @@ fast path decides it) is sent on a connection of the pipeline's own without wait
 call is answered when its result arrives.
 
 A claim (``dequeue_rollout``) takes two statements: the head of the queue read, then the
-claim written at the version read, as any other write (see ``FastPaths.plan_claim``).
+claim written at the version read, as any other write (see ``FastPaths.plan_claim``): the
+first's ``finish`` returns the second, which goes with the next transaction.
 
 The calls of one loop round travel as one transaction (a group commit): while two are in
 flight, what comes meanwhile waits and goes, sorted by rollout, when the first is answered. A
