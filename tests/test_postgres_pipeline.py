@@ -185,15 +185,22 @@ def test_a_claim_whose_write_is_lost_lets_go_of_its_rollout(store: Any) -> None:
     assert kind == RESULT and claimed.rollout_id == heads[0]
 
 
-def test_spans_that_come_while_a_transaction_runs_go_in_the_next(store: Any) -> None:
-    first, second, third = _claimed(store), _claimed(store), _claimed(store)
-    loop = Loop(store.pipeline)
-    loop.submit_when_connected(_span(first, 1))
-    store.pipeline.flush()  # sent: a transaction in flight
-    assert loop.submit(_span(second, 1)) and loop.submit(_span(third, 1))
-    loop.run_until(3)  # flushed again when the first is answered
+def test_spans_that_come_while_transactions_run_go_in_the_next(store: Any) -> None:
+    from mpstore.postgres.pipeline import IN_FLIGHT
+
+    pipeline = store.pipeline
+    claims = [_claimed(store) for _ in range(IN_FLIGHT + 2)]
+    loop = Loop(pipeline)
+    loop.submit_when_connected(_span(claims[0], 1))
+    for claimed in claims[1:]:
+        pipeline.flush()  # sent at once while fewer than IN_FLIGHT are in flight
+        assert loop.submit(_span(claimed, 1))
+    pipeline.flush()
+    assert len(pipeline._inflight) == IN_FLIGHT  # the last two wait, to go together
+    assert len(pipeline._waiting) == 2
+    loop.run_until(len(claims))  # flushed again when the first is answered
     assert set(loop.by_span.values()) == {RESULT}
-    for claimed in (first, second, third):
+    for claimed in claims:
         assert [s.span_id for s in store.query_spans(claimed.rollout_id)] == ["s1"]
 
 
