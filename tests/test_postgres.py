@@ -314,8 +314,8 @@ def test_claims_racing_on_two_servers_take_each_rollout_once(url: str, tmp_path:
         assert len(got) == len(set(got)) == len(ids) and set(got) == ids
         assert sum(len(mine) > 0 for mine in claims[1::2]) > 0  # both servers claimed
         attempts = {c.attempt.attempt_id for mine in claims for c in mine}
-        stored = {a.attempt_id for r in trainer.query_rollouts()
-                  for a in trainer.query_attempts(r.rollout_id)}
+        stored = {attempt.attempt_id for r in trainer.query_rollouts()
+                  for attempt in trainer.query_attempts(r.rollout_id)}
         assert attempts == stored  # one attempt each: no claim overwrote another
         trainer.close()
 
