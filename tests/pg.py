@@ -21,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-__all__ = ["cluster_or_reason", "fresh_database", "prepare_template", "reset", "unavailable",
-           "with_database"]
+__all__ = ["cluster_or_reason", "fresh_database", "prepare_template", "reset", "two_keys",
+           "unavailable", "with_database"]
 
 ENV_URL = "MPSTORE_TEST_POSTGRES_URL"
 TEMPLATE = "mpstore_template"
@@ -102,3 +104,14 @@ def fresh_database(url: str) -> Iterator[str]:
     finally:
         with _admin(url) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def two_keys(tmp_path: Path) -> None:
+    """Directories ``a`` and ``b`` for two servers on one database, with one key between
+    them (a client of several servers has one)."""
+    from mpstore.testing import write_key_file
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    write_key_file(tmp_path / "a" / "authkey")
+    shutil.copy(tmp_path / "a" / "authkey", tmp_path / "b" / "authkey")

@@ -6,7 +6,6 @@ Each test has a database of its own (the shared one has servers running on it).
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import threading
@@ -19,7 +18,6 @@ import pytest
 
 from mpstore import RolloutNotFound, Span, StorageError, StoreUnavailable, connect
 from mpstore.manager.ports import free_port
-from mpstore.testing import write_key_file
 from tests import pg
 from tests.remote import running_server
 
@@ -263,10 +261,7 @@ def test_an_empty_database_gets_the_schema(postgres_server: str) -> None:
 
 # ------------------------------------------------------------------ failover
 def test_a_client_of_two_servers_moves_on_when_one_dies(url: str, tmp_path: Path) -> None:
-    for name in ("a", "b"):  # one key for both: a client of several servers has one
-        (tmp_path / name).mkdir()
-    write_key_file(tmp_path / "a" / "authkey")
-    shutil.copy(tmp_path / "a" / "authkey", tmp_path / "b" / "authkey")
+    pg.two_keys(tmp_path)
     with running_server(tmp_path / "a", "--backend", url) as a, \
             running_server(tmp_path / "b", "--backend", url) as b:
         client = connect(f"{a.address},{b.address}", a.authkey, retry_for=10.0)
@@ -287,10 +282,7 @@ def test_claims_racing_on_two_servers_take_each_rollout_once(url: str, tmp_path:
     """Plain claims (the servers' pipelines take them) from six clients on two servers at
     once: a claim that loses a race to the other server goes to the full path; none is
     handed out twice and none is lost."""
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-    write_key_file(tmp_path / "a" / "authkey")
-    shutil.copy(tmp_path / "a" / "authkey", tmp_path / "b" / "authkey")
+    pg.two_keys(tmp_path)
     with running_server(tmp_path / "a", "--backend", url) as a, \
             running_server(tmp_path / "b", "--backend", url) as b:
         trainer = connect(a.address, a.authkey)

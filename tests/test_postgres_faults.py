@@ -13,7 +13,6 @@ anyway), so that what every runner was told can be checked against the database 
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,6 @@ from typing import Any
 import pytest
 
 from mpstore import Span, StorageError, StoreUnavailable, connect
-from mpstore.testing import write_key_file
 from tests import pg
 from tests.remote import running_server
 
@@ -153,13 +151,6 @@ def _wait_progress(progress: threading.Semaphore, count: int) -> None:
         assert progress.acquire(timeout=60.0), "the runners stopped making progress"
 
 
-def _two_keys(tmp_path: Path) -> None:
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-    write_key_file(tmp_path / "a" / "authkey")
-    shutil.copy(tmp_path / "a" / "authkey", tmp_path / "b" / "authkey")
-
-
 def _leader(servers: list[Any]) -> Any:
     for server in servers:
         with server.connect() as client:
@@ -170,7 +161,7 @@ def _leader(servers: list[Any]) -> Any:
 
 @pytest.mark.timeout(240)
 def test_a_server_killed_mid_load(url: str, tmp_path: Path) -> None:
-    _two_keys(tmp_path)
+    pg.two_keys(tmp_path)
     with running_server(tmp_path / "a", "--backend", url) as a, \
             running_server(tmp_path / "b", "--backend", url) as b:
         trainer = connect(f"{a.address},{b.address}", a.authkey, retry_for=10.0)

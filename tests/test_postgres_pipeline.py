@@ -69,8 +69,12 @@ class Loop:
 
     def submit_when_connected(self, span: Any) -> None:
         """Submit once the pipeline's connection (made by a thread) is there."""
+        self.call_when_connected("add_span", (span,), {}, None, (span.rollout_id, span.span_id))
+
+    def call_when_connected(self, *call: Any) -> None:
+        """:meth:`call` once the pipeline's connection (made by a thread) is there."""
         deadline = time.monotonic() + 30.0
-        while not self.submit(span):
+        while not self.call(*call):
             assert time.monotonic() < deadline, "the pipeline never connected"
             threading.Event().wait(0.01)
 
@@ -177,10 +181,7 @@ def test_a_claim_whose_write_is_lost_lets_go_of_its_rollout(store: Any) -> None:
         assert loop.run_until(2)[1] == (FALLBACK, None)
         locker.rollback()
     assert store.get_rollout_by_id(heads[0]).status == "queuing"  # not written
-    deadline = time.monotonic() + 30.0  # the next claim of this server takes it
-    while not loop.call("dequeue_rollout", (), {}, ("c", 2)):
-        assert time.monotonic() < deadline, "the pipeline never connected again"
-        threading.Event().wait(0.01)
+    loop.call_when_connected("dequeue_rollout", (), {}, ("c", 2))  # the next claim takes it
     kind, claimed = loop.run_until(3)[2]
     assert kind == RESULT and claimed.rollout_id == heads[0]
 

@@ -85,10 +85,9 @@ def _one_step(outcome: tuple[T] | Planned | None) -> tuple[T] | None:
     return outcome
 
 
-def _claim_one(unit: Unit, now: float) -> AttemptedRollout:
-    """A claim of ``unit`` with no worker: its new attempt, as dequeue_rollout answers."""
-    attempt = unit.new_attempt(None, now)
-    return AttemptedRollout.of(unit.rollout.snapshot(), attempt.snapshot())
+def _unworked(unit: Unit, now: float) -> AttemptedRollout:
+    """``unit`` claimed with no worker (the only claims the fast paths take)."""
+    return unit.dequeue(None, now)
 
 
 def _reply(request: Request, reply: Any) -> tuple[Any, ...]:
@@ -212,7 +211,7 @@ class FastPaths:
             held.add(rollout_id)
             planned = None
             try:
-                planned = self._plan_on(decode_unit(row[1:]), _claim_one, request,
+                planned = self._plan_on(decode_unit(row[1:]), _unworked, request,
                                         lambda: held.discard(rollout_id))
             finally:
                 if planned is None:  # not written: no finish will let go of it
@@ -271,7 +270,7 @@ class FastPaths:
                 claimed, writes = [], []
                 for row in head:
                     unit = decode_unit(row)
-                    claimed.append(_claim_one(unit, now))
+                    claimed.append(unit.dequeue(None, now))
                     record = encode_unit(unit)
                     writes.append((_UPDATE, (*unit_values(unit), record, unit.rollout_id)))
                     written.append((unit.rollout_id, unit.version + 1, record, unit.queued))

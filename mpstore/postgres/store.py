@@ -323,7 +323,7 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
             units = tx.load(f"SELECT {COLUMNS} FROM mpstore_rollouts WHERE queue_pos IS NOT "
                             "NULL ORDER BY queue_pos LIMIT %s FOR UPDATE SKIP LOCKED",
                             (limit,)) if limit else []
-            claimed = [_claim(u, worker, tx.now) for u in units[:limit]]
+            claimed = [u.dequeue(worker, tx.now) for u in units[:limit]]
             if worker and limit and not claimed:  # the worker is idle (mpstore.workers)
                 tx.wrote = True
                 tx.worker_changes.append((worker, lambda ws, now: wk.dequeued_nothing(
@@ -481,11 +481,6 @@ class PostgresStore(Reads, Spans, Writes, Operations, Requests):
         self._listener.close()
         self._close_operations()
         self._pool.close()
-
-
-def _claim(unit: Unit, worker: str | None, now: float) -> AttemptedRollout:
-    attempt = unit.new_attempt(worker, now, dequeued=True)
-    return AttemptedRollout.of(unit.rollout.snapshot(), attempt.snapshot())
 
 
 def _record(row: Any) -> Any:

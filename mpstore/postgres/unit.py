@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import transitions as tr
 from ..errors import AttemptNotFound, NoAttempts
-from ..types import Attempt, Rollout, RolloutStatus, new_attempt_id
+from ..types import Attempt, AttemptedRollout, Rollout, RolloutStatus, new_attempt_id
 
 __all__ = ["EARLY", "Unit"]
 
@@ -111,6 +111,12 @@ class Unit:
         self.write_status(RolloutStatus.PREPARING, now)
         self._worker_event(attempt, dequeued)
         return attempt
+
+    def dequeue(self, worker_id: str | None, now: float) -> AttemptedRollout:
+        """A dequeue's claim (:meth:`new_attempt`): the rollout with its new attempt, as
+        ``dequeue_rollout`` answers."""
+        attempt = self.new_attempt(worker_id, now, dequeued=True)
+        return AttemptedRollout.of(self.rollout.snapshot(), attempt.snapshot())
 
     def _worker_event(self, attempt: Attempt, dequeued: bool = False) -> None:
         if attempt.worker_id:
